@@ -1,0 +1,189 @@
+"""The QuantLinear contract every weight format implements, and the registry that builds them.
+
+A format is one subclass registered under a name ("dense", "qtip", "vptq", "gptq", "awq", "gguf").
+The model code never knows which format a Linear has: the loader calls `linear_from_checkpoint`
+with the layer's tensors as named in the checkpoint, and the format validates and keeps them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Mapping
+
+import torch
+from torch import nn
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match what lowbit expects; the message names the tensor or key."""
+
+
+def _fmt_shape(shape) -> str:
+    return "[" + ", ".join(str(int(s)) for s in shape) + "]"
+
+
+class LayerTensors:
+    """The tensors of one layer, validated as a format takes them.
+
+    `take` checks name, shape and dtype and remembers what was used; `finish` fails on leftovers,
+    so an unexpected tensor in a checkpoint is an error rather than silently ignored.
+    """
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], prefix: str = ""):
+        self._tensors = dict(tensors)
+        self._taken: set[str] = set()
+        self.prefix = prefix
+
+    def where(self, name: str) -> str:
+        return f"{self.prefix}.{name}" if self.prefix else name
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._tensors
+
+    def names(self) -> list[str]:
+        return sorted(self._tensors)
+
+    def take(
+        self,
+        name: str,
+        shape: tuple | list | None = None,
+        dtype: torch.dtype | tuple[torch.dtype, ...] | None = None,
+        optional: bool = False,
+    ) -> torch.Tensor | None:
+        """Return tensor `name` after checking it; `shape` entries of None match any size."""
+        if name not in self._tensors:
+            if optional:
+                return None
+            have = ", ".join(self.names()) or "nothing"
+            raise CheckpointError(f"missing tensor {self.where(name)} (layer has: {have})")
+        t = self._tensors[name]
+        self._taken.add(name)
+        if shape is not None:
+            ok = len(shape) == t.dim() and all(e is None or int(e) == s for e, s in zip(shape, t.shape))
+            if not ok:
+                want = "[" + ", ".join("*" if e is None else str(int(e)) for e in shape) + "]"
+                raise CheckpointError(
+                    f"tensor {self.where(name)} has shape {_fmt_shape(t.shape)}, expected {want}"
+                )
+        if dtype is not None:
+            allowed = dtype if isinstance(dtype, tuple) else (dtype,)
+            if t.dtype not in allowed:
+                want = " or ".join(str(d).replace("torch.", "") for d in allowed)
+                raise CheckpointError(
+                    f"tensor {self.where(name)} has dtype {str(t.dtype).replace('torch.', '')}, "
+                    f"expected {want}"
+                )
+        return t
+
+    def finish(self) -> None:
+        extra = sorted(set(self._tensors) - self._taken)
+        if extra:
+            raise CheckpointError(
+                "unexpected tensor(s) " + ", ".join(self.where(n) for n in extra)
+            )
+
+
+class QuantLinear(nn.Module):
+    """Base of every Linear: `y = x @ W.T (+ bias)` with W kept in the format's own storage.
+
+    Subclasses implement `from_checkpoint`, `dequantize` and `forward`. Storage lives in buffers
+    (never Parameters: nothing here trains), so `.to(device)` moves it and `storage_bytes` counts it.
+    """
+
+    fmt: ClassVar[str] = ""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
+
+    @classmethod
+    def matches(cls, hf_config: Mapping[str, Any]) -> bool:
+        """True when a checkpoint's config.json says its Linears are in this format."""
+        return False
+
+    @classmethod
+    def layer_config(cls, hf_config: Mapping[str, Any], module_name: str) -> Mapping[str, Any] | None:
+        """The config block `from_checkpoint` gets for module `module_name`
+        (e.g. "model.layers.0.self_attn.q_proj"); None means the module stays dense."""
+        return None
+
+    @classmethod
+    def from_checkpoint(
+        cls, config: Mapping[str, Any] | None, tensors: LayerTensors, in_features: int, out_features: int
+    ) -> "QuantLinear":
+        raise NotImplementedError
+
+    def dequantize(self) -> torch.Tensor:
+        """The effective dense weight, float32 [out_features, in_features]."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def storage_bytes(self) -> int:
+        """Bytes held by this layer's buffers (codes, scales, tables, bias)."""
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Everything the layer stores, in bits, per weight of the dense matrix."""
+        return 8.0 * self.storage_bytes / (self.in_features * self.out_features)
+
+    def describe(self) -> dict[str, Any]:
+        """Format parameters for `lowbit inspect`."""
+        return {}
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, bpw={self.bits_per_weight:.3f}"
+
+
+_REGISTRY: dict[str, type[QuantLinear]] = {}
+
+
+def register(fmt: str):
+    """Class decorator: make a QuantLinear subclass buildable under `fmt`."""
+
+    def wrap(cls: type[QuantLinear]) -> type[QuantLinear]:
+        cls.fmt = fmt
+        _REGISTRY[fmt] = cls
+        return cls
+
+    return wrap
+
+
+def formats() -> list[str]:
+    _import_formats()
+    return sorted(_REGISTRY)
+
+
+def _import_formats() -> None:
+    # Formats register themselves on import; importing here keeps the registry complete without
+    # the model code having to know which formats exist.
+    import importlib
+
+    for mod in ("dense", "qtip", "vptq", "uniform"):
+        try:
+            importlib.import_module(f"lowbit.quantized_models.{mod}")
+        except ModuleNotFoundError as e:
+            if e.name != f"lowbit.quantized_models.{mod}":
+                raise
+
+
+def linear_from_checkpoint(
+    fmt: str,
+    config: Mapping[str, Any] | None,
+    tensors: Mapping[str, torch.Tensor] | LayerTensors,
+    in_features: int,
+    out_features: int,
+    *,
+    prefix: str = "",
+) -> QuantLinear:
+    """Build the Linear of format `fmt` from the layer's checkpoint tensors (names without prefix)."""
+    _import_formats()
+    if fmt not in _REGISTRY:
+        raise CheckpointError(f"unknown weight format {fmt!r}; known: {', '.join(sorted(_REGISTRY))}")
+    lt = tensors if isinstance(tensors, LayerTensors) else LayerTensors(tensors, prefix)
+    lin = _REGISTRY[fmt].from_checkpoint(config, lt, int(in_features), int(out_features))
+    lt.finish()
+    return lin
