@@ -1,0 +1,201 @@
+"""The Llama family (Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, SmolLM2) in one readable file.
+
+Every projection is a QuantLinear built by the loader's factory, so this file never knows the
+weight format. Tokens arrive flattened ([N] ids with [N] positions) and attention goes through an
+AttentionContext, which is how the same model serves cache-free scoring, simple generation and the
+paged serving engine.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import AttentionContext, CausalNoCache
+from .config import ModelConfig
+
+# make_linear(module_name, in_features, out_features, has_bias) -> nn.Module computing x @ W.T (+ b)
+LinearFactory = Callable[[str, int, int, bool], nn.Module]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        # Allocated on "meta": the loader assigns the checkpoint's tensor.
+        self.weight = nn.Parameter(torch.empty(size, device="meta"), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 and scale after casting back, as the reference implementations do, so
+        # fp16 activations round the same way.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    d = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    sc = cfg.rope_scaling
+    if sc is None:
+        return inv.float()
+    kind = sc.get("rope_type", sc.get("type"))
+    factor = float(sc["factor"])
+    if kind == "linear":
+        return (inv / factor).float()
+    # llama3: long wavelengths are slowed by `factor`, short ones kept, the band between blended.
+    low, high = float(sc.get("low_freq_factor", 1.0)), float(sc.get("high_freq_factor", 4.0))
+    old_ctx = float(sc.get("original_max_position_embeddings", 8192))
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > old_ctx / low, inv / factor, inv)
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
+    return torch.where(medium, blended, scaled).float()
+
+
+class Rotary(nn.Module):
+    """Rotary embedding in the rotate-half convention (GGUF's interleaved q/k are un-permuted at load)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype)[:, None, :], emb.sin().to(dtype)[:, None, :]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, prefix: str, make_linear: LinearFactory, fused_qkv: bool):
+        super().__init__()
+        self.cfg = cfg
+        h, q, kv = cfg.hidden_size, cfg.q_size, cfg.kv_size
+        self.fused = fused_qkv
+        if fused_qkv:
+            self.qkv_proj = make_linear(f"{prefix}.qkv_proj", h, q + 2 * kv, cfg.qkv_bias)
+        else:
+            self.q_proj = make_linear(f"{prefix}.q_proj", h, q, cfg.qkv_bias)
+            self.k_proj = make_linear(f"{prefix}.k_proj", h, kv, cfg.qkv_bias)
+            self.v_proj = make_linear(f"{prefix}.v_proj", h, kv, cfg.qkv_bias)
+        self.o_proj = make_linear(f"{prefix}.o_proj", q, h, cfg.o_bias)
+
+    def forward(self, x, cos, sin, ctx: AttentionContext, layer: int) -> torch.Tensor:
+        cfg = self.cfg
+        if self.fused:
+            q, k, v = self.qkv_proj(x).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        n = x.shape[0]
+        q = apply_rotary(q.reshape(n, cfg.num_heads, cfg.head_dim), cos, sin)
+        k = apply_rotary(k.reshape(n, cfg.num_kv_heads, cfg.head_dim), cos, sin)
+        v = v.reshape(n, cfg.num_kv_heads, cfg.head_dim)
+        out = ctx.attend(layer, q, k, v)
+        return self.o_proj(out.reshape(n, cfg.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, prefix: str, make_linear: LinearFactory, fused_gate_up: bool):
+        super().__init__()
+        h, i = cfg.hidden_size, cfg.intermediate_size
+        self.fused = fused_gate_up
+        if fused_gate_up:
+            self.gate_up_proj = make_linear(f"{prefix}.gate_up_proj", h, 2 * i, cfg.mlp_bias)
+        else:
+            self.gate_proj = make_linear(f"{prefix}.gate_proj", h, i, cfg.mlp_bias)
+            self.up_proj = make_linear(f"{prefix}.up_proj", h, i, cfg.mlp_bias)
+        self.down_proj = make_linear(f"{prefix}.down_proj", i, h, cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, idx: int, make_linear: LinearFactory, fused_qkv: bool,
+                 fused_gate_up: bool):
+        super().__init__()
+        prefix = f"model.layers.{idx}"
+        self.idx = idx
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, f"{prefix}.self_attn", make_linear, fused_qkv)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg, f"{prefix}.mlp", make_linear, fused_gate_up)
+
+    def forward(self, x, cos, sin, ctx: AttentionContext) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx, self.idx)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class CausalLM(nn.Module):
+    """Embeddings, decoder layers, final norm and LM head; the loader fills the weights."""
+
+    def __init__(self, cfg: ModelConfig, make_linear: LinearFactory, fused_qkv: bool = False,
+                 fused_gate_up: bool = False):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, device="meta")
+        self.embed_tokens.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, i, make_linear, fused_qkv, fused_gate_up) for i in range(cfg.num_layers)
+        )
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary = Rotary(cfg)
+        self.lm_head = None if cfg.tie_word_embeddings else make_linear(
+            "lm_head", cfg.hidden_size, cfg.vocab_size, False)
+        # Set by the loader: tokenizer (may be None), where it came from, the Linear format.
+        self.tokenizer = None
+        self.name = ""
+        self.fmt = "dense"
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        """input_ids, positions [N] -> final hidden states [N, hidden] (normed)."""
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rotary.cos_sin(positions, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, ctx)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.lm_head is None:
+            return F.linear(hidden, self.embed_tokens.weight)
+        return self.lm_head(hidden)
+
+    @torch.inference_mode()
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[B, T] token ids -> [B, T, vocab] logits, causal, no cache."""
+        input_ids = torch.as_tensor(input_ids, device=self.device)
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        b, t = input_ids.shape
+        positions = torch.arange(t, device=self.device).repeat(b)
+        hidden = self.forward(input_ids.reshape(-1), positions, CausalNoCache(b, t))
+        return self.compute_logits(hidden).view(b, t, -1)
+
+    def quant_linears(self):
+        """(name, module) for every Linear built by the format registry."""
+        from .linear import QuantLinear
+
+        return [(n, m) for n, m in self.named_modules() if isinstance(m, QuantLinear)]
