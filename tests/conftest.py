@@ -17,3 +17,13 @@ def fixture_dir(name: str) -> Path:
     if not d.is_dir():
         pytest.skip(f"golden fixtures not found at {d} (the team's ../shared/fixtures folder is absent)")
     return d
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The default model (SmolLM2-135M-Instruct GGUF) loaded once on CPU in float32."""
+    import torch
+
+    import lowbit
+
+    return lowbit.load_model(device="cpu", dtype=torch.float32)
