@@ -1,0 +1,282 @@
+"""Paged decode attention: one query token per sequence against that sequence's KV blocks.
+
+Layout (fixed by the engine's KV cache):
+  q            [B, Hq, D]                           the decode token of each sequence
+  k_cache      [num_blocks, block_size, Hkv, D]     (v_cache the same)
+  block_tables int32 [B, max_blocks]                page j of sequence b is k_cache[block_tables[b, j]]
+  context_lens int32 [B]                            tokens cached for sequence b (this step's included)
+  out          [B, Hq, D] = softmax(scale · q kᵀ) v over the first context_lens[b] tokens
+
+GQA: query head h reads kv head h // (Hq / Hkv). One Triton program owns one (sequence, kv head,
+context split) and all G = Hq/Hkv query heads that share the kv head, so each K/V row is read from
+memory once for the whole group (decode attention is bound by reading the cache). The G heads are
+padded to 16 rows so the two products run on tensor cores with `tl.dot` (no dot dimension < 16).
+
+Long contexts with few (sequence, kv head) pairs would leave most SMs idle, so the context is cut
+into SPLITS ranges (flash-decoding); each program writes its unnormalised partial (running max m,
+sum l, accumulator) and a second small kernel merges them. The number of splits depends only on
+shapes known on the host (B, Hkv, max_blocks), never on context_lens, so a call can be captured in
+a CUDA graph and replayed with other lengths.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+try:  # Triton is absent on some CPU-only installs; the reference still works there.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+    tl = None
+
+
+def paged_decode_attention_reference(q, k_cache, v_cache, block_tables, context_lens, scale):
+    """Plain-PyTorch oracle with the same signature; computes in float32, returns q's dtype.
+
+    A sequence with context length 0 gets a zero output.
+    """
+    B, Hq, D = q.shape
+    block_size, Hkv = k_cache.shape[1], k_cache.shape[2]
+    G = Hq // Hkv
+    out = torch.zeros(B, Hq, D, dtype=torch.float32, device=q.device)
+    for b in range(B):
+        n = int(context_lens[b])
+        if n == 0:
+            continue
+        pages = block_tables[b, : (n + block_size - 1) // block_size].long()
+        k = k_cache[pages].reshape(-1, Hkv, D)[:n].float()  # [n, Hkv, D]
+        v = v_cache[pages].reshape(-1, Hkv, D)[:n].float()
+        k = k.repeat_interleave(G, dim=1)  # [n, Hq, D]
+        v = v.repeat_interleave(G, dim=1)
+        s = torch.einsum("hd,nhd->hn", q[b].float(), k) * scale
+        p = torch.softmax(s, dim=-1)
+        out[b] = torch.einsum("hn,nhd->hd", p, v)
+    return out.to(q.dtype)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _attend_tile(q, k_ptr, v_ptr, bt_ptr, b, hkv, t0, end, m_i, l_i, acc,
+                     qk_scale, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_btb,
+                     D: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
+        """One BLOCK_N-token tile of the online softmax: gather K/V rows through the page table."""
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        tok = t0 + offs_n
+        n_mask = tok < end
+        page = tl.load(bt_ptr + b * s_btb + tok // PAGE, mask=n_mask, other=0).to(tl.int64)
+        slot = tok % PAGE
+        kv_mask = n_mask[:, None] & (offs_d < D)[None, :]
+        k = tl.load(
+            k_ptr + page[:, None] * s_kb + slot[:, None] * s_kt + hkv * s_kh + offs_d[None, :],
+            mask=kv_mask, other=0.0,
+        )
+        v = tl.load(
+            v_ptr + page[:, None] * s_vb + slot[:, None] * s_vt + hkv * s_vh + offs_d[None, :],
+            mask=kv_mask, other=0.0,
+        )
+        s = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_G, BLOCK_N], fp32
+        s = tl.where(n_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        return m_new, l_i, acc
+
+    @triton.jit
+    def _paged_decode_kernel(
+        q_ptr, k_ptr, v_ptr, bt_ptr, len_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
+        qk_scale,  # softmax scale · log2(e): the kernel works in base 2
+        s_qb, s_qh,
+        s_kb, s_kt, s_kh,
+        s_vb, s_vt, s_vh,
+        s_btb,
+        s_ob, s_oh,
+        tokens_per_split,
+        SPLITS: tl.constexpr,
+        G: tl.constexpr, BLOCK_G: tl.constexpr,
+        D: tl.constexpr, BLOCK_D: tl.constexpr,
+        PAGE: tl.constexpr, BLOCK_N: tl.constexpr, LOOP_WHILE: tl.constexpr,
+    ):
+        b = tl.program_id(0)
+        hkv = tl.program_id(1)
+        split = tl.program_id(2)
+
+        offs_g = tl.arange(0, BLOCK_G)
+        offs_d = tl.arange(0, BLOCK_D)
+        g_mask = offs_g < G
+        d_mask = offs_d < D
+
+        heads = hkv * G + offs_g
+        q = tl.load(
+            q_ptr + b * s_qb + heads[:, None] * s_qh + offs_d[None, :],
+            mask=g_mask[:, None] & d_mask[None, :], other=0.0,
+        )
+
+        ctx = tl.load(len_ptr + b)
+        start = split * tokens_per_split
+        end = tl.minimum(start + tokens_per_split, ctx)
+
+        m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_G], tl.float32)
+        acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+
+        if LOOP_WHILE:
+            # The interpreter cannot use a loaded scalar as a range() bound (numpy 2 refuses int() of
+            # its 1-element arrays); a while loop runs there. Compiled code keeps the pipelined for.
+            t0 = start
+            while t0 < end:
+                m_i, l_i, acc = _attend_tile(q, k_ptr, v_ptr, bt_ptr, b, hkv, t0, end, m_i, l_i, acc,
+                                             qk_scale, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_btb,
+                                             D, BLOCK_D, PAGE, BLOCK_N)
+                t0 += BLOCK_N
+        else:
+            for t0 in range(start, end, BLOCK_N):
+                m_i, l_i, acc = _attend_tile(q, k_ptr, v_ptr, bt_ptr, b, hkv, t0, end, m_i, l_i, acc,
+                                             qk_scale, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_btb,
+                                             D, BLOCK_D, PAGE, BLOCK_N)
+
+        if SPLITS == 1:
+            l_safe = tl.where(l_i > 0, l_i, 1.0)
+            o = acc / l_safe[:, None]
+            tl.store(
+                out_ptr + b * s_ob + heads[:, None] * s_oh + offs_d[None, :],
+                o.to(out_ptr.dtype.element_ty),
+                mask=g_mask[:, None] & d_mask[None, :],
+            )
+        else:
+            # partials laid out [B, Hq, SPLITS, D] and [B, Hq, SPLITS, 2]
+            row = (b * (tl.num_programs(1) * G) + heads) * SPLITS + split
+            tl.store(
+                part_acc_ptr + row[:, None] * D + offs_d[None, :], acc,
+                mask=g_mask[:, None] & d_mask[None, :],
+            )
+            tl.store(part_ml_ptr + row * 2, m_i, mask=g_mask)
+            tl.store(part_ml_ptr + row * 2 + 1, l_i, mask=g_mask)
+
+    @triton.jit
+    def _paged_decode_merge_kernel(
+        part_acc_ptr, part_ml_ptr, out_ptr, s_ob, s_oh, Hq,
+        SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        offs_s = tl.arange(0, BLOCK_S)
+        offs_d = tl.arange(0, BLOCK_D)
+        s_mask = offs_s < SPLITS
+        d_mask = offs_d < D
+        row = (b * Hq + h) * SPLITS + offs_s
+        m = tl.load(part_ml_ptr + row * 2, mask=s_mask, other=float("-inf"))
+        l = tl.load(part_ml_ptr + row * 2 + 1, mask=s_mask, other=0.0)
+        m_max = tl.max(m, axis=0)
+        m_ref = tl.where(m_max == float("-inf"), 0.0, m_max)  # all splits empty: context length 0
+        w = tl.exp2(m - m_ref)  # empty splits have m = -inf -> weight 0
+        acc = tl.load(
+            part_acc_ptr + row[:, None] * D + offs_d[None, :],
+            mask=s_mask[:, None] & d_mask[None, :], other=0.0,
+        )
+        num = tl.sum(acc * w[:, None], axis=0)
+        den = tl.sum(l * w, axis=0)
+        den = tl.where(den > 0, den, 1.0)
+        tl.store(
+            out_ptr + b * s_ob + h * s_oh + offs_d, (num / den).to(out_ptr.dtype.element_ty), mask=d_mask
+        )
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+_NUM_SMS: dict[int, int] = {}
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _NUM_SMS:
+        _NUM_SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _NUM_SMS[idx]
+
+
+def _plan(B: int, Hkv: int, max_tokens: int, block_n: int, num_sms: int) -> tuple[int, int]:
+    """(splits, tokens_per_split) from host-known shapes only.
+
+    Aim for about two programs per SM, but keep each split at least 4 tiles long so the merge
+    stays cheap relative to the work.
+    """
+    pairs = B * Hkv
+    want = max(1, -(-2 * num_sms // pairs))
+    most = max(1, max_tokens // (4 * block_n))
+    splits = min(want, most, 64)
+    per = -(-max_tokens // splits)
+    per = -(-per // block_n) * block_n
+    splits = max(1, -(-max_tokens // per))
+    return splits, per
+
+
+def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, *, out=None,
+                           block_n=None, num_warps=None, splits=None):
+    """Triton paged decode attention (see module docstring); same result as the reference.
+
+    `out` is an optional preallocated [B, Hq, D] result; `block_n`, `num_warps`, `splits` override
+    the heuristics (for benchmarks and tests).
+    """
+    B, Hq, D = q.shape
+    num_blocks, page, Hkv, Dk = k_cache.shape
+    if Dk != D or v_cache.shape != k_cache.shape:
+        raise ValueError(f"q {tuple(q.shape)} / k_cache {tuple(k_cache.shape)} / v_cache {tuple(v_cache.shape)} mismatch")
+    if Hq % Hkv:
+        raise ValueError(f"{Hq} query heads are not a multiple of {Hkv} kv heads")
+    if D < 16:
+        raise ValueError("head_dim must be at least 16")
+    if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("the last (head_dim) dimension must be contiguous")
+    G = Hq // Hkv
+    block_tables = block_tables.to(torch.int32)
+    context_lens = context_lens.to(torch.int32)
+    max_tokens = block_tables.shape[1] * page
+    if block_n is None:
+        block_n = 64 if D <= 128 else 32
+    if splits is None:
+        splits, per = _plan(B, Hkv, max_tokens, block_n, _num_sms(q.device))
+    else:
+        per = -(-max_tokens // splits)
+        per = -(-per // block_n) * block_n
+    if num_warps is None:
+        num_warps = 4
+    if out is None:
+        out = torch.empty_like(q)
+    if splits > 1:
+        part_acc = torch.empty(B * Hq * splits * D, dtype=torch.float32, device=q.device)
+        part_ml = torch.empty(B * Hq * splits * 2, dtype=torch.float32, device=q.device)
+    else:
+        part_acc = part_ml = out  # unused
+    BLOCK_G = max(16, triton.next_power_of_2(G))
+    BLOCK_D = triton.next_power_of_2(D)
+    _paged_decode_kernel[(B, Hkv, splits)](
+        q, k_cache, v_cache, block_tables, context_lens, out, part_acc, part_ml,
+        float(scale) * math.log2(math.e),
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0),
+        out.stride(0), out.stride(1),
+        per,
+        SPLITS=splits, G=G, BLOCK_G=BLOCK_G, D=D, BLOCK_D=BLOCK_D, PAGE=page, BLOCK_N=block_n,
+        LOOP_WHILE=_interpreting(),
+        num_warps=num_warps,
+    )
+    if splits > 1:
+        _paged_decode_merge_kernel[(B, Hq)](
+            part_acc, part_ml, out, out.stride(0), out.stride(1), Hq,
+            SPLITS=splits, BLOCK_S=max(2, triton.next_power_of_2(splits)), D=D, BLOCK_D=BLOCK_D,
+            num_warps=4,
+        )
+    return out
