@@ -83,7 +83,6 @@ def test_greedy_with_cache_equals_recompute(smollm2):
 
 def test_cli_generate_answers_paris(capsys):
     from lowbit.cli import main
-
     from lowbit.quantized_models.default_model import default_model_path
 
     rc = main(["generate", "--model", str(default_model_path()), "--device", "cpu",

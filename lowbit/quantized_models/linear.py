@@ -7,7 +7,8 @@ with the layer's tensors as named in the checkpoint, and the format validates an
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Mapping
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -58,7 +59,7 @@ class LayerTensors:
         t = self._tensors[name]
         self._taken.add(name)
         if shape is not None:
-            ok = len(shape) == t.dim() and all(e is None or int(e) == s for e, s in zip(shape, t.shape))
+            ok = len(shape) == t.dim() and all(e is None or int(e) == s for e, s in zip(shape, t.shape, strict=True))
             if not ok:
                 want = "[" + ", ".join("*" if e is None else str(int(e)) for e in shape) + "]"
                 raise CheckpointError(
