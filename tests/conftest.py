@@ -7,6 +7,16 @@ from pathlib import Path
 
 import pytest
 
+# Without a GPU, Triton kernels run in Triton's interpreter. The variable is read when a kernel is
+# decorated, so it must be set before any lowbit kernel module is imported.
+try:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+except ImportError:  # pragma: no cover
+    pass
+
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(os.environ.get("LOWBIT_FIXTURES", ROOT.parent / "shared" / "fixtures"))
 

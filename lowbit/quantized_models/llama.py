@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import fused
 from .attention import AttentionContext, CausalNoCache
 from .config import ModelConfig
 
@@ -29,12 +30,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(size, device="meta"), requires_grad=False)
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 and scale after casting back, as the reference implementations do, so
-        # fp16 activations round the same way.
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """(norm(x + residual), x + residual): the residual add rides along in the same launch."""
+        return fused.rmsnorm(x, self.weight, self.eps, residual)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -65,16 +63,8 @@ class Rotary(nn.Module):
         super().__init__()
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
 
-    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype)[:, None, :], emb.sin().to(dtype)[:, None, :]
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor):
+        return fused.rotary_(q, k, positions, self.inv_freq)
 
 
 class Attention(nn.Module):
@@ -91,16 +81,16 @@ class Attention(nn.Module):
             self.v_proj = make_linear(f"{prefix}.v_proj", h, kv, cfg.qkv_bias)
         self.o_proj = make_linear(f"{prefix}.o_proj", q, h, cfg.o_bias)
 
-    def forward(self, x, cos, sin, ctx: AttentionContext, layer: int) -> torch.Tensor:
+    def forward(self, x, positions, rotary: Rotary, ctx: AttentionContext, layer: int) -> torch.Tensor:
         cfg = self.cfg
         if self.fused:
             q, k, v = self.qkv_proj(x).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         n = x.shape[0]
-        q = apply_rotary(q.reshape(n, cfg.num_heads, cfg.head_dim), cos, sin)
-        k = apply_rotary(k.reshape(n, cfg.num_kv_heads, cfg.head_dim), cos, sin)
-        v = v.reshape(n, cfg.num_kv_heads, cfg.head_dim)
+        q, k = rotary(q.view(n, cfg.num_heads, cfg.head_dim), k.view(n, cfg.num_kv_heads, cfg.head_dim),
+                      positions)
+        v = v.view(n, cfg.num_kv_heads, cfg.head_dim)
         out = ctx.attend(layer, q, k, v)
         return self.o_proj(out.reshape(n, cfg.q_size))
 
@@ -122,7 +112,7 @@ class MLP(nn.Module):
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(fused.silu_mul(gate, up))
 
 
 class DecoderLayer(nn.Module):
@@ -136,9 +126,13 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg, f"{prefix}.mlp", make_linear, fused_gate_up)
 
-    def forward(self, x, cos, sin, ctx: AttentionContext) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx, self.idx)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, positions, rotary: Rotary, ctx: AttentionContext):
+        """Residual-stream form: returns (this layer's MLP output, residual before it); the caller's
+        next norm adds the two, so each add shares a launch with a norm."""
+        h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(h, positions, rotary, ctx, self.idx)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class CausalLM(nn.Module):
@@ -172,11 +166,10 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         """input_ids, positions [N] -> final hidden states [N, hidden] (normed)."""
-        x = self.embed_tokens(input_ids)
-        cos, sin = self.rotary.cos_sin(positions, x.dtype)
+        x, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
-            x = layer(x, cos, sin, ctx)
-        return self.norm(x)
+            x, residual = layer(x, residual, positions, self.rotary, ctx)
+        return self.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.lm_head is None:
