@@ -1,0 +1,154 @@
+"""Uniform int2/3/4/8 kernels equal the plain-PyTorch reference on fresh random layers.
+
+CPU: Triton interpreter at small shapes (default suite). GPU (`-m gpu`): real Llama shapes, every
+kernel kind, fp16 and bf16. Outputs are NaN-poisoned before each run.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+
+def _kernels(modname: str):
+    """The kernel module, interpreted when there is no GPU (see test_attention_triton)."""
+    mod = importlib.import_module(modname)
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+        from triton.runtime.interpreter import InterpretedFunction
+
+        if not any(isinstance(v, InterpretedFunction) for v in vars(mod).values()):
+            mod = importlib.reload(mod)
+    return mod
+
+
+uq = _kernels("lowbit.kernels.uniform_triton")
+CPU = not torch.cuda.is_available()
+
+
+def _layer(m, n, bits, group, zero_is_min=False, perm=False, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 2**bits, (m, n), generator=g)
+    ng = n // group
+    s = (torch.rand(ng, m, generator=g) * 0.02 + 0.002).half()
+    if zero_is_min:
+        z = (torch.randn(ng, m, generator=g) * 0.05).half()
+    else:
+        z = torch.randint(0, 2**bits, (ng, m), generator=g).half()
+    pr = torch.randperm(n, generator=g).to(torch.int32) if perm else None
+    p = uq.pack_uniform(q, bits, s.to(device), z.to(device), group, zero_is_min, pr)
+    # W built here straight from the codes, independently of the packer/unpacker
+    sf, zf = s.float().repeat_interleave(group, 0).T, z.float().repeat_interleave(group, 0).T
+    w = sf * q.float() + zf if zero_is_min else sf * (q.float() - zf)
+    if pr is not None:
+        w2 = torch.empty_like(w)
+        w2[:, pr.long()] = w
+        w = w2
+    return p, w
+
+
+def _check(x, p, bias, cfg, tol):
+    out = torch.full((x.shape[0], p.out_features), float("nan"), dtype=x.dtype, device=x.device)
+    uq.uniform_matmul(x, p, bias, config=cfg, out=out)
+    ref = uq.uniform_packed_matmul_reference(x.double(), p, None if bias is None else bias.double())
+    assert not torch.isnan(out).any(), "unwritten (NaN) outputs"
+    err = ((out.double() - ref).norm() / ref.norm()).item()
+    assert err < tol, f"{cfg}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_packing_roundtrip_matches_independent_dequant(bits):
+    for zim, perm in ((False, False), (True, True)):
+        p, w = _layer(24, 256, bits, 64, zim, perm, seed=bits)
+        assert torch.allclose(uq.uniform_packed_dequant_reference(p), w, rtol=0, atol=1e-6)
+
+
+CPU_CASES = [
+    # bits, group, zero_is_min, perm, bias, batch, config
+    (4, 128, False, False, True, 1, dict(kind="gemv", bm=16, bk=128, bb=1, split_k=2)),
+    (4, 32, True, False, False, 3, dict(kind="gemv", bm=8, bk=64, bb=4, split_k=1)),  # GGUF Q4_1-like
+    (2, 128, False, True, False, 2, dict(kind="gemv", bm=16, bk=256, bb=2, split_k=1)),
+    (3, 64, False, False, True, 1, dict(kind="gemv", bm=8, bk=128, bb=1, split_k=3)),
+    (8, 32, False, True, False, 1, dict(kind="gemv", bm=16, bk=64, bb=1, split_k=1)),
+    (4, 128, False, True, True, 5, dict(kind="mma", bm=16, bk=128, bb=16, split_k=2)),
+    (3, 128, False, False, False, 17, dict(kind="mma", bm=16, bk=128, bb=16, split_k=1)),
+    (2, 64, True, False, False, 3, dict(kind="mma", bm=32, bk=64, bb=16, split_k=1)),
+    (8, 128, False, False, True, 4, dict(kind="mma", bm=16, bk=128, bb=16, split_k=1)),
+    (3, 32, False, True, True, 6, dict(kind="dequant")),
+    (4, 128, True, False, False, 2, dict(kind="dequant")),
+]
+
+
+@pytest.mark.skipif(not CPU, reason="CPU interpreter test")
+@pytest.mark.parametrize("bits,group,zim,perm,bias,batch,cfg", CPU_CASES)
+def test_uniform_kernels_match_reference_cpu(bits, group, zim, perm, bias, batch, cfg):
+    seed = bits * 1000 + group + batch
+    p, _ = _layer(40, 512, bits, group, zim, perm, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    b = torch.randn(40, generator=g) if bias else None
+    for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 2e-3)):
+        x = torch.randn(batch, 512, generator=g).to(dtype)
+        _check(x, p, None if b is None else b.to(dtype), uq.UQConfig(**cfg), tol)
+
+
+@pytest.mark.skipif(not CPU, reason="CPU interpreter test")
+def test_uniform_heuristic_dispatch_cpu():
+    p, _ = _layer(32, 256, 4, 128, seed=7)
+    x = torch.randn(2, 3, 256)  # leading dims flatten
+    y = uq.uniform_matmul(x, p)
+    ref = uq.uniform_packed_matmul_reference(x.reshape(6, 256).double(), p).reshape(2, 3, 32)
+    assert y.shape == (2, 3, 32)
+    assert ((y.double() - ref).norm() / ref.norm()) < 1e-5
+
+
+GPU_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (1024, 4096)]
+GPU_KINDS = [
+    ("gemv", dict(bm=16, bk=512, split_k=1)),
+    ("gemv", dict(bm=8, bk=256, split_k=4, num_stages=3)),
+    ("mma", dict(bm=64, bk=128, split_k=1, num_stages=3)),
+    ("mma", dict(bm=128, bk=128, split_k=2, num_stages=3)),
+    ("dequant", dict()),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits,group,zim,perm", [(4, 128, False, False), (2, 128, False, False),
+                                                  (3, 128, False, True), (8, 32, False, False),
+                                                  (4, 32, True, False), (4, 32, False, False)])
+@pytest.mark.parametrize("shape", GPU_SHAPES)
+def test_uniform_kernels_match_reference_gpu(bits, group, zim, perm, shape):
+    if CPU:
+        pytest.skip("needs CUDA")
+    m, n = shape
+    p, _ = _layer(m, n, bits, group, zim, perm, device="cuda", seed=m + n + bits)
+    bias = torch.randn(m, device="cuda").half()
+    for kind, kw in GPU_KINDS:
+        for batch in ((1, 3, 8) if kind == "gemv" else (5, 16, 64) if kind == "mma" else (100,)):
+            bb = triton.next_power_of_2(batch) if kind == "gemv" else max(16, min(64, triton.next_power_of_2(batch)))
+            cfg = uq.UQConfig(kind, bb=bb, **kw)
+            if kind == "gemv" and bb * cfg.bm * cfg.bk > 16384:
+                cfg = uq.UQConfig(kind, bb=bb, bm=cfg.bm, bk=max(16384 // (bb * cfg.bm), 64),
+                                  split_k=cfg.split_k, num_stages=cfg.num_stages)
+            for dtype in (torch.float16, torch.bfloat16):
+                x = torch.randn(batch, n, device="cuda").to(dtype)
+                tol = 3e-3 if dtype == torch.float16 else 1.5e-2
+                _check(x, p, bias.to(dtype), cfg, tol)
+
+
+@pytest.mark.gpu
+def test_uniform_tuned_dispatch_gpu():
+    if CPU:
+        pytest.skip("needs CUDA")
+    p, _ = _layer(4096, 4096, 4, 128, device="cuda", seed=3)
+    for batch in (1, 2, 16, 64, 300):
+        x = torch.randn(batch, 4096, device="cuda").half()
+        out = torch.full((batch, 4096), float("nan"), dtype=x.dtype, device="cuda")
+        uq.uniform_matmul(x, p, out=out)
+        ref = uq.uniform_packed_matmul_reference(x.double(), p)
+        assert not torch.isnan(out).any()
+        assert ((out.double() - ref).norm() / ref.norm()) < 3e-3
