@@ -171,26 +171,26 @@ def test_kernels_match_reference_gpu(m, n, kw):
     p = vq.pack_vptq(cfg, t, n, m)
     W = vq.vptq_dequant_reference(p)
     bias = torch.randn(m, device="cuda")
-    configs = [
-        vq.VQConfig("gemv", br=16, bc=64, bb=1, split_k=1),
-        vq.VQConfig("gemv", br=8, bc=128, bb=4, split_k=4),
-        vq.VQConfig("gemv", br=8, bc=32, bb=16, split_k=2),
-        vq.VQConfig("mma", br=8, bc=64, bb=16, split_k=2, num_stages=2),
-        vq.VQConfig("mma", br=16, bc=64, bb=64, split_k=1, num_stages=2),
-        vq.VQConfig("dequant"),
+    configs = [  # (config, batch, also bf16)
+        (vq.VQConfig("gemv", br=16, bc=64, bb=1, split_k=1), 1, True),
+        (vq.VQConfig("gemv", br=8, bc=128, bb=4, split_k=4), 3, False),
+        (vq.VQConfig("gemv", br=8, bc=32, bb=16, split_k=2), 16, False),
+        (vq.VQConfig("mma", br=8, bc=64, bb=16, split_k=2, num_stages=2), 16, True),
+        (vq.VQConfig("mma", br=16, bc=64, bb=64, split_k=1, num_stages=2), 40, False),
+        (vq.VQConfig("dequant"), 70, False),
     ]
-    for c in configs:
-        batch = {1: 1, 4: 3, 16: 16, 64: 40}[c.bb] if c.kind != "dequant" else 70
-        for dtype in (torch.float16, torch.bfloat16):
+    for c, batch, bf16 in configs:
+        for dtype in (torch.float16, torch.bfloat16) if bf16 else (torch.float16,):
             x = torch.randn(batch, n, device="cuda").to(dtype)
             _check(x, p, bias.to(dtype), c, W, 3e-3 if dtype == torch.float16 else 1.5e-2)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", FIXTURES)
-def test_kernels_match_official_gpu(name):
+def test_kernels_match_official_gpu(name, monkeypatch):
     if CPU:
         pytest.skip("needs CUDA")
+    monkeypatch.setenv("LOWBIT_AUTOTUNE", "0")  # heuristic dispatch here; tuning: test below
     meta, t = _fixture(name)
     p = vq.pack_vptq(meta["layer_config"], {k: v.cuda() for k, v in t.items()}, meta["in_features"],
                      meta["out_features"])
@@ -201,3 +201,14 @@ def test_kernels_match_official_gpu(name):
         ref = x.double() @ t["expected_W"].double().cuda().T
         assert not torch.isnan(out).any()
         assert ((out.double() - ref).norm() / ref.norm()) < 3e-3
+
+
+@pytest.mark.gpu
+def test_tuned_dispatch_gpu():
+    if CPU:
+        pytest.skip("needs CUDA")
+    cfg, t = random_layer(4096, 4096, seed=5, device="cuda")
+    p = vq.pack_vptq(cfg, t, 4096, 4096)
+    W = vq.vptq_dequant_reference(p)
+    x = torch.randn(1, 4096, device="cuda").half()
+    _check(x, p, None, None, W, 3e-3)

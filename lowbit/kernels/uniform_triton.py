@@ -554,8 +554,7 @@ def candidate_configs(p: UniformPacked, batch: int, device) -> list[UQConfig]:
             for split in (1, 2, 4, 8):
                 if split > 1 and base * split > 8 * sms:
                     continue
-                for stages in (1, 3):
-                    cands.append(UQConfig("gemv", bm=bm, bk=bk, bb=bb, split_k=split, num_stages=stages))
+                cands.append(UQConfig("gemv", bm=bm, bk=bk, bb=bb, split_k=split))
     if batch >= 2:
         bb = max(16, min(64, triton.next_power_of_2(batch)))
         for bm in (64, 128):

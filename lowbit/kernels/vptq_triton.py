@@ -246,12 +246,16 @@ if triton is not None:
             return xv, xv * 0.0
 
     @triton.jit
-    def _vq_main_vectors(idx_ptr, cb_ptr, rcb_ptr, r, rmask, cm, cmask, t, tmask, NV, P,
+    def _vq_main_vectors(idx_ptr, cb_ptr, rcb_ptr, r, rmask, cm, cmask, t, tmask, NV, P, GS,
                          K: tl.constexpr, KR: tl.constexpr, V: tl.constexpr, FB: tl.constexpr,
-                         LOGK: tl.constexpr, GS: tl.constexpr):
+                         LOGK: tl.constexpr, ONE_GROUP: tl.constexpr):
         """Codebook vectors [BR, BC, VP] (fp16) of vector rows r at main columns cm."""
-        g = cm // GS
-        cg = cm % GS
+        if ONE_GROUP:
+            g = cm * 0
+            cg = cm
+        else:
+            g = cm // GS
+            cg = cm % GS
         m2 = rmask[:, None] & cmask[None, :]
         f = _vq_fields(idx_ptr, g[None, :] * NV + r[:, None], cg[None, :], m2, P, FB)
         mi = (f & (K - 1)).to(tl.int32)
@@ -303,14 +307,14 @@ if triton is not None:
 
     @triton.jit
     def _vq_gemv_step(acc, beta, it, x_ptr, idx_ptr, cb_ptr, rcb_ptr, perm_ptr, ws_ptr, wb_ptr,
-                      r, rmask, t, tmask, pid_k, pid_b, B, stride_xb, NV, P, NMAIN, OS, iters,
+                      r, rmask, t, tmask, pid_k, pid_b, B, stride_xb, NV, P, GS, NMAIN, OS, iters,
                       K: tl.constexpr, KR: tl.constexpr, V: tl.constexpr, FB: tl.constexpr,
-                      LOGK: tl.constexpr, GS: tl.constexpr, BC: tl.constexpr, BB: tl.constexpr,
+                      LOGK: tl.constexpr, ONE_GROUP: tl.constexpr, BC: tl.constexpr, BB: tl.constexpr,
                       HAS_PERM: tl.constexpr, NORM: tl.constexpr):
         cm = (pid_k * iters + it) * BC + tl.arange(0, BC)
         cmask = cm < NMAIN
-        cv = _vq_main_vectors(idx_ptr, cb_ptr, rcb_ptr, r, rmask, cm, cmask, t, tmask, NV, P,
-                              K, KR, V, FB, LOGK, GS).to(tl.float32)
+        cv = _vq_main_vectors(idx_ptr, cb_ptr, rcb_ptr, r, rmask, cm, cmask, t, tmask, NV, P, GS,
+                              K, KR, V, FB, LOGK, ONE_GROUP).to(tl.float32)
         for bi in tl.static_range(BB):
             b = pid_b * BB + bi
             xv, xb = _vq_x(x_ptr, perm_ptr, ws_ptr, wb_ptr, b, stride_xb, cm + OS, cmask & (b < B),
@@ -345,9 +349,9 @@ if triton is not None:
     def _vq_gemv_kernel(
         x_ptr, idx_ptr, cb_ptr, rcb_ptr, oidx_ptr, ocb_ptr, perm_ptr, ws_ptr, wb_ptr, bias_ptr,
         y_ptr, wsp_ptr, cnt_ptr,
-        M, B, stride_xb, stride_yb, NV, P, NMAIN, OS, NVO, iters, o_iters,
+        M, B, stride_xb, stride_yb, NV, P, GS, NMAIN, OS, NVO, iters, o_iters,
         K: tl.constexpr, KR: tl.constexpr, V: tl.constexpr, VP: tl.constexpr, FB: tl.constexpr,
-        LOGK: tl.constexpr, GS: tl.constexpr, VO: tl.constexpr,
+        LOGK: tl.constexpr, ONE_GROUP: tl.constexpr, VO: tl.constexpr,
         BR: tl.constexpr, BC: tl.constexpr, BB: tl.constexpr, SPLIT_K: tl.constexpr,
         HAS_PERM: tl.constexpr, NORM: tl.constexpr, HAS_OUTLIER: tl.constexpr, HAS_BIAS: tl.constexpr,
         LOOP_WHILE: tl.constexpr,
@@ -369,13 +373,13 @@ if triton is not None:
             while it < iters:
                 acc, beta = _vq_gemv_step(acc, beta, it, x_ptr, idx_ptr, cb_ptr, rcb_ptr, perm_ptr, ws_ptr,
                                           wb_ptr, r, rmask, t, tmask, pid_k, pid_b, B, stride_xb, NV, P,
-                                          NMAIN, OS, iters, K, KR, V, FB, LOGK, GS, BC, BB, HAS_PERM, NORM)
+                                          GS, NMAIN, OS, iters, K, KR, V, FB, LOGK, ONE_GROUP, BC, BB, HAS_PERM, NORM)
                 it += 1
         else:
             for it in range(0, iters):
                 acc, beta = _vq_gemv_step(acc, beta, it, x_ptr, idx_ptr, cb_ptr, rcb_ptr, perm_ptr, ws_ptr,
                                           wb_ptr, r, rmask, t, tmask, pid_k, pid_b, B, stride_xb, NV, P,
-                                          NMAIN, OS, iters, K, KR, V, FB, LOGK, GS, BC, BB, HAS_PERM, NORM)
+                                          GS, NMAIN, OS, iters, K, KR, V, FB, LOGK, ONE_GROUP, BC, BB, HAS_PERM, NORM)
         if HAS_OUTLIER:
             if pid_k == 0:
                 if LOOP_WHILE:
@@ -395,15 +399,15 @@ if triton is not None:
 
     @triton.jit
     def _vq_mma_step(acc, it, x_ptr, idx_ptr, cb_ptr, rcb_ptr, perm_ptr, ws_ptr,
-                     r, rmask, bvec, bmask, pid_k, stride_xb, NV, P, NMAIN, OS, iters,
+                     r, rmask, bvec, bmask, pid_k, stride_xb, NV, P, GS, NMAIN, OS, iters,
                      K: tl.constexpr, KR: tl.constexpr, V: tl.constexpr, VP: tl.constexpr, FB: tl.constexpr,
-                     LOGK: tl.constexpr, GS: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
+                     LOGK: tl.constexpr, ONE_GROUP: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
                      HAS_PERM: tl.constexpr, NORM: tl.constexpr):
         cm = (pid_k * iters + it) * BC + tl.arange(0, BC)
         cmask = cm < NMAIN
         t = tl.arange(0, VP)
-        cv = _vq_main_vectors(idx_ptr, cb_ptr, rcb_ptr, r, rmask, cm, cmask, t, t < V, NV, P,
-                              K, KR, V, FB, LOGK, GS)  # [BR, BC, VP]
+        cv = _vq_main_vectors(idx_ptr, cb_ptr, rcb_ptr, r, rmask, cm, cmask, t, t < V, NV, P, GS,
+                              K, KR, V, FB, LOGK, ONE_GROUP)  # [BR, BC, VP]
         w = tl.reshape(tl.permute(cv, (0, 2, 1)), [BR * VP, BC])
         c = cm + OS
         if HAS_PERM:
@@ -417,9 +421,9 @@ if triton is not None:
     @triton.jit
     def _vq_mma_kernel(
         x_ptr, idx_ptr, cb_ptr, rcb_ptr, perm_ptr, ws_ptr, bias_ptr, y_ptr, wsp_ptr, cnt_ptr,
-        M, B, stride_xb, stride_yb, NV, P, NMAIN, OS, iters,
+        M, B, stride_xb, stride_yb, NV, P, GS, NMAIN, OS, iters,
         K: tl.constexpr, KR: tl.constexpr, V: tl.constexpr, VP: tl.constexpr, FB: tl.constexpr,
-        LOGK: tl.constexpr, GS: tl.constexpr,
+        LOGK: tl.constexpr, ONE_GROUP: tl.constexpr,
         BR: tl.constexpr, BC: tl.constexpr, BB: tl.constexpr, SPLIT_K: tl.constexpr,
         HAS_PERM: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr, LOOP_WHILE: tl.constexpr,
     ):
@@ -436,14 +440,14 @@ if triton is not None:
             it = 0
             while it < iters:
                 acc = _vq_mma_step(acc, it, x_ptr, idx_ptr, cb_ptr, rcb_ptr, perm_ptr, ws_ptr, r, rmask,
-                                   bvec, bmask, pid_k, stride_xb, NV, P, NMAIN, OS, iters,
-                                   K, KR, V, VP, FB, LOGK, GS, BR, BC, HAS_PERM, NORM)
+                                   bvec, bmask, pid_k, stride_xb, NV, P, GS, NMAIN, OS, iters,
+                                   K, KR, V, VP, FB, LOGK, ONE_GROUP, BR, BC, HAS_PERM, NORM)
                 it += 1
         else:
             for it in range(0, iters):
                 acc = _vq_mma_step(acc, it, x_ptr, idx_ptr, cb_ptr, rcb_ptr, perm_ptr, ws_ptr, r, rmask,
-                                   bvec, bmask, pid_k, stride_xb, NV, P, NMAIN, OS, iters,
-                                   K, KR, V, VP, FB, LOGK, GS, BR, BC, HAS_PERM, NORM)
+                                   bvec, bmask, pid_k, stride_xb, NV, P, GS, NMAIN, OS, iters,
+                                   K, KR, V, VP, FB, LOGK, ONE_GROUP, BR, BC, HAS_PERM, NORM)
         t = tl.arange(0, VP)
         j = r[:, None] * V + t[None, :]
         jmask = rmask[:, None] & (t < V)[None, :] & (j < M)
@@ -452,10 +456,10 @@ if triton is not None:
                    M, B, stride_yb, pid_r, pid_k, pid_b, tl.num_programs(0), SPLIT_K, HAS_BIAS)
 
     @triton.jit
-    def _vq_dequant_kernel(idx_ptr, cb_ptr, rcb_ptr, perm_ptr, ws_ptr, wb_ptr, w_ptr, M, NV, P, NMAIN, OS,
+    def _vq_dequant_kernel(idx_ptr, cb_ptr, rcb_ptr, perm_ptr, ws_ptr, wb_ptr, w_ptr, M, NV, P, GS, NMAIN, OS,
                            stride_w,
                            K: tl.constexpr, KR: tl.constexpr, V: tl.constexpr, VP: tl.constexpr,
-                           FB: tl.constexpr, LOGK: tl.constexpr, GS: tl.constexpr,
+                           FB: tl.constexpr, LOGK: tl.constexpr, ONE_GROUP: tl.constexpr,
                            BR: tl.constexpr, BC: tl.constexpr, HAS_PERM: tl.constexpr, NORM: tl.constexpr):
         """Main block of W, written in final column order (perm and norm applied)."""
         pid_r = tl.program_id(0)
@@ -466,8 +470,8 @@ if triton is not None:
         tmask = t < V
         cm = pid_c * BC + tl.arange(0, BC)
         cmask = cm < NMAIN
-        cv = _vq_main_vectors(idx_ptr, cb_ptr, rcb_ptr, r, rmask, cm, cmask, t, tmask, NV, P,
-                              K, KR, V, FB, LOGK, GS)
+        cv = _vq_main_vectors(idx_ptr, cb_ptr, rcb_ptr, r, rmask, cm, cmask, t, tmask, NV, P, GS,
+                              K, KR, V, FB, LOGK, ONE_GROUP)
         c = cm + OS
         if HAS_PERM:
             c = tl.load(perm_ptr + c, mask=cmask, other=0)
@@ -528,7 +532,7 @@ def _common(p: VptqPacked):
         oidx=p.outlier_indices if p.outlier_indices is not None else p.indices,
         ocb=p.outlier_centroids if p.outlier_centroids is not None else dummy,
         consts=dict(K=p.k, KR=p.k_r, V=p.v, VP=triton.next_power_of_2(p.v), FB=fb,
-                    LOGK=int(math.log2(p.k)), GS=p.group_size),
+                    LOGK=int(math.log2(p.k)), ONE_GROUP=p.group_num == 1),
     )
 
 
@@ -551,7 +555,7 @@ def _launch_gemv(x2, p: VptqPacked, bias, cfg: VQConfig, out):
     _vq_gemv_kernel[grid](
         x2, c["idx"], p.centroids, c["rcb"], c["oidx"], c["ocb"], c["perm"], c["ws"], c["wb"],
         bias if bias is not None else out, out, ws, cnt,
-        M, B, x2.stride(0), out.stride(0), c["NV"], c["P"], c["NMAIN"], p.outlier_size,
+        M, B, x2.stride(0), out.stride(0), c["NV"], c["P"], p.group_size, c["NMAIN"], p.outlier_size,
         p.outlier_indices.shape[0] if p.outlier_size else 1, iters, triton.cdiv(max(p.outlier_size, 1), cfg.bc),
         **c["consts"], VO=max(p.v_o, 1), BR=cfg.br, BC=cfg.bc, BB=cfg.bb, SPLIT_K=split,
         HAS_PERM=p.perm is not None, NORM=p.weight_scale is not None, HAS_OUTLIER=p.outlier_size > 0,
@@ -576,7 +580,7 @@ def _launch_mma(x2, p: VptqPacked, bias, cfg: VQConfig, out):
     _vq_mma_kernel[grid](
         x2, c["idx"], p.centroids, c["rcb"], c["perm"], c["ws"],
         bias if (bias is not None and not extra) else out, out, ws, cnt,
-        M, B, x2.stride(0), out.stride(0), c["NV"], c["P"], c["NMAIN"], p.outlier_size, iters,
+        M, B, x2.stride(0), out.stride(0), c["NV"], c["P"], p.group_size, c["NMAIN"], p.outlier_size, iters,
         **c["consts"], BR=cfg.br, BC=cfg.bc, BB=cfg.bb, SPLIT_K=split,
         HAS_PERM=p.perm is not None, NORM=p.weight_scale is not None,
         HAS_BIAS=bias is not None and not extra, LOOP_WHILE=_interpreting(),
@@ -614,7 +618,7 @@ def vptq_dequantize(p: VptqPacked, dtype=torch.float16, out=None, br: int = 16, 
     if out is None:
         out = torch.empty(M, n, dtype=dtype, device=p.centroids.device)
     _vq_dequant_kernel[(triton.cdiv(c["NV"], br), triton.cdiv(c["NMAIN"], bc))](
-        c["idx"], p.centroids, c["rcb"], c["perm"], c["ws"], c["wb"], out, M, c["NV"], c["P"], c["NMAIN"],
+        c["idx"], p.centroids, c["rcb"], c["perm"], c["ws"], c["wb"], out, M, c["NV"], c["P"], p.group_size, c["NMAIN"],
         p.outlier_size, out.stride(0), **c["consts"], BR=br, BC=bc,
         HAS_PERM=p.perm is not None, NORM=p.weight_scale is not None, num_warps=4,
     )
