@@ -3,30 +3,34 @@
 Every uniform format (GPTQ, AWQ, GGUF Q4_0/Q4_1/Q8_0) is repacked once at load time into one layout,
 `UniformPacked`, and all of them run through the same three kernels:
 
-* `_uq_gemv_kernel` (small batches): CUDA-core decode-GEMV. Each program owns BM output rows and
-  walks the input dimension; weights are unpacked in registers and never written to memory.
-* `_uq_mma_kernel` (medium batches): decodes a [BM, BK] weight tile to fp16 in registers and
-  multiplies it with the activations on tensor cores (`tl.dot`, batch padded to at least 16).
-* dequant + cuBLAS (large batches / prefill): `_uq_dequant_kernel` writes the fp16 weight to a
-  scratch buffer and `torch.matmul` does the rest.
+* `_uq_gemv_kernel` (one row of x per program, batch 1–2): CUDA-core decode-GEMV, weights unpacked
+  in registers and never written to memory.
+* `_uq_mma_kernel` (batch ≥ 2): decodes a Wᵀ tile [BK, BM] to fp16/bf16 in registers and multiplies
+  on tensor cores (`tl.dot`, batch padded to at least 16).
+* dequant + cuBLAS (large batches / prefill): `_uq_dequant_kernel` writes Wᵀ to a scratch buffer
+  and `torch.matmul` does the rest.
+A small tuner times the candidates of each (shape, batch bucket) once and caches the choice.
 
 Layout (`UniformPacked`, m = out_features, n = in_features, q[j, k] in [0, 2^bits)):
-* `qweight` int32 [m, n·bits/32], row j = output j, packed **along the input dimension**, the first
-  input in the lowest bits (word w of row j holds inputs w·32/bits …). Rows are contiguous along
-  the input, so a thread's 16-byte load covers 32/64/128 consecutive weights of one output and the
-  K-reduction of a GEMV stays inside the thread.
-* 3 bits are split into two planes so no value straddles a word: `qweight` holds the low 2 bits as
-  a 2-bit matrix [m, n/16] and `qweight_hi` the high bit as a 1-bit matrix [m, n/32].
-* `scales` fp16 [n/group_size, m] and `zeros` fp16 [n/group_size, m], group-major so a tile's scales
-  are one coalesced row. W[j, k] = scale·(q − zero) with an integer zero (GPTQ, AWQ, Q4_0: 8,
-  Q8_0: 0), or, with `zero_is_min`, W = scale·q + zero (GGUF Q4_1's float minimum).
+* `qweight` int32 [n, m·bits/32]: packed **along the output dimension** (input-major rows), output j
+  of row k in word j // VPW at bits (j % VPW)·bits (VPW = 32/bits values per word, the first output
+  in the lowest bits). One 16-byte load gives a thread 4 words = 4·VPW outputs of one input, which
+  all multiply the same x[k]: one activation load per 32 weights at 4 bits, and the sum over the
+  input stays in the thread (one reduction per program, at the end).
+* 3 bits: `qweight` holds the low 2 bits as a 2-bit matrix [n, m/16] and `qweight_hi` int16
+  [n, m/16] the high bit of the same 16 outputs, so no value straddles a word.
+* `scales` fp16 [n/group_size, m] and `zeros` fp16 [n/group_size, m]. W[j, k] = scale·(q − zero)
+  with an integer zero (GPTQ, AWQ, Q4_0: 8, Q8_0: 0), or, with `zero_is_min`, W = scale·q + zero
+  (GGUF Q4_1's float minimum).
 * optional `perm` int32 [n]: packed input k is the layer's input perm[k] (GPTQ act-order, sorted so
   that groups are contiguous).
 
-Integer → float without conversion instructions (I2F runs at a quarter of the FMA rate on Hopper
-and would cap the GEMV below memory bandwidth): `q | 0x4B000000` read as float32 is 2^23 + q, so
-`bits(q | 0x4B000000) − (2^23 + zero)` is q − zero exactly in one FADD; in fp16, `q | 0x6400` is
-1024 + q (exact for q < 1024).
+Integer → float without conversion instructions (I2F runs at a quarter of the FMA rate on Hopper):
+`(word & (mask << b·s')) | 0x4B000000` read as float32 is 2^23 + q·2^(b·s') exactly for the values
+in the low 20 bits (s' = s, or s − VPW/2 after one shift of the word by 16), so one LOP3 extracts a
+value and `bits − (2^23 + zero·2^(b·s'))` is (q − zero)·2^(b·s') exactly in one FADD; the power of
+two is folded into the group's scale. With one row of x the scale multiplies Σ_k x·(q − zero) once
+per group: LOP3 + FADD + FFMA per weight.
 """
 
 from __future__ import annotations
@@ -81,21 +85,26 @@ class UniformPacked:
         return UniformPacked(**kw)
 
 
-def _pack_rows(q: torch.Tensor, bits: int) -> torch.Tensor:
-    """[m, n] ints in [0, 2^bits) → int32 [m, n·bits/32], first input in the lowest bits."""
-    m, n = q.shape
+def values_per_word(bits: int) -> int:
+    """Outputs per int32 word of `qweight` (3 bits: per word of the 2-bit low plane)."""
+    return {2: 16, 3: 16, 4: 8, 8: 4}[bits]
+
+
+def _pack_out(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """q [n, m] (input-major) ints < 2^bits → int32 [n, m·bits/32]; output j of word j // per at
+    bits (j % per)·bits.. (the first output in the lowest bits)."""
+    n, m = q.shape
     per = 32 // bits
-    q = q.to(torch.int64).reshape(m, n // per, per)
-    shifts = torch.arange(per, dtype=torch.int64) * bits
-    words = (q << shifts).sum(-1)  # disjoint bit fields: sum == or
+    q = q.to(torch.int64).reshape(n, m // per, per)
+    words = (q << (torch.arange(per, dtype=torch.int64) * bits)).sum(-1)  # disjoint fields: sum == or
     words = torch.where(words >= 2**31, words - 2**32, words)
     return words.to(torch.int32)
 
 
-def _unpack_rows(w: torch.Tensor, bits: int) -> torch.Tensor:
+def _unpack_out(w: torch.Tensor, bits: int) -> torch.Tensor:
     per = 32 // bits
     shifts = torch.arange(per, dtype=torch.int64, device=w.device) * bits
-    v = (w.to(torch.int64)[..., None] >> shifts) & ((1 << bits) - 1)
+    v = ((w.to(torch.int64) & 0xFFFFFFFF)[..., None] >> shifts) & ((1 << bits) - 1)
     return v.reshape(w.shape[0], -1)
 
 
@@ -108,16 +117,21 @@ def pack_uniform(q: torch.Tensor, bits: int, scales: torch.Tensor, zeros: torch.
     if bits not in (2, 3, 4, 8):
         raise ValueError(f"bits must be 2, 3, 4 or 8, not {bits}")
     m, n = q.shape
-    if n % 32 or n % group_size:
-        raise ValueError(f"in_features {n} must be a multiple of 32 and of group_size {group_size}")
+    if m % values_per_word(bits):
+        raise ValueError(f"out_features {m} must be a multiple of {values_per_word(bits)} for {bits} bits")
+    if n % group_size:
+        raise ValueError(f"in_features {n} must be a multiple of group_size {group_size}")
     ng = n // group_size
     if tuple(scales.shape) != (ng, m) or tuple(zeros.shape) != (ng, m):
         raise ValueError(f"scales/zeros must be [{ng}, {m}], got {tuple(scales.shape)} / {tuple(zeros.shape)}")
-    q = q.cpu()
+    qt = q.cpu().T.contiguous()  # [n, m]
     if bits == 3:
-        qw, qh = _pack_rows(q & 3, 2), _pack_rows(q >> 2, 1)
+        qw = _pack_out(qt & 3, 2)
+        hb = (qt >> 2).to(torch.int64).reshape(n, m // 16, 16)
+        hi = (hb << torch.arange(16, dtype=torch.int64)).sum(-1)  # 16 high bits per low-plane word
+        qh = torch.where(hi >= 2**15, hi - 2**16, hi).to(torch.int16)
     else:
-        qw, qh = _pack_rows(q, bits), None
+        qw, qh = _pack_out(qt, bits), None
     dev = scales.device
     return UniformPacked(
         bits=bits, group_size=int(group_size), in_features=n, out_features=m,
@@ -129,10 +143,13 @@ def pack_uniform(q: torch.Tensor, bits: int, scales: torch.Tensor, zeros: torch.
 
 
 def unpack_uniform_codes(p: UniformPacked) -> torch.Tensor:
-    """int64 codes [m, n] in packed (perm) order."""
+    """int64 codes [m, n] in packed (perm) input order."""
     if p.bits == 3:
-        return _unpack_rows(p.qweight, 2) | (_unpack_rows(p.qweight_hi, 1) << 2)
-    return _unpack_rows(p.qweight, p.bits)
+        lo = _unpack_out(p.qweight, 2)  # [n, m]
+        hi16 = p.qweight_hi.to(torch.int64) & 0xFFFF  # [n, m/16]
+        hi = ((hi16[..., None] >> torch.arange(16, device=hi16.device)) & 1).reshape(hi16.shape[0], -1)
+        return (lo | (hi << 2)).T
+    return _unpack_out(p.qweight, p.bits).T
 
 
 def uniform_packed_dequant_reference(p: UniformPacked) -> torch.Tensor:
@@ -163,247 +180,344 @@ def uniform_packed_matmul_reference(x: torch.Tensor, p: UniformPacked, bias: tor
 if triton is not None:
 
     @triton.jit
-    def _uq_codes(qw_ptr, qh_ptr, rows, chunks, row_mask, chunk_mask, stride_qw, stride_qh,
-                  BITS: tl.constexpr, CH: tl.constexpr):
-        """Integer codes of a [BM, NC, A, VPW] tile: rows × chunks of CH inputs, in input order.
+    def _uq_v(lo, hi, magic, s: tl.constexpr, BITS: tl.constexpr):
+        """Value s of each word as float32 bits: 2^23 + q·2^(BITS·s'), s' = s mod (values/2).
 
-        A chunk is CH consecutive inputs = A words of VPW values (the 2-bit plane for 3 bits).
+        `lo` is the word, `hi` the word shifted right by 16, so one AND-OR (LOP3) per value and no
+        conversion instruction. For 3 bits `lo` is the 2-bit plane word and `hi` the high-bit half-word.
+        `magic` is 0x4B000000 passed as a kernel argument: in a register, (w & mask) | magic is one
+        LOP3 (with two immediates ptxas needs two).
         """
         if BITS == 3:
-            VPW: tl.constexpr = 16
+            q = ((lo >> (2 * s)) & 3) | (((hi >> s) & 1) << 2)
+            r = q | magic
         else:
-            VPW: tl.constexpr = 32 // BITS
-        A: tl.constexpr = CH // VPW
-        a = tl.arange(0, A)
-        t = tl.arange(0, VPW)
-        m3 = row_mask[:, None, None] & chunk_mask[None, :, None]
-        word = chunks[None, :, None] * A + a[None, None, :]
-        w = tl.load(qw_ptr + rows[:, None, None] * stride_qw + word, mask=m3, other=0)
-        if BITS == 3:
-            q = (w[:, :, :, None] >> (2 * t)[None, None, None, :]) & 3
-            # high-bit plane: one word per 32 inputs, i.e. per two 16-value words of the low plane
-            hword = chunks[None, :, None] * (CH // 32) + a[None, None, :] // 2
-            h = tl.load(qh_ptr + rows[:, None, None] * stride_qh + hword, mask=m3, other=0)
-            hs = (a % 2)[None, None, :, None] * 16 + t[None, None, None, :]
-            q = q | (((h[:, :, :, None] >> hs) & 1) << 2)
-        else:
-            q = (w[:, :, :, None] >> (BITS * t)[None, None, None, :]) & ((1 << BITS) - 1)
-        return q
+            H: tl.constexpr = 16 // BITS
+            if s < H:
+                r = (lo & (((1 << BITS) - 1) << (BITS * s))) | magic
+            else:
+                r = (hi & (((1 << BITS) - 1) << (BITS * (s - H)))) | magic
+        return r
 
     @triton.jit
-    def _uq_x_tile(x_ptr, perm_ptr, b, stride_xb, chunks, chunk_mask, b_ok,
-                   CH: tl.constexpr, VPW: tl.constexpr, HAS_PERM: tl.constexpr):
-        """Activations of batch row b matching a code tile: float32 [1, NC, A, VPW]."""
-        A: tl.constexpr = CH // VPW
-        a = tl.arange(0, A)
-        t = tl.arange(0, VPW)
-        k = chunks[:, None, None] * CH + a[None, :, None] * VPW + t[None, None, :]
-        msk = chunk_mask[:, None, None] & b_ok
+    def _uq_tile(qw_ptr, qh_ptr, kk, jw, kmask, jwmask, stride_qw, stride_qh, magic, BITS: tl.constexpr):
+        """Float tile [BK, BMW·VPW] = 2^23 + q·2^fs(j) of input rows kk and output words jw.
+
+        Values of a word are joined into new minor dimensions (registers of the thread that loaded
+        the word), ordered so that the final reshape is the natural output order."""
+        msk = kmask[:, None] & jwmask[None, :]
+        w = tl.load(qw_ptr + kk[:, None] * stride_qw + jw[None, :], mask=msk, other=0)
+        if BITS == 3:
+            hi = tl.load(qh_ptr + kk[:, None] * stride_qh + jw[None, :], mask=msk, other=0).to(tl.int32)
+            lo = w
+        else:
+            lo = w
+            hi = w >> 16
+        if BITS == 8:
+            p0 = tl.join(_uq_v(lo, hi, magic, 0, BITS), _uq_v(lo, hi, magic, 2, BITS))
+            p1 = tl.join(_uq_v(lo, hi, magic, 1, BITS), _uq_v(lo, hi, magic, 3, BITS))
+            r = tl.join(p0, p1)
+            r = tl.reshape(r, [r.shape[0], r.shape[1] * 4])
+        elif BITS == 4:
+            p0 = tl.join(_uq_v(lo, hi, magic, 0, BITS), _uq_v(lo, hi, magic, 4, BITS))
+            p1 = tl.join(_uq_v(lo, hi, magic, 1, BITS), _uq_v(lo, hi, magic, 5, BITS))
+            p2 = tl.join(_uq_v(lo, hi, magic, 2, BITS), _uq_v(lo, hi, magic, 6, BITS))
+            p3 = tl.join(_uq_v(lo, hi, magic, 3, BITS), _uq_v(lo, hi, magic, 7, BITS))
+            r = tl.join(tl.join(p0, p2), tl.join(p1, p3))
+            r = tl.reshape(r, [r.shape[0], r.shape[1] * 8])
+        else:  # 2 and 3 bits: 16 values per word
+            p0 = tl.join(_uq_v(lo, hi, magic, 0, BITS), _uq_v(lo, hi, magic, 8, BITS))
+            p1 = tl.join(_uq_v(lo, hi, magic, 1, BITS), _uq_v(lo, hi, magic, 9, BITS))
+            p2 = tl.join(_uq_v(lo, hi, magic, 2, BITS), _uq_v(lo, hi, magic, 10, BITS))
+            p3 = tl.join(_uq_v(lo, hi, magic, 3, BITS), _uq_v(lo, hi, magic, 11, BITS))
+            p4 = tl.join(_uq_v(lo, hi, magic, 4, BITS), _uq_v(lo, hi, magic, 12, BITS))
+            p5 = tl.join(_uq_v(lo, hi, magic, 5, BITS), _uq_v(lo, hi, magic, 13, BITS))
+            p6 = tl.join(_uq_v(lo, hi, magic, 6, BITS), _uq_v(lo, hi, magic, 14, BITS))
+            p7 = tl.join(_uq_v(lo, hi, magic, 7, BITS), _uq_v(lo, hi, magic, 15, BITS))
+            q0 = tl.join(tl.join(p0, p4), tl.join(p2, p6))
+            q1 = tl.join(tl.join(p1, p5), tl.join(p3, p7))
+            r = tl.join(q0, q1)
+            r = tl.reshape(r, [r.shape[0], r.shape[1] * 16])
+        return r.to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _uq_c(BMW: tl.constexpr, s: tl.constexpr, BITS: tl.constexpr, INVERSE: tl.constexpr):
+        if BITS == 3:
+            e: tl.constexpr = 0
+        else:
+            e: tl.constexpr = BITS * (s % (16 // BITS))
+        if INVERSE:
+            v: tl.constexpr = 1.0 / (1 << e)
+        else:
+            v: tl.constexpr = 1.0 * (1 << e)
+        return tl.full([1, BMW], v, tl.float32)
+
+    @triton.jit
+    def _uq_fs_pow(BMW: tl.constexpr, BITS: tl.constexpr, INVERSE: tl.constexpr):
+        """[1, BM] tile of 2^fs(j) (or its inverse): the power of two value j carries in its magic
+        float. Built with the same join tree as the weights, so every register holds a compile-time
+        constant and the scale/zero corrections become FMUL/FFMA with immediates."""
+        if BITS == 8:
+            r = tl.join(tl.join(_uq_c(BMW, 0, BITS, INVERSE), _uq_c(BMW, 2, BITS, INVERSE)),
+                        tl.join(_uq_c(BMW, 1, BITS, INVERSE), _uq_c(BMW, 3, BITS, INVERSE)))
+            r = tl.reshape(r, [1, BMW * 4])
+        elif BITS == 4:
+            p0 = tl.join(_uq_c(BMW, 0, BITS, INVERSE), _uq_c(BMW, 4, BITS, INVERSE))
+            p1 = tl.join(_uq_c(BMW, 1, BITS, INVERSE), _uq_c(BMW, 5, BITS, INVERSE))
+            p2 = tl.join(_uq_c(BMW, 2, BITS, INVERSE), _uq_c(BMW, 6, BITS, INVERSE))
+            p3 = tl.join(_uq_c(BMW, 3, BITS, INVERSE), _uq_c(BMW, 7, BITS, INVERSE))
+            r = tl.join(tl.join(p0, p2), tl.join(p1, p3))
+            r = tl.reshape(r, [1, BMW * 8])
+        else:
+            p0 = tl.join(_uq_c(BMW, 0, BITS, INVERSE), _uq_c(BMW, 8, BITS, INVERSE))
+            p1 = tl.join(_uq_c(BMW, 1, BITS, INVERSE), _uq_c(BMW, 9, BITS, INVERSE))
+            p2 = tl.join(_uq_c(BMW, 2, BITS, INVERSE), _uq_c(BMW, 10, BITS, INVERSE))
+            p3 = tl.join(_uq_c(BMW, 3, BITS, INVERSE), _uq_c(BMW, 11, BITS, INVERSE))
+            p4 = tl.join(_uq_c(BMW, 4, BITS, INVERSE), _uq_c(BMW, 12, BITS, INVERSE))
+            p5 = tl.join(_uq_c(BMW, 5, BITS, INVERSE), _uq_c(BMW, 13, BITS, INVERSE))
+            p6 = tl.join(_uq_c(BMW, 6, BITS, INVERSE), _uq_c(BMW, 14, BITS, INVERSE))
+            p7 = tl.join(_uq_c(BMW, 7, BITS, INVERSE), _uq_c(BMW, 15, BITS, INVERSE))
+            r = tl.join(tl.join(tl.join(p0, p4), tl.join(p2, p6)), tl.join(tl.join(p1, p5), tl.join(p3, p7)))
+            r = tl.reshape(r, [1, BMW * 16])
+        return r
+
+    @triton.jit
+    def _uq_group_vectors(s_ptr, z_ptr, g, j, jmask, fpow, ifpow, M, ZERO_IS_MIN: tl.constexpr):
+        """Per-output rows [1, BM] of group g: sc = scale / 2^fs, zc = 2^23 + zero·2^fs (or the min)."""
+        sc = tl.load(s_ptr + g * M + j, mask=jmask, other=0.0).to(tl.float32)[None, :] * ifpow
+        z = tl.load(z_ptr + g * M + j, mask=jmask, other=0.0).to(tl.float32)[None, :]
+        if ZERO_IS_MIN:
+            zc = z * 0.0 + 8388608.0
+        else:
+            zc = z * fpow + 8388608.0  # exact: an integer below 2^23
+        return sc, zc, z
+
+    @triton.jit
+    def _uq_x(x_ptr, perm_ptr, bvec, bmask, kk, kmask, stride_xb, HAS_PERM: tl.constexpr):
+        kx = kk
         if HAS_PERM:
-            k = tl.load(perm_ptr + k, mask=msk, other=0)
-        xv = tl.load(x_ptr + b * stride_xb + k, mask=msk, other=0.0).to(tl.float32)
-        return xv[None, :, :, :]
+            kx = tl.load(perm_ptr + kk, mask=kmask, other=0)
+        return tl.load(x_ptr + bvec[:, None] * stride_xb + kx[None, :],
+                       mask=bmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _uq_gemv_group(acc, g, x_ptr, qw_ptr, qh_ptr, s_ptr, z_ptr, perm_ptr, jw, jwmask, j, jmask, fpow, ifpow,
+                       b0, bvec, bmask, M, N, stride_xb, stride_qw, stride_qh, magic,
+                       BITS: tl.constexpr, GROUP: tl.constexpr, BK: tl.constexpr, BB: tl.constexpr,
+                       ZERO_IS_MIN: tl.constexpr, HAS_PERM: tl.constexpr):
+        """acc += the products of one group of inputs; acc holds per-thread partial sums over k:
+        [BK, BM] for one row of x, [BB, BK, BM] for several.
+
+        One row of x: the scale is applied once per group to Σ_k x·(q − zero), so each weight costs
+        one LOP3, one FADD and one FFMA. Several rows: the weight is formed once (one more FMUL) and
+        reused for every row."""
+        sc, zc, mn = _uq_group_vectors(s_ptr, z_ptr, g, j, jmask, fpow, ifpow, M, ZERO_IS_MIN)
+        for t in tl.static_range(GROUP // BK):
+            kk = g * GROUP + t * BK + tl.arange(0, BK)
+            kmask = kk < N
+            d = _uq_tile(qw_ptr, qh_ptr, kk, jw, kmask, jwmask, stride_qw, stride_qh, magic, BITS) - zc
+            if BB == 1:
+                kx = kk
+                if HAS_PERM:
+                    kx = tl.load(perm_ptr + kk, mask=kmask, other=0)
+                x1 = tl.load(x_ptr + b0 * stride_xb + kx, mask=kmask, other=0.0).to(tl.float32)
+                if t == 0:
+                    a = x1[:, None] * d
+                    if ZERO_IS_MIN:
+                        xs = x1
+                else:
+                    a += x1[:, None] * d
+                    if ZERO_IS_MIN:
+                        xs += x1
+            else:
+                xv = _uq_x(x_ptr, perm_ptr, bvec, bmask, kk, kmask, stride_xb, HAS_PERM)  # [BB, BK]
+                wv = d * sc
+                if ZERO_IS_MIN:
+                    wv += mn
+                acc += xv[:, :, None] * wv[None, :, :]
+        if BB == 1:
+            acc += a * sc
+            if ZERO_IS_MIN:
+                acc += xs[:, None] * mn
+        return acc
 
     @triton.jit
     def _splitk_finish(acc, y_ptr, bias_ptr, ws_ptr, cnt_ptr, rows, bidx, row_mask, M, B, stride_yb,
-                       pid_m, pid_k, pid_b, num_m,
-                       SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr):
-        """Write acc [BBLK, BM] (rows of batch `bidx`). With SPLIT_K > 1 every split writes its
-        partial to the workspace and the last split to arrive (atomic counter) sums them in split
-        order, so results are deterministic, and resets the counter for the next launch."""
+                       pid_m, pid_k, pid_b, num_m, split_k,
+                       HAS_BIAS: tl.constexpr, LOOP_WHILE: tl.constexpr):
+        """Write acc [BBLK, BM] (rows of batch `bidx`). With split_k > 1 (a run-time value, so one
+        compile serves every split) each split writes its partial to the workspace and the last
+        split to arrive (atomic counter) sums them in split order, so results are deterministic,
+        and resets the counter for the next launch."""
         out_mask = (bidx < B)[:, None] & row_mask[None, :]
-        if SPLIT_K > 1:
+        yoff = bidx[:, None] * stride_yb + rows[None, :]
+        if split_k > 1:
             ws_off = (bidx[:, None] * M + rows[None, :])
             tl.store(ws_ptr + pid_k * B * M + ws_off, acc, mask=out_mask)
             tl.debug_barrier()
             cidx = pid_b * num_m + pid_m
             old = tl.atomic_add(cnt_ptr + cidx, 1, sem="acq_rel", scope="gpu")
-            if old == SPLIT_K - 1:
+            if old == split_k - 1:
                 tot = tl.zeros_like(acc)
-                for s in tl.static_range(SPLIT_K):
-                    tot += tl.load(ws_ptr + s * B * M + ws_off, mask=out_mask, other=0.0,
-                                   cache_modifier=".cg")
+                if LOOP_WHILE:
+                    sp = 0
+                    while sp < split_k:
+                        tot += tl.load(ws_ptr + sp * B * M + ws_off, mask=out_mask, other=0.0, cache_modifier=".cg")
+                        sp += 1
+                else:
+                    for sp in range(0, split_k):
+                        tot += tl.load(ws_ptr + sp * B * M + ws_off, mask=out_mask, other=0.0, cache_modifier=".cg")
                 if HAS_BIAS:
                     tot += tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[None, :]
-                tl.store(y_ptr + bidx[:, None] * stride_yb + rows[None, :],
-                         tot.to(y_ptr.dtype.element_ty), mask=out_mask)
+                tl.store(y_ptr + yoff, tot.to(y_ptr.dtype.element_ty), mask=out_mask)
                 tl.atomic_xchg(cnt_ptr + cidx, 0)
         else:
             if HAS_BIAS:
                 acc += tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[None, :]
-            tl.store(y_ptr + bidx[:, None] * stride_yb + rows[None, :],
-                     acc.to(y_ptr.dtype.element_ty), mask=out_mask)
-
-    @triton.jit
-    def _uq_gemv_step(acc, it, x_ptr, qw_ptr, qh_ptr, s_ptr, z_ptr, perm_ptr, rows, row_mask, pid_k, pid_b,
-                      M, N, B, stride_xb, stride_qw, stride_qh, iters,
-                      BITS: tl.constexpr, CH: tl.constexpr, GROUP: tl.constexpr, NC: tl.constexpr,
-                      BB: tl.constexpr, VPW: tl.constexpr, ZERO_IS_MIN: tl.constexpr, HAS_PERM: tl.constexpr):
-        n_chunks = N // CH
-        chunks = (pid_k * iters + it) * NC + tl.arange(0, NC)
-        chunk_mask = chunks < n_chunks
-        q = _uq_codes(qw_ptr, qh_ptr, rows, chunks, row_mask, chunk_mask, stride_qw, stride_qh, BITS, CH)
-        grp = (chunks * CH) // GROUP
-        gm = row_mask[:, None] & chunk_mask[None, :]
-        sc = tl.load(s_ptr + grp[None, :] * M + rows[:, None], mask=gm, other=0.0).to(tl.float32)
-        zr = tl.load(z_ptr + grp[None, :] * M + rows[:, None], mask=gm, other=0.0).to(tl.float32)
-        magic = (q | 0x4B000000).to(tl.float32, bitcast=True)
-        if ZERO_IS_MIN:
-            f = magic - 8388608.0
-        else:
-            f = magic - (zr + 8388608.0)[:, :, None, None]  # q − zero, exact
-        for bi in tl.static_range(BB):
-            b = pid_b * BB + bi
-            xv = _uq_x_tile(x_ptr, perm_ptr, b, stride_xb, chunks, chunk_mask, b < B, CH, VPW, HAS_PERM)
-            d = tl.sum(tl.sum(f * xv, axis=3), axis=2)  # [BM, NC]
-            if ZERO_IS_MIN:
-                xs = tl.sum(tl.sum(xv, axis=3), axis=2)  # [1, NC]
-                part = tl.sum(sc * d + zr * xs, axis=1)
-            else:
-                part = tl.sum(sc * d, axis=1)
-            acc = tl.where((tl.arange(0, BB) == bi)[:, None], acc + part[None, :], acc)
-        return acc
+            tl.store(y_ptr + yoff, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
 
     @triton.jit
     def _uq_gemv_kernel(
         x_ptr, qw_ptr, qh_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
-        M, N, B, stride_xb, stride_qw, stride_qh, stride_yb, iters,
-        BITS: tl.constexpr, CH: tl.constexpr, GROUP: tl.constexpr,
-        BM: tl.constexpr, NC: tl.constexpr, BB: tl.constexpr, SPLIT_K: tl.constexpr,
+        M, MW, N, B, stride_xb, stride_qw, stride_qh, stride_yb, groups_per_split, split_k, magic,
+        BITS: tl.constexpr, GROUP: tl.constexpr, BK: tl.constexpr, BMW: tl.constexpr,
+        BB: tl.constexpr,
         ZERO_IS_MIN: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr,
         LOOP_WHILE: tl.constexpr,
     ):
-        pid_m = tl.program_id(0)
-        pid_k = tl.program_id(1)
-        pid_b = tl.program_id(2)
+        """CUDA-core decode-GEMV: program (m, k, b) owns BMW words (BMW·VPW outputs) × a range of
+        groups × BB rows of x. Partial sums stay per thread until one reduction at the end."""
+        pid_b = tl.program_id(0)  # fastest: programs sharing weights run together (L2 reuse)
+        pid_m = tl.program_id(1)
+        pid_k = tl.program_id(2)
         if BITS == 3:
             VPW: tl.constexpr = 16
         else:
             VPW: tl.constexpr = 32 // BITS
-        rows = pid_m * BM + tl.arange(0, BM)
-        row_mask = rows < M
-        n_chunks = N // CH
-        bidx = pid_b * BB + tl.arange(0, BB)
-        acc = tl.zeros([BB, BM], tl.float32)
-        if LOOP_WHILE:  # the interpreter cannot take a runtime range() bound (see _interpreting)
-            it = 0
-            while it < iters:
-                acc = _uq_gemv_step(acc, it, x_ptr, qw_ptr, qh_ptr, s_ptr, z_ptr, perm_ptr, rows, row_mask,
-                                    pid_k, pid_b, M, N, B, stride_xb, stride_qw, stride_qh, iters,
-                                    BITS, CH, GROUP, NC, BB, VPW, ZERO_IS_MIN, HAS_PERM)
-                it += 1
+        BM: tl.constexpr = BMW * VPW
+        jw = pid_m * BMW + tl.arange(0, BMW)
+        jwmask = jw < MW
+        j = pid_m * BM + tl.arange(0, BM)
+        jmask = j < M
+        fpow = _uq_fs_pow(BMW, BITS, False)
+        ifpow = _uq_fs_pow(BMW, BITS, True)
+        bvec = pid_b * BB + tl.arange(0, BB)
+        bmask = bvec < B
+        if BB == 1:
+            acc = tl.zeros([BK, BM], tl.float32)
         else:
-            for it in range(0, iters):
-                acc = _uq_gemv_step(acc, it, x_ptr, qw_ptr, qh_ptr, s_ptr, z_ptr, perm_ptr, rows, row_mask,
-                                    pid_k, pid_b, M, N, B, stride_xb, stride_qw, stride_qh, iters,
-                                    BITS, CH, GROUP, NC, BB, VPW, ZERO_IS_MIN, HAS_PERM)
-        _splitk_finish(acc, y_ptr, bias_ptr, ws_ptr, cnt_ptr, rows, bidx, row_mask, M, B, stride_yb,
-                       pid_m, pid_k, pid_b, tl.num_programs(0), SPLIT_K, HAS_BIAS)
+            acc = tl.zeros([BB, BK, BM], tl.float32)
+        g0 = pid_k * groups_per_split
+        g1 = tl.minimum(g0 + groups_per_split, N // GROUP)
+        if LOOP_WHILE:  # the interpreter cannot take a runtime range() bound (numpy 2 scalars)
+            g = g0
+            while g < g1:
+                acc = _uq_gemv_group(acc, g, x_ptr, qw_ptr, qh_ptr, s_ptr, z_ptr, perm_ptr, jw, jwmask, j,
+                                     jmask, fpow, ifpow, pid_b * BB, bvec, bmask, M, N, stride_xb, stride_qw,
+                                     stride_qh, magic,
+                                     BITS, GROUP, BK, BB, ZERO_IS_MIN, HAS_PERM)
+                g += 1
+        else:
+            for g in range(g0, g1):
+                acc = _uq_gemv_group(acc, g, x_ptr, qw_ptr, qh_ptr, s_ptr, z_ptr, perm_ptr, jw, jwmask, j,
+                                     jmask, fpow, ifpow, pid_b * BB, bvec, bmask, M, N, stride_xb, stride_qw,
+                                     stride_qh, magic,
+                                     BITS, GROUP, BK, BB, ZERO_IS_MIN, HAS_PERM)
+        if BB == 1:
+            y = tl.sum(acc, axis=0)[None, :]  # [1, BM]
+        else:
+            y = tl.sum(acc, axis=1)  # [BB, BM]
+        _splitk_finish(y, y_ptr, bias_ptr, ws_ptr, cnt_ptr, j, bvec, jmask, M, B, stride_yb,
+                       pid_m, pid_k, pid_b, tl.num_programs(1), split_k, HAS_BIAS, LOOP_WHILE)
 
     @triton.jit
-    def _uq_weight_tile(qw_ptr, qh_ptr, s_ptr, z_ptr, rows, chunks, row_mask, chunk_mask, M,
-                        stride_qw, stride_qh,
-                        BITS: tl.constexpr, CH: tl.constexpr, GROUP: tl.constexpr,
-                        BM: tl.constexpr, NC: tl.constexpr, ZERO_IS_MIN: tl.constexpr,
-                        FP16_MAGIC: tl.constexpr, OUT_DTYPE: tl.constexpr):
-        """Dequantized weight tile [BM, NC·CH] in OUT_DTYPE, inputs in order."""
-        q = _uq_codes(qw_ptr, qh_ptr, rows, chunks, row_mask, chunk_mask, stride_qw, stride_qh, BITS, CH)
-        grp = (chunks * CH) // GROUP
-        gm = row_mask[:, None] & chunk_mask[None, :]
-        sc = tl.load(s_ptr + grp[None, :] * M + rows[:, None], mask=gm, other=0.0)
-        zr = tl.load(z_ptr + grp[None, :] * M + rows[:, None], mask=gm, other=0.0)
-        if FP16_MAGIC:
-            # 1024 + q as fp16; (1024 + q) − (1024 + zero) is exact, one rounding in the product
-            qh = (q | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
-            if ZERO_IS_MIN:
-                w = (qh - 1024.0) * sc[:, :, None, None] + zr[:, :, None, None]
-            else:
-                w = (qh - (zr + 1024.0)[:, :, None, None]) * sc[:, :, None, None]
-        else:
-            f = (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-            s32 = sc.to(tl.float32)[:, :, None, None]
-            z32 = zr.to(tl.float32)[:, :, None, None]
-            if ZERO_IS_MIN:
-                w = f * s32 + z32
-            else:
-                w = (f - z32) * s32
-        return tl.reshape(w.to(OUT_DTYPE), [BM, NC * CH])
-
-    @triton.jit
-    def _uq_mma_step(acc, it, x_ptr, qw_ptr, qh_ptr, s_ptr, z_ptr, perm_ptr, rows, row_mask, bidx, b_mask,
-                     pid_k, M, N, stride_xb, stride_qw, stride_qh, iters,
-                     BITS: tl.constexpr, CH: tl.constexpr, GROUP: tl.constexpr, BM: tl.constexpr,
-                     NC: tl.constexpr, ZERO_IS_MIN: tl.constexpr, HAS_PERM: tl.constexpr,
-                     FP16_MAGIC: tl.constexpr):
-        BK: tl.constexpr = NC * CH
-        n_chunks = N // CH
-        c0 = (pid_k * iters + it) * NC
-        chunks = c0 + tl.arange(0, NC)
-        chunk_mask = chunks < n_chunks
-        w = _uq_weight_tile(qw_ptr, qh_ptr, s_ptr, z_ptr, rows, chunks, row_mask, chunk_mask, M,
-                            stride_qw, stride_qh, BITS, CH, GROUP, BM, NC, ZERO_IS_MIN, FP16_MAGIC,
-                            x_ptr.dtype.element_ty)
-        k = c0 * CH + tl.arange(0, BK)
-        k_mask = k < N
-        if HAS_PERM:
-            k = tl.load(perm_ptr + k, mask=k_mask, other=0)
-        xt = tl.load(x_ptr + bidx[None, :] * stride_xb + k[:, None],
-                     mask=k_mask[:, None] & b_mask[None, :], other=0.0)  # [BK, BB]
-        acc = tl.dot(w, xt, acc)
-        return acc
+    def _uq_wtile(qw_ptr, qh_ptr, s_ptr, z_ptr, k0, kk, kmask, jw, jwmask, j, jmask, fpow, ifpow, M,
+                  stride_qw, stride_qh, magic,
+                  BITS: tl.constexpr, GROUP: tl.constexpr, ZERO_IS_MIN: tl.constexpr):
+        """Dequantized weight tile Wᵀ [BK, BM] (float32) of inputs k0 + arange(BK), one group."""
+        sc, zc, mn = _uq_group_vectors(s_ptr, z_ptr, k0 // GROUP, j, jmask, fpow, ifpow, M, ZERO_IS_MIN)
+        d = _uq_tile(qw_ptr, qh_ptr, kk, jw, kmask, jwmask, stride_qw, stride_qh, magic, BITS) - zc
+        w = d * sc
+        if ZERO_IS_MIN:
+            w += mn
+        return w
 
     @triton.jit
     def _uq_mma_kernel(
         x_ptr, qw_ptr, qh_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
-        M, N, B, stride_xb, stride_qw, stride_qh, stride_yb, iters,
-        BITS: tl.constexpr, CH: tl.constexpr, GROUP: tl.constexpr,
-        BM: tl.constexpr, NC: tl.constexpr, BB: tl.constexpr, SPLIT_K: tl.constexpr,
+        M, MW, N, B, stride_xb, stride_qw, stride_qh, stride_yb, tiles_per_split, split_k, magic,
+        BITS: tl.constexpr, GROUP: tl.constexpr, BK: tl.constexpr, BMW: tl.constexpr,
+        BB: tl.constexpr,
         ZERO_IS_MIN: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr,
-        FP16_MAGIC: tl.constexpr, LOOP_WHILE: tl.constexpr,
+        LOOP_WHILE: tl.constexpr,
     ):
-        pid_m = tl.program_id(0)
-        pid_k = tl.program_id(1)
-        pid_b = tl.program_id(2)
-        rows = pid_m * BM + tl.arange(0, BM)
-        row_mask = rows < M
-        n_chunks = N // CH
-        bidx = pid_b * BB + tl.arange(0, BB)
-        b_mask = bidx < B
-        acc = tl.zeros([BM, BB], tl.float32)
-        if LOOP_WHILE:
-            it = 0
-            while it < iters:
-                acc = _uq_mma_step(acc, it, x_ptr, qw_ptr, qh_ptr, s_ptr, z_ptr, perm_ptr, rows, row_mask,
-                                   bidx, b_mask, pid_k, M, N, stride_xb, stride_qw, stride_qh, iters,
-                                   BITS, CH, GROUP, BM, NC, ZERO_IS_MIN, HAS_PERM, FP16_MAGIC)
-                it += 1
+        """Tensor cores: y[BB, BM] += x[BB, BK] · Wᵀ[BK, BM], Wᵀ decoded to x's dtype in registers."""
+        pid_b = tl.program_id(0)  # fastest: programs sharing weights run together (L2 reuse)
+        pid_m = tl.program_id(1)
+        pid_k = tl.program_id(2)
+        if BITS == 3:
+            VPW: tl.constexpr = 16
         else:
-            for it in range(0, iters):
-                acc = _uq_mma_step(acc, it, x_ptr, qw_ptr, qh_ptr, s_ptr, z_ptr, perm_ptr, rows, row_mask,
-                                   bidx, b_mask, pid_k, M, N, stride_xb, stride_qw, stride_qh, iters,
-                                   BITS, CH, GROUP, BM, NC, ZERO_IS_MIN, HAS_PERM, FP16_MAGIC)
-        _splitk_finish(tl.trans(acc), y_ptr, bias_ptr, ws_ptr, cnt_ptr, rows, bidx, row_mask, M, B, stride_yb,
-                       pid_m, pid_k, pid_b, tl.num_programs(0), SPLIT_K, HAS_BIAS)
+            VPW: tl.constexpr = 32 // BITS
+        BM: tl.constexpr = BMW * VPW
+        jw = pid_m * BMW + tl.arange(0, BMW)
+        jwmask = jw < MW
+        j = pid_m * BM + tl.arange(0, BM)
+        jmask = j < M
+        fpow = _uq_fs_pow(BMW, BITS, False)
+        ifpow = _uq_fs_pow(BMW, BITS, True)
+        bvec = pid_b * BB + tl.arange(0, BB)
+        bmask = bvec < B
+        acc = tl.zeros([BB, BM], tl.float32)
+        t0 = pid_k * tiles_per_split
+        t1 = tl.minimum(t0 + tiles_per_split, N // BK)
+        if LOOP_WHILE:
+            t = t0
+            while t < t1:
+                kk = t * BK + tl.arange(0, BK)
+                kmask = kk < N
+                w = _uq_wtile(qw_ptr, qh_ptr, s_ptr, z_ptr, t * BK, kk, kmask, jw, jwmask, j, jmask, fpow, ifpow, M,
+                              stride_qw, stride_qh, magic, BITS, GROUP, ZERO_IS_MIN)
+                xv = _uq_x(x_ptr, perm_ptr, bvec, bmask, kk, kmask, stride_xb, HAS_PERM)
+                acc = tl.dot(xv.to(x_ptr.dtype.element_ty), w.to(x_ptr.dtype.element_ty), acc)
+                t += 1
+        else:
+            for t in range(t0, t1):
+                kk = t * BK + tl.arange(0, BK)
+                kmask = kk < N
+                w = _uq_wtile(qw_ptr, qh_ptr, s_ptr, z_ptr, t * BK, kk, kmask, jw, jwmask, j, jmask, fpow, ifpow, M,
+                              stride_qw, stride_qh, magic, BITS, GROUP, ZERO_IS_MIN)
+                xv = _uq_x(x_ptr, perm_ptr, bvec, bmask, kk, kmask, stride_xb, HAS_PERM)
+                acc = tl.dot(xv.to(x_ptr.dtype.element_ty), w.to(x_ptr.dtype.element_ty), acc)
+        _splitk_finish(acc, y_ptr, bias_ptr, ws_ptr, cnt_ptr, j, bvec, jmask, M, B, stride_yb,
+                       pid_m, pid_k, pid_b, tl.num_programs(1), split_k, HAS_BIAS, LOOP_WHILE)
 
     @triton.jit
     def _uq_dequant_kernel(
-        qw_ptr, qh_ptr, s_ptr, z_ptr, w_ptr, M, N, stride_qw, stride_qh, stride_w,
-        BITS: tl.constexpr, CH: tl.constexpr, GROUP: tl.constexpr,
-        BM: tl.constexpr, NC: tl.constexpr, ZERO_IS_MIN: tl.constexpr, FP16_MAGIC: tl.constexpr,
+        qw_ptr, qh_ptr, s_ptr, z_ptr, w_ptr, M, MW, N, stride_qw, stride_qh, stride_w, magic,
+        BITS: tl.constexpr, GROUP: tl.constexpr, BK: tl.constexpr, BMW: tl.constexpr,
+        ZERO_IS_MIN: tl.constexpr,
     ):
+        """Wᵀ [N, M] (inputs in packed order) in w_ptr's dtype; one [BK, BM] tile per program."""
         pid_m = tl.program_id(0)
         pid_k = tl.program_id(1)
-        BK: tl.constexpr = NC * CH
-        rows = pid_m * BM + tl.arange(0, BM)
-        row_mask = rows < M
-        chunks = pid_k * NC + tl.arange(0, NC)
-        chunk_mask = chunks < N // CH
-        w = _uq_weight_tile(qw_ptr, qh_ptr, s_ptr, z_ptr, rows, chunks, row_mask, chunk_mask, M,
-                            stride_qw, stride_qh, BITS, CH, GROUP, BM, NC, ZERO_IS_MIN, FP16_MAGIC,
-                            w_ptr.dtype.element_ty)
-        k = pid_k * BK + tl.arange(0, BK)
-        tl.store(w_ptr + rows[:, None] * stride_w + k[None, :], w,
-                 mask=row_mask[:, None] & (k < N)[None, :])
+        if BITS == 3:
+            VPW: tl.constexpr = 16
+        else:
+            VPW: tl.constexpr = 32 // BITS
+        BM: tl.constexpr = BMW * VPW
+        jw = pid_m * BMW + tl.arange(0, BMW)
+        jwmask = jw < MW
+        j = pid_m * BM + tl.arange(0, BM)
+        jmask = j < M
+        fpow = _uq_fs_pow(BMW, BITS, False)
+        ifpow = _uq_fs_pow(BMW, BITS, True)
+        kk = pid_k * BK + tl.arange(0, BK)
+        kmask = kk < N
+        w = _uq_wtile(qw_ptr, qh_ptr, s_ptr, z_ptr, pid_k * BK, kk, kmask, jw, jwmask, j, jmask, fpow, ifpow, M,
+                      stride_qw, stride_qh, magic, BITS, GROUP, ZERO_IS_MIN)
+        tl.store(w_ptr + kk[:, None] * stride_w + j[None, :], w.to(w_ptr.dtype.element_ty),
+                 mask=kmask[:, None] & jmask[None, :])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -415,18 +529,15 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def chunk_inputs(p: UniformPacked) -> int:
-    """Inputs per chunk: 128 bits of codes (4 words), capped by the group size."""
-    per = {2: 64, 3: 64, 4: 32, 8: 16}[p.bits]
-    return min(per, p.group_size)
-
-
 @dataclass(frozen=True)
 class UQConfig:
-    """One launch choice. kind: "gemv" (CUDA cores), "mma" (tensor cores) or "dequant" (+cuBLAS)."""
+    """One launch choice. kind: "gemv" (CUDA cores), "mma" (tensor cores) or "dequant" (+cuBLAS).
+
+    bk: input rows per tile (must divide the group size), bmw: packed words per tile row (outputs
+    = bmw · values per word), bb: rows of x per program, split_k: programs along the input."""
     kind: str
-    bm: int = 16
-    bk: int = 256
+    bk: int = 16
+    bmw: int = 32
     bb: int = 1
     split_k: int = 1
     num_warps: int = 4
@@ -434,10 +545,11 @@ class UQConfig:
 
 
 _WS: dict = {}
+_MAGIC = 0x4B000000  # float32 bits of 2^23
 
 
 def _workspace(device, numel: int, counters: int):
-    key = (str(device),)
+    key = str(device)
     ws, cnt = _WS.get(key, (None, None))
     if ws is None or ws.numel() < numel or cnt.numel() < counters:
         ws = torch.empty(max(numel, 1 << 16), dtype=torch.float32, device=device)
@@ -446,59 +558,74 @@ def _workspace(device, numel: int, counters: int):
     return ws, cnt
 
 
+def _strides(p: UniformPacked):
+    qh = p.qweight_hi if p.qweight_hi is not None else p.qweight
+    return qh, p.qweight.stride(0), qh.stride(0)
+
+
 def _launch_fused(x2, p: UniformPacked, bias, cfg: UQConfig, out):
     M, N = p.out_features, p.in_features
     B = x2.shape[0]
-    ch = chunk_inputs(p)
-    bk = max(cfg.bk, ch)
-    nc = bk // ch
-    n_chunks = N // ch
-    grid_m = triton.cdiv(M, cfg.bm)
+    vpw = values_per_word(p.bits)
+    bk = min(cfg.bk, p.group_size)
+    if p.group_size % bk:
+        raise ValueError(f"bk {bk} must divide the group size {p.group_size}")
+    bmw = min(cfg.bmw, triton.next_power_of_2(M // vpw))
+    grid_m = triton.cdiv(M // vpw, bmw)
     grid_b = triton.cdiv(B, cfg.bb)
-    split = max(1, min(cfg.split_k, triton.cdiv(n_chunks, nc)))
-    iters = triton.cdiv(triton.cdiv(n_chunks, nc), split)
-    split = triton.cdiv(triton.cdiv(n_chunks, nc), iters)  # no empty splits
-    if split > 1:
-        ws, cnt = _workspace(x2.device, split * B * M, grid_m * grid_b)
+    if cfg.kind == "gemv":
+        units = N // p.group_size  # a split owns whole groups (the scale is applied per group)
     else:
-        ws, cnt = out, out
-    qh = p.qweight_hi if p.qweight_hi is not None else p.qweight
+        units = N // bk
+    per = triton.cdiv(units, max(1, min(cfg.split_k, units)))
+    split = triton.cdiv(units, per)  # no empty splits
+    ws, cnt = _workspace(x2.device, split * B * M, grid_m * grid_b)  # always: one kernel signature
+    qh, s_qw, s_qh = _strides(p)
     perm = p.perm if p.perm is not None else p.qweight
     bias_t = bias if bias is not None else out
-    args = (x2, p.qweight, qh, p.scales, p.zeros, perm, bias_t, out, ws, cnt,
-            M, N, B, x2.stride(0), p.qweight.stride(0), qh.stride(0), out.stride(0), iters)
-    common = dict(BITS=p.bits, CH=ch, GROUP=p.group_size, BM=cfg.bm, NC=nc, BB=cfg.bb, SPLIT_K=split,
+    common = dict(BITS=p.bits, GROUP=p.group_size, BK=bk, BMW=bmw, BB=cfg.bb,
                   ZERO_IS_MIN=p.zero_is_min, HAS_PERM=p.perm is not None, HAS_BIAS=bias is not None,
-                  num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                  LOOP_WHILE=_interpreting())
-    grid = (grid_m, split, grid_b)
+                  LOOP_WHILE=_interpreting(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    grid = (grid_b, grid_m, split)
     if cfg.kind == "gemv":
-        _uq_gemv_kernel[grid](*args, **common)
+        _uq_gemv_kernel[grid](x2, p.qweight, qh, p.scales, p.zeros, perm, bias_t, out, ws, cnt,
+                              M, M // vpw, N, B, x2.stride(0), s_qw, s_qh, out.stride(0), per, split, _MAGIC, **common)
     else:
-        _uq_mma_kernel[grid](*args, FP16_MAGIC=x2.dtype == torch.float16, **common)
+        _uq_mma_kernel[grid](x2, p.qweight, qh, p.scales, p.zeros, perm, bias_t, out, ws, cnt,
+                             M, M // vpw, N, B, x2.stride(0), s_qw, s_qh, out.stride(0), per, split, _MAGIC, **common)
     return out
 
 
-def uniform_dequantize(p: UniformPacked, dtype=torch.float16, out=None, bm: int = 32, bk: int = 256):
-    """The dense weight [m, n] in packed (perm) input order, written by the Triton dequant kernel."""
+def uniform_dequantize_t(p: UniformPacked, dtype=torch.float16, out=None, bk: int = 32, bmw: int = 16):
+    """Wᵀ [n, m] (inputs in packed order), written by the Triton dequant kernel."""
     M, N = p.out_features, p.in_features
     if out is None:
-        out = torch.empty(M, N, dtype=dtype, device=p.qweight.device)
-    ch = chunk_inputs(p)
-    bk = max(bk, ch)
-    qh = p.qweight_hi if p.qweight_hi is not None else p.qweight
-    _uq_dequant_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bk))](
-        p.qweight, qh, p.scales, p.zeros, out, M, N, p.qweight.stride(0), qh.stride(0), out.stride(0),
-        BITS=p.bits, CH=ch, GROUP=p.group_size, BM=bm, NC=bk // ch, ZERO_IS_MIN=p.zero_is_min,
-        FP16_MAGIC=out.dtype == torch.float16, num_warps=4,
+        out = torch.empty(N, M, dtype=dtype, device=p.qweight.device)
+    bk = min(bk, p.group_size)
+    vpw = values_per_word(p.bits)
+    bmw = min(bmw, triton.next_power_of_2(M // vpw))
+    qh, s_qw, s_qh = _strides(p)
+    _uq_dequant_kernel[(triton.cdiv(M // vpw, bmw), triton.cdiv(N, bk))](
+        p.qweight, qh, p.scales, p.zeros, out, M, M // vpw, N, s_qw, s_qh, out.stride(0), _MAGIC,
+        BITS=p.bits, GROUP=p.group_size, BK=bk, BMW=bmw, ZERO_IS_MIN=p.zero_is_min, num_warps=4,
     )
     return out
 
 
+def uniform_dequantize(p: UniformPacked, dtype=torch.float16) -> torch.Tensor:
+    """W [m, n] in the layer's own input order (Triton dequant, then perm undone)."""
+    wt = uniform_dequantize_t(p, dtype)
+    if p.perm is not None:
+        w = torch.empty_like(wt)
+        w[p.perm.long()] = wt
+        wt = w
+    return wt.T
+
+
 def _launch_dequant_matmul(x2, p: UniformPacked, bias, out):
-    w = uniform_dequantize(p, dtype=x2.dtype)
+    wt = uniform_dequantize_t(p, dtype=x2.dtype)
     xin = x2 if p.perm is None else x2.index_select(1, p.perm.long())
-    torch.matmul(xin, w.T, out=out)
+    torch.matmul(xin, wt, out=out)
     if bias is not None:
         out += bias
     return out
@@ -518,52 +645,58 @@ def _num_sms(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def _split_for(ctas: int, units: int, sms: int) -> int:
+    split = 1
+    while ctas * split < 2 * sms and units // (split * 2) >= 2:
+        split *= 2
+    return split
+
+
 def heuristic_config(p: UniformPacked, batch: int, device) -> UQConfig:
     """A reasonable launch without timing anything (first use under graph capture, CPU tests)."""
     M, N = p.out_features, p.in_features
+    vpw = values_per_word(p.bits)
     sms = _num_sms(device)
     if batch > 64:
         return UQConfig("dequant")
-    if batch <= 4:
-        bm, bk = 16, 512 if p.bits <= 4 else 256
-        ctas = triton.cdiv(M, bm)
-        split = 1
-        while ctas * split < 2 * sms and N // (bk * split * 2) >= 4:
-            split *= 2
-        return UQConfig("gemv", bm=bm, bk=bk, bb=triton.next_power_of_2(batch), split_k=split)
+    if batch == 1:
+        bmw = 256 // vpw  # 256 outputs: 32 values per thread at 4 bits
+        ctas = triton.cdiv(M // vpw, bmw)
+        return UQConfig("gemv", bk=min(16, p.group_size), bmw=bmw,
+                        split_k=_split_for(ctas, N // p.group_size, sms))
     bb = max(16, min(64, triton.next_power_of_2(batch)))
-    bm = 64
-    ctas = triton.cdiv(M, bm) * triton.cdiv(batch, bb)
-    split = 1
-    while ctas * split < 2 * sms and N // (128 * split * 2) >= 4:
-        split *= 2
-    return UQConfig("mma", bm=bm, bk=128, bb=bb, split_k=split, num_stages=2)
+    bk = min(64, p.group_size)
+    bmw = 128 // vpw
+    ctas = triton.cdiv(M // vpw, bmw) * triton.cdiv(batch, bb)
+    return UQConfig("mma", bk=bk, bmw=bmw, bb=bb, split_k=_split_for(ctas, N // bk, sms), num_stages=2)
 
 
 def candidate_configs(p: UniformPacked, batch: int, device) -> list[UQConfig]:
-    """What the tuner times for one (shape, batch). Small on purpose: each costs a compile."""
-    M = p.out_features
+    """What the tuner times for one (shape, batch). Tile shapes are few (each is a compile);
+    the split is a run-time argument, so trying several costs no compile."""
+    M, N = p.out_features, p.in_features
+    vpw = values_per_word(p.bits)
     sms = _num_sms(device)
     cands: list[UQConfig] = []
-    if batch <= 8:
-        bb = triton.next_power_of_2(batch)
-        for bm, bk in ((16, 512), (32, 256), (8, 512)):
-            if bb * bm * bk > 16384:
-                bk = max(16384 // (bb * bm), 64)
-            base = triton.cdiv(M, bm)
-            for split in (1, 2, 4, 8):
-                if split > 1 and base * split > 8 * sms:
-                    continue
-                cands.append(UQConfig("gemv", bm=bm, bk=bk, bb=bb, split_k=split))
+    if batch <= 2:
+        # one row of x per program; with 2 rows the two programs sharing a tile run side by side
+        for bk, out_tile, warps in ((16, 256, 4), (32, 128, 4), (32, 256, 8)):
+            bk = min(bk, p.group_size)
+            bmw = max(1, out_tile // vpw)
+            ctas = triton.cdiv(M // vpw, bmw) * batch
+            s0 = _split_for(ctas, N // p.group_size, sms)
+            for split in sorted({max(1, s0 // 2), s0, s0 * 2}):
+                cands.append(UQConfig("gemv", bk=bk, bmw=bmw, bb=1, split_k=split, num_warps=warps))
     if batch >= 2:
         bb = max(16, min(64, triton.next_power_of_2(batch)))
-        for bm in (64, 128):
-            base = triton.cdiv(M, bm) * triton.cdiv(batch, bb)
-            for split in (1, 2, 4, 8):
-                if split > 1 and base * split > 8 * sms:
-                    continue
-                cands.append(UQConfig("mma", bm=bm, bk=128, bb=bb, split_k=split, num_stages=3))
-    if batch >= 8:
+        for out_tile, bk in ((128, 64), (64, 64)):
+            bmw = max(1, out_tile // vpw)
+            bk = min(bk, p.group_size)
+            ctas = triton.cdiv(M // vpw, bmw) * triton.cdiv(batch, bb)
+            s0 = _split_for(ctas, N // bk, sms)
+            for split in sorted({max(1, s0 // 2), s0, s0 * 2}):
+                cands.append(UQConfig("mma", bk=bk, bmw=bmw, bb=bb, split_k=split, num_stages=2))
+    if batch >= 16:
         cands.append(UQConfig("dequant"))
     return cands
 

@@ -281,21 +281,28 @@ if triton is not None:
 
     @triton.jit
     def _vq_finish(acc, beta, y_ptr, bias_ptr, ws_ptr, cnt_ptr, j, jmask, bvec, M, B, stride_yb,
-                   pid_r, pid_k, pid_b, num_r, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr):
-        """acc [BB, BR, VP] + beta [BB] → y; split-K partials summed by the last split to arrive."""
+                   pid_r, pid_k, pid_b, num_r, split_k, HAS_BIAS: tl.constexpr, LOOP_WHILE: tl.constexpr):
+        """acc [BB, BR, VP] + beta [BB] → y. With split_k > 1 (run-time: one compile for every
+        split) the partials are summed, in split order, by the last split to arrive."""
         acc = acc + beta[:, None, None]
         omask = (bvec < B)[:, None, None] & jmask[None, :, :]
         yoff = bvec[:, None, None] * stride_yb + j[None, :, :]
-        if SPLIT_K > 1:
+        if split_k > 1:
             woff = bvec[:, None, None] * M + j[None, :, :]
             tl.store(ws_ptr + pid_k * B * M + woff, acc, mask=omask)
             tl.debug_barrier()
             cidx = pid_b * num_r + pid_r
             old = tl.atomic_add(cnt_ptr + cidx, 1, sem="acq_rel", scope="gpu")
-            if old == SPLIT_K - 1:
+            if old == split_k - 1:
                 tot = tl.zeros_like(acc)
-                for s in tl.static_range(SPLIT_K):
-                    tot += tl.load(ws_ptr + s * B * M + woff, mask=omask, other=0.0, cache_modifier=".cg")
+                if LOOP_WHILE:
+                    sp = 0
+                    while sp < split_k:
+                        tot += tl.load(ws_ptr + sp * B * M + woff, mask=omask, other=0.0, cache_modifier=".cg")
+                        sp += 1
+                else:
+                    for sp in range(0, split_k):
+                        tot += tl.load(ws_ptr + sp * B * M + woff, mask=omask, other=0.0, cache_modifier=".cg")
                 if HAS_BIAS:
                     tot += tl.load(bias_ptr + j, mask=jmask, other=0.0).to(tl.float32)[None, :, :]
                 tl.store(y_ptr + yoff, tot.to(y_ptr.dtype.element_ty), mask=omask)
@@ -307,95 +314,89 @@ if triton is not None:
 
     @triton.jit
     def _vq_gemv_step(acc, beta, it, x_ptr, idx_ptr, cb_ptr, rcb_ptr, perm_ptr, ws_ptr, wb_ptr,
-                      r, rmask, t, tmask, pid_k, pid_b, B, stride_xb, NV, P, GS, NMAIN, OS, iters,
+                      r, rmask, t, tmask, pid_k, b, stride_xb, NV, P, GS, NMAIN, OS, iters,
                       K: tl.constexpr, KR: tl.constexpr, V: tl.constexpr, FB: tl.constexpr,
-                      LOGK: tl.constexpr, ONE_GROUP: tl.constexpr, BC: tl.constexpr, BB: tl.constexpr,
+                      LOGK: tl.constexpr, ONE_GROUP: tl.constexpr, BC: tl.constexpr,
                       HAS_PERM: tl.constexpr, NORM: tl.constexpr):
+        """One column tile, one row of x: products accumulate elementwise in acc [BR, BC, VP]
+        (no per-tile reduction: the sum over columns happens once at the end)."""
         cm = (pid_k * iters + it) * BC + tl.arange(0, BC)
         cmask = cm < NMAIN
         cv = _vq_main_vectors(idx_ptr, cb_ptr, rcb_ptr, r, rmask, cm, cmask, t, tmask, NV, P, GS,
                               K, KR, V, FB, LOGK, ONE_GROUP).to(tl.float32)
-        for bi in tl.static_range(BB):
-            b = pid_b * BB + bi
-            xv, xb = _vq_x(x_ptr, perm_ptr, ws_ptr, wb_ptr, b, stride_xb, cm + OS, cmask & (b < B),
-                           HAS_PERM, NORM)
-            part = tl.sum(cv * xv[None, :, None], axis=1)  # [BR, VP]
-            sel = tl.arange(0, BB) == bi
-            acc = tl.where(sel[:, None, None], acc + part[None, :, :], acc)
-            if NORM:
-                beta = tl.where(sel, beta + tl.sum(xb, axis=0), beta)
+        xv, xb = _vq_x(x_ptr, perm_ptr, ws_ptr, wb_ptr, b, stride_xb, cm + OS, cmask, HAS_PERM, NORM)
+        acc += cv * xv[None, :, None]
+        if NORM:
+            beta += xb
         return acc, beta
 
     @triton.jit
     def _vq_outlier_step(acc, beta, it, x_ptr, oidx_ptr, ocb_ptr, perm_ptr, ws_ptr, wb_ptr,
-                         j, jmask, pid_b, B, stride_xb, NVO, OS,
-                         VO: tl.constexpr, BC: tl.constexpr, BB: tl.constexpr,
-                         HAS_PERM: tl.constexpr, NORM: tl.constexpr):
+                         j, jmask, b, stride_xb, NVO, OS,
+                         VO: tl.constexpr, BC: tl.constexpr, HAS_PERM: tl.constexpr, NORM: tl.constexpr):
         oc = it * BC + tl.arange(0, BC)
         ocmask = oc < OS
         ov = _vq_outlier_vectors(oidx_ptr, ocb_ptr, j, jmask, oc, ocmask, NVO, OS, VO).to(tl.float32)
-        for bi in tl.static_range(BB):
-            b = pid_b * BB + bi
-            xv, xb = _vq_x(x_ptr, perm_ptr, ws_ptr, wb_ptr, b, stride_xb, oc, ocmask & (b < B),
-                           HAS_PERM, NORM)
-            part = tl.sum(ov * xv[None, :, None], axis=1)
-            sel = tl.arange(0, BB) == bi
-            acc = tl.where(sel[:, None, None], acc + part[None, :, :], acc)
-            if NORM:
-                beta = tl.where(sel, beta + tl.sum(xb, axis=0), beta)
+        xv, xb = _vq_x(x_ptr, perm_ptr, ws_ptr, wb_ptr, b, stride_xb, oc, ocmask, HAS_PERM, NORM)
+        acc += ov * xv[None, :, None]
+        if NORM:
+            beta += xb
         return acc, beta
 
     @triton.jit
     def _vq_gemv_kernel(
         x_ptr, idx_ptr, cb_ptr, rcb_ptr, oidx_ptr, ocb_ptr, perm_ptr, ws_ptr, wb_ptr, bias_ptr,
         y_ptr, wsp_ptr, cnt_ptr,
-        M, B, stride_xb, stride_yb, NV, P, GS, NMAIN, OS, NVO, iters, o_iters,
+        M, B, stride_xb, stride_yb, NV, P, GS, NMAIN, OS, NVO, iters, o_iters, split_k,
         K: tl.constexpr, KR: tl.constexpr, V: tl.constexpr, VP: tl.constexpr, FB: tl.constexpr,
         LOGK: tl.constexpr, ONE_GROUP: tl.constexpr, VO: tl.constexpr,
-        BR: tl.constexpr, BC: tl.constexpr, BB: tl.constexpr, SPLIT_K: tl.constexpr,
+        BR: tl.constexpr, BC: tl.constexpr,
         HAS_PERM: tl.constexpr, NORM: tl.constexpr, HAS_OUTLIER: tl.constexpr, HAS_BIAS: tl.constexpr,
         LOOP_WHILE: tl.constexpr,
     ):
-        pid_r = tl.program_id(0)
-        pid_k = tl.program_id(1)
-        pid_b = tl.program_id(2)
+        """CUDA-core lookup-GEMV, one row of x per program (program b fastest in the grid)."""
+        pid_b = tl.program_id(0)
+        pid_r = tl.program_id(1)
+        pid_k = tl.program_id(2)
         r = pid_r * BR + tl.arange(0, BR)
         rmask = r < NV
         t = tl.arange(0, VP)
         tmask = t < V
         j = r[:, None] * V + t[None, :]
         jmask = rmask[:, None] & tmask[None, :] & (j < M)
-        bvec = pid_b * BB + tl.arange(0, BB)
-        acc = tl.zeros([BB, BR, VP], tl.float32)
-        beta = tl.zeros([BB], tl.float32)
+        acc = tl.zeros([BR, BC, VP], tl.float32)
+        beta = tl.zeros([BC], tl.float32)
         if LOOP_WHILE:  # interpreter: no runtime range() bounds (numpy 2 refuses int() of its scalars)
             it = 0
             while it < iters:
                 acc, beta = _vq_gemv_step(acc, beta, it, x_ptr, idx_ptr, cb_ptr, rcb_ptr, perm_ptr, ws_ptr,
-                                          wb_ptr, r, rmask, t, tmask, pid_k, pid_b, B, stride_xb, NV, P,
-                                          GS, NMAIN, OS, iters, K, KR, V, FB, LOGK, ONE_GROUP, BC, BB, HAS_PERM, NORM)
+                                          wb_ptr, r, rmask, t, tmask, pid_k, pid_b, stride_xb, NV, P,
+                                          GS, NMAIN, OS, iters, K, KR, V, FB, LOGK, ONE_GROUP, BC, HAS_PERM, NORM)
                 it += 1
         else:
             for it in range(0, iters):
                 acc, beta = _vq_gemv_step(acc, beta, it, x_ptr, idx_ptr, cb_ptr, rcb_ptr, perm_ptr, ws_ptr,
-                                          wb_ptr, r, rmask, t, tmask, pid_k, pid_b, B, stride_xb, NV, P,
-                                          GS, NMAIN, OS, iters, K, KR, V, FB, LOGK, ONE_GROUP, BC, BB, HAS_PERM, NORM)
+                                          wb_ptr, r, rmask, t, tmask, pid_k, pid_b, stride_xb, NV, P,
+                                          GS, NMAIN, OS, iters, K, KR, V, FB, LOGK, ONE_GROUP, BC, HAS_PERM, NORM)
         if HAS_OUTLIER:
             if pid_k == 0:
                 if LOOP_WHILE:
                     it = 0
                     while it < o_iters:
                         acc, beta = _vq_outlier_step(acc, beta, it, x_ptr, oidx_ptr, ocb_ptr, perm_ptr, ws_ptr,
-                                                     wb_ptr, j, jmask, pid_b, B, stride_xb, NVO, OS, VO, BC,
-                                                     BB, HAS_PERM, NORM)
+                                                     wb_ptr, j, jmask, pid_b, stride_xb, NVO, OS, VO, BC,
+                                                     HAS_PERM, NORM)
                         it += 1
                 else:
                     for it in range(0, o_iters):
                         acc, beta = _vq_outlier_step(acc, beta, it, x_ptr, oidx_ptr, ocb_ptr, perm_ptr, ws_ptr,
-                                                     wb_ptr, j, jmask, pid_b, B, stride_xb, NVO, OS, VO, BC,
-                                                     BB, HAS_PERM, NORM)
-        _vq_finish(acc, beta, y_ptr, bias_ptr, wsp_ptr, cnt_ptr, j, jmask, bvec, M, B, stride_yb,
-                   pid_r, pid_k, pid_b, tl.num_programs(0), SPLIT_K, HAS_BIAS)
+                                                     wb_ptr, j, jmask, pid_b, stride_xb, NVO, OS, VO, BC,
+                                                     HAS_PERM, NORM)
+        y = tl.sum(acc, axis=1)[None, :, :]  # [1, BR, VP]
+        bsum = tl.sum(beta, axis=0)
+        bvec = pid_b + tl.arange(0, 1)
+        _vq_finish(y, bsum + tl.zeros([1], tl.float32), y_ptr, bias_ptr, wsp_ptr, cnt_ptr, j, jmask, bvec,
+                   M, B, stride_yb, pid_r, pid_k, pid_b, tl.num_programs(1), split_k, HAS_BIAS, LOOP_WHILE)
 
     @triton.jit
     def _vq_mma_step(acc, it, x_ptr, idx_ptr, cb_ptr, rcb_ptr, perm_ptr, ws_ptr,
@@ -421,16 +422,16 @@ if triton is not None:
     @triton.jit
     def _vq_mma_kernel(
         x_ptr, idx_ptr, cb_ptr, rcb_ptr, perm_ptr, ws_ptr, bias_ptr, y_ptr, wsp_ptr, cnt_ptr,
-        M, B, stride_xb, stride_yb, NV, P, GS, NMAIN, OS, iters,
+        M, B, stride_xb, stride_yb, NV, P, GS, NMAIN, OS, iters, split_k,
         K: tl.constexpr, KR: tl.constexpr, V: tl.constexpr, VP: tl.constexpr, FB: tl.constexpr,
         LOGK: tl.constexpr, ONE_GROUP: tl.constexpr,
-        BR: tl.constexpr, BC: tl.constexpr, BB: tl.constexpr, SPLIT_K: tl.constexpr,
+        BR: tl.constexpr, BC: tl.constexpr, BB: tl.constexpr,
         HAS_PERM: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr, LOOP_WHILE: tl.constexpr,
     ):
         """Tensor-core path for the main block only (norm bias β and outliers: see the launcher)."""
-        pid_r = tl.program_id(0)
-        pid_k = tl.program_id(1)
-        pid_b = tl.program_id(2)
+        pid_b = tl.program_id(0)
+        pid_r = tl.program_id(1)
+        pid_k = tl.program_id(2)
         r = pid_r * BR + tl.arange(0, BR)
         rmask = r < NV
         bvec = pid_b * BB + tl.arange(0, BB)
@@ -453,7 +454,7 @@ if triton is not None:
         jmask = rmask[:, None] & (t < V)[None, :] & (j < M)
         acc3 = tl.permute(tl.reshape(acc, [BR, VP, BB]), (2, 0, 1))  # [BB, BR, VP]
         _vq_finish(acc3, tl.zeros([BB], tl.float32), y_ptr, bias_ptr, wsp_ptr, cnt_ptr, j, jmask, bvec,
-                   M, B, stride_yb, pid_r, pid_k, pid_b, tl.num_programs(0), SPLIT_K, HAS_BIAS)
+                   M, B, stride_yb, pid_r, pid_k, pid_b, tl.num_programs(1), split_k, HAS_BIAS, LOOP_WHILE)
 
     @triton.jit
     def _vq_dequant_kernel(idx_ptr, cb_ptr, rcb_ptr, perm_ptr, ws_ptr, wb_ptr, w_ptr, M, NV, P, GS, NMAIN, OS,
@@ -547,17 +548,14 @@ def _launch_gemv(x2, p: VptqPacked, bias, cfg: VQConfig, out):
     c = _common(p)
     B, M = x2.shape[0], p.out_features
     split, iters = _split(c["NMAIN"], cfg.bc, cfg.split_k)
-    grid = (triton.cdiv(c["NV"], cfg.br), split, triton.cdiv(B, cfg.bb))
-    if split > 1:
-        ws, cnt = _workspace(x2.device, split * B * M, grid[0] * grid[2])
-    else:
-        ws, cnt = out, out
+    grid = (B, triton.cdiv(c["NV"], cfg.br), split)
+    ws, cnt = _workspace(x2.device, split * B * M, grid[0] * grid[1])  # always: one kernel signature
     _vq_gemv_kernel[grid](
         x2, c["idx"], p.centroids, c["rcb"], c["oidx"], c["ocb"], c["perm"], c["ws"], c["wb"],
         bias if bias is not None else out, out, ws, cnt,
         M, B, x2.stride(0), out.stride(0), c["NV"], c["P"], p.group_size, c["NMAIN"], p.outlier_size,
         p.outlier_indices.shape[0] if p.outlier_size else 1, iters, triton.cdiv(max(p.outlier_size, 1), cfg.bc),
-        **c["consts"], VO=max(p.v_o, 1), BR=cfg.br, BC=cfg.bc, BB=cfg.bb, SPLIT_K=split,
+        split, **c["consts"], VO=max(p.v_o, 1), BR=cfg.br, BC=cfg.bc,
         HAS_PERM=p.perm is not None, NORM=p.weight_scale is not None, HAS_OUTLIER=p.outlier_size > 0,
         HAS_BIAS=bias is not None, LOOP_WHILE=_interpreting(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -571,17 +569,14 @@ def _launch_mma(x2, p: VptqPacked, bias, cfg: VQConfig, out):
     c = _common(p)
     B, M = x2.shape[0], p.out_features
     split, iters = _split(c["NMAIN"], cfg.bc, cfg.split_k)
-    grid = (triton.cdiv(c["NV"], cfg.br), split, triton.cdiv(B, cfg.bb))
-    if split > 1:
-        ws, cnt = _workspace(x2.device, split * B * M, grid[0] * grid[2])
-    else:
-        ws, cnt = out, out
+    grid = (triton.cdiv(B, cfg.bb), triton.cdiv(c["NV"], cfg.br), split)
+    ws, cnt = _workspace(x2.device, split * B * M, grid[0] * grid[1])
     extra = p.outlier_size > 0 or p.weight_bias is not None
     _vq_mma_kernel[grid](
         x2, c["idx"], p.centroids, c["rcb"], c["perm"], c["ws"],
         bias if (bias is not None and not extra) else out, out, ws, cnt,
         M, B, x2.stride(0), out.stride(0), c["NV"], c["P"], p.group_size, c["NMAIN"], p.outlier_size, iters,
-        **c["consts"], BR=cfg.br, BC=cfg.bc, BB=cfg.bb, SPLIT_K=split,
+        split, **c["consts"], BR=cfg.br, BC=cfg.bc, BB=cfg.bb,
         HAS_PERM=p.perm is not None, NORM=p.weight_scale is not None,
         HAS_BIAS=bias is not None and not extra, LOOP_WHILE=_interpreting(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -654,48 +649,47 @@ def _num_sms(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def _split_for(ctas: int, tiles: int, want_ctas: int) -> int:
+    split = 1
+    while ctas * split < want_ctas and tiles // (split * 2) >= 1:
+        split *= 2
+    return split
+
+
 def heuristic_config(p: VptqPacked, batch: int, device) -> VQConfig:
     sms = _num_sms(device)
+    nmain = p.in_features - p.outlier_size
     if batch > 64:
         return VQConfig("dequant")
-    if batch <= 8:
-        br, bc = (16, 64) if batch <= 2 else (8, 64)
-        ctas = triton.cdiv(p.n_vec, br)
-        split = 1
-        nmain = p.in_features - p.outlier_size
-        while ctas * split < 2 * sms and nmain // (bc * split * 2) >= 4:
-            split *= 2
-        return VQConfig("gemv", br=br, bc=bc, bb=triton.next_power_of_2(batch), split_k=split)
+    if batch <= 2:
+        # lookups are L2-latency bound: many programs in flight (about 8 per SM)
+        ctas = triton.cdiv(p.n_vec, 8) * batch
+        return VQConfig("gemv", br=8, bc=64, split_k=_split_for(ctas, triton.cdiv(nmain, 64), 8 * sms))
     bb = max(16, min(64, triton.next_power_of_2(batch)))
     ctas = triton.cdiv(p.n_vec, 8) * triton.cdiv(batch, bb)
-    split = 1
-    while ctas * split < 2 * sms and (p.in_features // (64 * split * 2)) >= 4:
-        split *= 2
-    return VQConfig("mma", br=8, bc=64, bb=bb, split_k=split, num_stages=2)
+    return VQConfig("mma", br=8, bc=64, bb=bb, split_k=_split_for(ctas, triton.cdiv(nmain, 64), 4 * sms),
+                    num_stages=2)
 
 
 def candidate_configs(p: VptqPacked, batch: int, device) -> list[VQConfig]:
+    """Tile shapes are compiles; the split is a run-time argument (free to try several)."""
     sms = _num_sms(device)
+    nmain = p.in_features - p.outlier_size
     cands: list[VQConfig] = []
-    if batch <= 16:
-        bb = triton.next_power_of_2(batch)
-        for br, bc in ((16, 64), (8, 128), (32, 32)):
-            if bb * br * bc * 8 > 32768:
-                bc = max(16, 32768 // (bb * br * 8))
-            base = triton.cdiv(p.n_vec, br)
-            for split in (1, 2, 4, 8):
-                if split > 1 and base * split > 8 * sms:
-                    continue
-                cands.append(VQConfig("gemv", br=br, bc=bc, bb=bb, split_k=split))
-    if batch >= 4:
+    if batch <= 2:
+        for br, bc in ((8, 64), (16, 64), (8, 128)):
+            ctas = triton.cdiv(p.n_vec, br) * batch
+            s0 = _split_for(ctas, triton.cdiv(nmain, bc), 8 * sms)
+            for split in sorted({max(1, s0 // 2), s0, s0 * 2}):
+                cands.append(VQConfig("gemv", br=br, bc=bc, split_k=split))
+    if batch >= 2:
         bb = max(16, min(64, triton.next_power_of_2(batch)))
         for br in (8, 16):
-            base = triton.cdiv(p.n_vec, br) * triton.cdiv(batch, bb)
-            for split in (1, 2, 4):
-                if split > 1 and base * split > 8 * sms:
-                    continue
+            ctas = triton.cdiv(p.n_vec, br) * triton.cdiv(batch, bb)
+            s0 = _split_for(ctas, triton.cdiv(nmain, 64), 4 * sms)
+            for split in sorted({max(1, s0 // 2), s0, s0 * 2}):
                 cands.append(VQConfig("mma", br=br, bc=64, bb=bb, split_k=split, num_stages=2))
-    if batch >= 8:
+    if batch >= 16:
         cands.append(VQConfig("dequant"))
     return cands
 
