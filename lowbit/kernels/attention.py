@@ -173,7 +173,7 @@ if triton is not None:
         d_mask = offs_d < D
         row = (b * Hq + h) * SPLITS + offs_s
         m = tl.load(part_ml_ptr + row * 2, mask=s_mask, other=float("-inf"))
-        l = tl.load(part_ml_ptr + row * 2 + 1, mask=s_mask, other=0.0)
+        lsum = tl.load(part_ml_ptr + row * 2 + 1, mask=s_mask, other=0.0)
         m_max = tl.max(m, axis=0)
         m_ref = tl.where(m_max == float("-inf"), 0.0, m_max)  # all splits empty: context length 0
         w = tl.exp2(m - m_ref)  # empty splits have m = -inf -> weight 0
@@ -182,7 +182,7 @@ if triton is not None:
             mask=s_mask[:, None] & d_mask[None, :], other=0.0,
         )
         num = tl.sum(acc * w[:, None], axis=0)
-        den = tl.sum(l * w, axis=0)
+        den = tl.sum(lsum * w, axis=0)
         den = tl.where(den > 0, den, 1.0)
         tl.store(
             out_ptr + b * s_ob + h * s_oh + offs_d, (num / den).to(out_ptr.dtype.element_ty), mask=d_mask

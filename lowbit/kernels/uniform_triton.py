@@ -722,7 +722,8 @@ def tune(x2, p: UniformPacked, bias=None, cands=None, rep_ms: int = 20) -> tuple
     timings = []
     for cfg in cands:
         try:
-            t = do_bench(lambda: run_config(x2, p, bias, cfg, out), warmup=5, rep=rep_ms, return_mode="median")
+            t = do_bench(lambda cfg=cfg: run_config(x2, p, bias, cfg, out), warmup=5, rep=rep_ms,
+                         return_mode="median")
         except Exception as e:  # a config that does not compile (shared memory, registers) is skipped
             timings.append((cfg, float("inf"), repr(e)[:200]))
             continue

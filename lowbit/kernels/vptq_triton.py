@@ -172,7 +172,7 @@ def pack_vptq(cfg: dict, tensors: dict[str, torch.Tensor], in_features: int, out
 
 def vptq_dequant_reference(p: VptqPacked) -> torch.Tensor:
     """float32 W [m, n] following the spec step by step (lookup in fp16 as the official layer)."""
-    m, n, v, N = p.out_features, p.in_features, p.v, p.n_vec
+    m, v, N = p.out_features, p.v, p.n_vec
     lk = int(math.log2(p.k))
     f = _unpack_fields(p.indices, p.field_bits, p.group_size).reshape(p.group_num, N, p.group_size)
     blocks = []
@@ -714,7 +714,8 @@ def tune(x2, p: VptqPacked, bias=None, cands=None, rep_ms: int = 20):
     timings = []
     for cfg in cands:
         try:
-            t = do_bench(lambda: run_config(x2, p, bias, cfg, out), warmup=5, rep=rep_ms, return_mode="median")
+            t = do_bench(lambda cfg=cfg: run_config(x2, p, bias, cfg, out), warmup=5, rep=rep_ms,
+                         return_mode="median")
         except Exception as e:
             timings.append((cfg, float("inf"), repr(e)[:200]))
             continue
