@@ -115,7 +115,7 @@ def uniform_layer(m, n, bits, group, zero_is_min=False):
     from lowbit.kernels import uniform_triton as uq
 
     vpw = uq.values_per_word(bits)
-    words = m // vpw * (2 if bits == 3 else bits * vpw // 32)
+    words = m // vpw if bits == 3 else m * bits // 32  # 3 bits: the 2-bit plane, 16 outputs a word
     qw = torch.randint(-(2**31), 2**31, (n, words), device=DEV, dtype=torch.int64).to(torch.int32)
     qh = (torch.randint(-(2**15), 2**15, (n, m // 16), device=DEV, dtype=torch.int32).to(torch.int16)
           if bits == 3 else None)

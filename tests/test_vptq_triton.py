@@ -195,7 +195,7 @@ def test_kernels_match_official_gpu(name, monkeypatch):
     meta, t = _fixture(name)
     p = vq.pack_vptq(meta["layer_config"], {k: v.cuda() for k, v in t.items()}, meta["in_features"],
                      meta["out_features"])
-    for batch in (1, 2, 16, 100):
+    for batch in (1, 16):  # GEMV and tensor-core paths (the layer test covers dequant)
         x = torch.randn(batch, meta["in_features"], device="cuda").half()
         out = torch.full((batch, meta["out_features"]), float("nan"), dtype=x.dtype, device="cuda")
         vq.vptq_matmul(x, p, out=out)  # tuned dispatch

@@ -342,6 +342,13 @@ if triton is not None:
         return acc
 
     @triton.jit
+    def _sum16(tot, ws_ptr, off, msk, c0, split_k, stride):
+        for i in tl.static_range(16):
+            tot += tl.load(ws_ptr + (c0 + i) * stride + off, mask=msk & (c0 + i < split_k), other=0.0,
+                           cache_modifier=".cg")
+        return tot
+
+    @triton.jit
     def _splitk_finish(acc, y_ptr, bias_ptr, ws_ptr, cnt_ptr, rows, bidx, row_mask, M, B, stride_yb,
                        pid_m, pid_k, pid_b, num_m, split_k,
                        HAS_BIAS: tl.constexpr, LOOP_WHILE: tl.constexpr):
@@ -358,15 +365,17 @@ if triton is not None:
             cidx = pid_b * num_m + pid_m
             old = tl.atomic_add(cnt_ptr + cidx, 1, sem="acq_rel", scope="gpu")
             if old == split_k - 1:
+                # 16 independent partial loads per round: a plain run-time loop here would wait one
+                # L2 round trip per split (measured: a ~8 µs floor at split 32 on the H100)
                 tot = tl.zeros_like(acc)
                 if LOOP_WHILE:
-                    sp = 0
-                    while sp < split_k:
-                        tot += tl.load(ws_ptr + sp * B * M + ws_off, mask=out_mask, other=0.0, cache_modifier=".cg")
-                        sp += 1
+                    c0 = 0
+                    while c0 < split_k:
+                        tot = _sum16(tot, ws_ptr, ws_off, out_mask, c0, split_k, B * M)
+                        c0 += 16
                 else:
-                    for sp in range(0, split_k):
-                        tot += tl.load(ws_ptr + sp * B * M + ws_off, mask=out_mask, other=0.0, cache_modifier=".cg")
+                    for c0 in range(0, split_k, 16):
+                        tot = _sum16(tot, ws_ptr, ws_off, out_mask, c0, split_k, B * M)
                 if HAS_BIAS:
                     tot += tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[None, :]
                 tl.store(y_ptr + yoff, tot.to(y_ptr.dtype.element_ty), mask=out_mask)
