@@ -148,3 +148,95 @@ def test_uniform_tuned_dispatch_gpu():
         ref = uq.uniform_packed_matmul_reference(x.double(), p)
         assert not torch.isnan(out).any()
         assert ((out.double() - ref).norm() / ref.norm()) < 3e-3
+
+
+# --- load-time repacking from the published formats, checked against packers written here from
+# --- ../shared/specs/uniform.md with plain Python integers (independent of the repack code)
+
+
+def _words_from_stream(values, bits):
+    """Little-endian bitstream of `values` (each `bits` wide) → list of int32 words."""
+    acc, pos = 0, 0
+    for v in values:
+        acc |= int(v) << pos
+        pos += bits
+    nwords = -(-pos // 32)
+    out = [(acc >> (32 * i)) & 0xFFFFFFFF for i in range(nwords)]
+    return [w - (1 << 32) if w >= (1 << 31) else w for w in out]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_repack_gptq_matches_spec(bits, act_order):
+    g = torch.Generator().manual_seed(bits * 10 + act_order)
+    m, n, gs = 32, 128, 32
+    q = torch.randint(0, 2**bits, (m, n), generator=g)
+    G = n // gs
+    scales = (torch.rand(G, m, generator=g) + 0.5).half()
+    zeros = torch.randint(1, 2**bits, (G, m), generator=g)
+    if act_order:
+        order = torch.randperm(n, generator=g)  # quantization order; groups follow it
+        g_idx = torch.empty(n, dtype=torch.int32)
+        g_idx[order] = (torch.arange(n) // gs).to(torch.int32)
+    else:
+        g_idx = (torch.arange(n) // gs).to(torch.int32)
+    qweight = torch.tensor([_words_from_stream(q[j].tolist(), bits) for j in range(m)], dtype=torch.int32).T
+    qzeros = torch.tensor([_words_from_stream((zeros[r] - 1).tolist(), bits) for r in range(G)], dtype=torch.int32)
+    assert qweight.shape == (n * bits // 32, m) and qzeros.shape == (G, m * bits // 32)
+    p = uq.repack_gptq(qweight.contiguous(), qzeros, scales, g_idx, bits, gs, "gptq")
+    want = scales.float()[g_idx.long()].T * (q.float() - zeros.float()[g_idx.long()].T)
+    assert torch.allclose(uq.uniform_packed_dequant_reference(p), want, rtol=0, atol=1e-6)
+
+
+def test_repack_awq_matches_spec():
+    g = torch.Generator().manual_seed(5)
+    m, n, gs = 32, 64, 32
+    order = (0, 2, 4, 6, 1, 3, 5, 7)
+    q = torch.randint(0, 16, (n, m), generator=g)  # [in, out]
+    z = torch.randint(0, 16, (n // gs, m), generator=g)
+    scales = (torch.rand(n // gs, m, generator=g) + 0.5).half()
+
+    def pack(rows):
+        out = []
+        for row in rows.tolist():
+            words = []
+            for w in range(m // 8):
+                acc = sum(row[8 * w + order[p]] << (4 * p) for p in range(8))
+                words.append(acc - (1 << 32) if acc >= (1 << 31) else acc)
+            out.append(words)
+        return torch.tensor(out, dtype=torch.int32)
+
+    p = uq.repack_awq(pack(q), pack(z), scales, gs)
+    grp = torch.arange(n) // gs
+    want = (scales.float()[grp] * (q.float() - z.float()[grp])).T
+    assert torch.allclose(uq.uniform_packed_dequant_reference(p), want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0"])
+def test_repack_gguf_matches_spec(kind):
+    import struct
+
+    g = torch.Generator().manual_seed(len(kind))
+    m, n = 8, 64
+    rows, want = [], torch.empty(m, n)
+    for r in range(m):
+        raw = b""
+        for b in range(n // 32):
+            d = float(torch.rand(1, generator=g)) * 0.1 + 0.01
+            mn = float(torch.randn(1, generator=g)) * 0.1
+            d16, mn16 = float(torch.tensor(d).half()), float(torch.tensor(mn).half())
+            if kind == "Q8_0":
+                qv = torch.randint(-128, 128, (32,), generator=g).tolist()
+                raw += struct.pack("<e", d) + struct.pack("<32b", *qv)
+                want[r, 32 * b:32 * b + 32] = torch.tensor(qv, dtype=torch.float32) * d16
+            else:
+                qv = torch.randint(0, 16, (32,), generator=g).tolist()
+                packed = bytes(qv[i] | (qv[i + 16] << 4) for i in range(16))
+                head = struct.pack("<e", d) + (struct.pack("<e", mn) if kind == "Q4_1" else b"")
+                raw += head + packed
+                qf = torch.tensor(qv, dtype=torch.float32)
+                want[r, 32 * b:32 * b + 32] = qf * d16 + mn16 if kind == "Q4_1" else (qf - 8) * d16
+        rows.append(list(raw))
+    data = torch.tensor(rows, dtype=torch.uint8)
+    p = uq.repack_gguf(data, kind)
+    assert torch.allclose(uq.uniform_packed_dequant_reference(p), want, rtol=1e-6, atol=1e-6)

@@ -174,6 +174,90 @@ def uniform_packed_matmul_reference(x: torch.Tensor, p: UniformPacked, bias: tor
 
 
 # ----------------------------------------------------------------------------------------------
+# Load-time repacking of the published formats (../shared/specs/uniform.md) into UniformPacked
+# ----------------------------------------------------------------------------------------------
+
+
+def _stream_fields(words: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """Fields of `bits` bits from little-endian int32 bitstreams: words [..., W] → int64 [..., count]
+    (bit b of a stream is bit b % 32 of word b // 32; fields may cross words, as GPTQ's 3 bits do)."""
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    b = (w[..., None] >> torch.arange(32, device=w.device)) & 1
+    b = b.reshape(*w.shape[:-1], -1)[..., : count * bits].reshape(*w.shape[:-1], count, bits)
+    return (b << torch.arange(bits, device=w.device)).sum(-1)
+
+
+def repack_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor | None,
+                bits: int, group_size: int, checkpoint_format: str = "gptq") -> UniformPacked:
+    """GPTQ tensors → UniformPacked. qweight int32 [n·bits/32, m] is, per output column, a bitstream
+    along the input (one field per input row); qzeros int32 [G, m·bits/32] a bitstream along the
+    output per group; the original "gptq" format stores zero − 1, "gptq_v2" the zero. Act-order
+    (g_idx not equal to k // group_size) becomes `perm`: inputs sorted by group, groups contiguous."""
+    m = scales.shape[1]
+    n = qweight.shape[0] * 32 // bits
+    group_size = n if group_size in (-1, 0, None) else int(group_size)
+    q = _stream_fields(qweight.T.contiguous(), bits, n)  # [m, n]
+    z = _stream_fields(qzeros, bits, m)  # [G, m]
+    if checkpoint_format != "gptq_v2":
+        z = z + 1
+    perm = None
+    if g_idx is not None:
+        g = g_idx.to(torch.int64).cpu()
+        if not torch.equal(g, torch.arange(n) // group_size):
+            perm = torch.argsort(g, stable=True)
+            counts = torch.bincount(g[perm], minlength=n // group_size)
+            if not bool((counts == group_size).all()):
+                raise ValueError("GPTQ g_idx groups are not all of group_size; the fused kernels cannot take it")
+            q = q[:, perm.to(q.device)]
+            gs = g[perm].reshape(-1, group_size)[:, 0]  # the checkpoint group of each packed group
+            scales, z = scales[gs.to(scales.device)], z[gs.to(z.device)]
+    return pack_uniform(q, bits, scales, z.to(torch.float16), group_size, perm=perm)
+
+
+_AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble p of a word holds output 8·word + _AWQ_ORDER[p]
+
+
+def repack_awq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int) -> UniformPacked:
+    """AWQ GEMM tensors (4-bit, packed along the output with nibble order 0,2,4,6,1,3,5,7)."""
+
+    def unpack(w):
+        v = _stream_fields(w, 4, w.shape[-1] * 8).reshape(*w.shape, 8)  # [.., words, nibble p]
+        out = torch.empty_like(v)
+        out[..., list(_AWQ_ORDER)] = v
+        return out.reshape(*w.shape[:-1], -1)
+
+    q = unpack(qweight).T.contiguous()  # [m, n]
+    z = unpack(qzeros)  # [G, m]
+    n = qweight.shape[0]
+    return pack_uniform(q, 4, scales, z.to(torch.float16), n if group_size in (-1, 0, None) else group_size)
+
+
+_GGUF_BLOCK = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
+
+
+def repack_gguf(data: torch.Tensor, kind: str) -> UniformPacked:
+    """GGUF Q4_0 / Q4_1 / Q8_0 rows of blocks (uint8 [m, blocks·block_bytes]) → UniformPacked, g 32.
+    Q4_0 w = d·(q − 8); Q4_1 w = d·q + min; Q8_0 w = d·q with q int8, stored as q + 128, zero 128.
+    In a 4-bit block the low nibbles of the 16 bytes are weights 0…15, the high ones 16…31."""
+    bs = _GGUF_BLOCK[kind]
+    m = data.shape[0]
+    blk = data.reshape(m, -1, bs).to(torch.uint8)
+    nb = blk.shape[1]
+    d = blk[..., 0:2].contiguous().view(torch.float16).reshape(m, nb)
+    if kind == "Q8_0":
+        q = blk[..., 2:34].contiguous().view(torch.int8).to(torch.int64) + 128
+        zeros = torch.full((nb, m), 128.0, dtype=torch.float16)
+        return pack_uniform(q.reshape(m, nb * 32), 8, d.T.contiguous(), zeros.to(d.device), 32)
+    qs = blk[..., bs - 16:].to(torch.int64)
+    q = torch.cat([qs & 15, qs >> 4], dim=-1).reshape(m, nb * 32)
+    if kind == "Q4_0":
+        zeros = torch.full((nb, m), 8.0, dtype=torch.float16, device=d.device)
+        return pack_uniform(q, 4, d.T.contiguous(), zeros, 32)
+    mn = blk[..., 2:4].contiguous().view(torch.float16).reshape(m, nb)
+    return pack_uniform(q, 4, d.T.contiguous(), mn.T.contiguous(), 32, zero_is_min=True)
+
+
+# ----------------------------------------------------------------------------------------------
 # Triton kernels
 # ----------------------------------------------------------------------------------------------
 
