@@ -168,7 +168,8 @@ def read_states(words: torch.Tensor, p: QTIPParams) -> torch.Tensor:
         ext = _from_bits(bits, 16)
     pos = torch.arange(p.states_per_tile, device=u.device) * p.step
     word, offset = pos // 16, pos % 16
-    # 32-bit window of words j, j+1; a state starting `offset` bits into word j ends at bit 31-offset-L+1.
+    # Words j and j+1 side by side as one 32-bit window (MSB = stream bit 16j); a state starting
+    # `offset` bits into word j occupies window bits 31-offset down to 32-offset-L, always inside it.
     pair = (ext[..., word] << 16) | ext[..., word + 1]
     return ((pair >> (32 - offset - p.L)) & ((1 << p.L) - 1)).to(torch.int32)
 
