@@ -427,8 +427,10 @@ if triton is not None:
 
     @triton.jit
     def _sum16(tot, ws_ptr, off, msk, c0, split_k, stride):
+        # The split bound is compared as a tensor (off * 0 + ...): triton 3.9's interpreter rejects
+        # a tensor mask and-ed with a scalar comparison.
         for i in tl.static_range(16):
-            tot += tl.load(ws_ptr + (c0 + i) * stride + off, mask=msk & (c0 + i < split_k), other=0.0,
+            tot += tl.load(ws_ptr + (c0 + i) * stride + off, mask=msk & (off * 0 + c0 + i < split_k), other=0.0,
                            cache_modifier=".cg")
         return tot
 
