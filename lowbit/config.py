@@ -1,0 +1,50 @@
+"""Engine and server settings: one dataclass each, the single source of defaults.
+
+The CLI builds its flags from these fields' defaults, the engine and server read them; nothing else
+hard-codes a limit.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = None  # local dir, Hub id or .gguf file; None: the default model
+    tokenizer: str | None = None
+    device: str | None = None  # None: cuda if available, else cpu
+    dtype: str | None = None  # None: fp16 on cuda, fp32 on cpu
+    max_model_len: int | None = None  # None: the model's context (capped by KV capacity)
+    max_num_seqs: int = 64  # sequences decoded together in one step
+    max_num_batched_tokens: int = 2048  # token budget of one step (prefill chunks + decodes)
+    max_queue: int = 256  # waiting requests beyond this are refused (HTTP 429)
+    block_size: int = 16  # tokens per KV block
+    kv_cache_blocks: int | None = None  # None: sized from gpu_memory_utilization (or 4 GiB on cpu)
+    gpu_memory_utilization: float = 0.90
+    cpu_kv_cache_gib: float = 1.0
+    cuda_graphs: bool = True  # capture decode steps on CUDA
+
+    def __post_init__(self):
+        checks = [
+            (self.max_num_seqs >= 1, "max_num_seqs must be >= 1"),
+            (self.max_num_batched_tokens >= self.max_num_seqs, "max_num_batched_tokens must be >= max_num_seqs"),
+            (self.max_queue >= 0, "max_queue must be >= 0"),
+            (self.block_size in (8, 16, 32, 64), "block_size must be 8, 16, 32 or 64"),
+            (0.05 <= self.gpu_memory_utilization <= 0.99, "gpu_memory_utilization must be in [0.05, 0.99]"),
+            (self.kv_cache_blocks is None or self.kv_cache_blocks >= 2, "kv_cache_blocks must be >= 2"),
+        ]
+        for ok, why in checks:
+            if not ok:
+                raise ValueError(why)
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    served_model_name: str | None = None  # None: the model path's last component
+    api_key: str | None = field(default_factory=lambda: os.environ.get("LOWBIT_API_KEY") or None)
+    max_request_bytes: int = 1 << 20  # bodies above this get 413 before parsing
+    log_level: str = "info"
