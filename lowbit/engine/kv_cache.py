@@ -1,0 +1,116 @@
+"""The paged KV cache: a pool of fixed-size blocks and the attention context that reads it.
+
+Keys and values live in two tensors [layers, blocks, block_size, kv_heads, head_dim]; token t of a
+sequence sits in block `blocks[t // block_size]` at offset `t % block_size` (its "slot" is
+block * block_size + offset). Sequences take blocks as they grow and give them back the moment
+they finish, so memory follows the tokens actually held, not the maximum context.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..quantized_models.attention import AttentionContext, causal_attention
+
+
+class OutOfBlocks(Exception):
+    pass
+
+
+class BlockPool:
+    """Free-list allocator over block ids. The last block is kept back as the scratch block that
+    padded rows of a CUDA-graph batch write into."""
+
+    def __init__(self, num_blocks: int):
+        if num_blocks < 2:
+            raise ValueError(f"the KV cache needs at least 2 blocks, got {num_blocks}")
+        self.num_blocks = num_blocks
+        self.scratch_block = num_blocks - 1
+        self._free = list(range(num_blocks - 2, -1, -1))  # pop() hands out low ids first
+
+    @property
+    def total(self) -> int:
+        return self.num_blocks - 1
+
+    @property
+    def free(self) -> int:
+        return len(self._free)
+
+    def allocate(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise OutOfBlocks(f"need {n} KV blocks, {len(self._free)} free")
+        return [self._free.pop() for _ in range(n)]
+
+    def release(self, blocks: list[int]) -> None:
+        self._free.extend(reversed(blocks))
+        blocks.clear()
+
+
+class KVCache:
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+                 device, dtype):
+        shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.block_size = block_size
+        self.pool = BlockPool(num_blocks)
+
+    @property
+    def scratch_slot(self) -> int:
+        return self.pool.scratch_block * self.block_size
+
+    @staticmethod
+    def bytes_per_block(num_layers, block_size, num_kv_heads, head_dim, dtype) -> int:
+        return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+    def blocks_needed(self, blocks: list[int], num_tokens: int) -> int:
+        return max(0, -(-num_tokens // self.block_size) - len(blocks))
+
+    def slots(self, blocks: list[int], start: int, end: int) -> list[int]:
+        bs = self.block_size
+        return [blocks[t // bs] * bs + t % bs for t in range(start, end)]
+
+
+class PagedAttention(AttentionContext):
+    """Attention for one engine step over the paged cache.
+
+    The step's N tokens are grouped per sequence: `spans` lists (start row, query count, context
+    length after this step, block table). Each call writes the step's k/v into their slots, then
+    attends. A step where every sequence has a single query (pure decode) goes through the batched
+    paged-decode path (Triton on CUDA); otherwise each sequence attends over its gathered context.
+    """
+
+    def __init__(self, cache: KVCache, slot_mapping: torch.Tensor, spans: list[tuple[int, int, int, list[int]]],
+                 scale: float):
+        self.cache = cache
+        self.slot_mapping = slot_mapping
+        self.spans = spans
+        self.scale = scale
+        self.decode_only = all(q == 1 for _, q, _, _ in spans)
+        if self.decode_only:
+            dev = slot_mapping.device
+            width = max(len(b) for *_, b in spans)
+            self.block_tables = torch.tensor([b + [0] * (width - len(b)) for *_, b in spans], dtype=torch.int32,
+                                             device=dev)
+            self.context_lens = torch.tensor([c for _, _, c, _ in spans], dtype=torch.int32, device=dev)
+
+    def attend(self, layer, q, k, v):
+        kc, vc = self.cache.k[layer], self.cache.v[layer]
+        hkv, d = kc.shape[-2], kc.shape[-1]
+        kc.view(-1, hkv, d).index_copy_(0, self.slot_mapping, k)
+        vc.view(-1, hkv, d).index_copy_(0, self.slot_mapping, v)
+        if self.decode_only:
+            from ..kernels.attention import paged_decode_attention, paged_decode_attention_reference
+
+            attend = paged_decode_attention if q.is_cuda else paged_decode_attention_reference
+            return attend(q, kc, vc, self.block_tables, self.context_lens, self.scale)
+        out = torch.empty_like(q)
+        bs = self.cache.block_size
+        for start, nq, ctx_len, blocks in self.spans:
+            idx = torch.tensor(blocks[: -(-ctx_len // bs)], device=q.device)
+            keys = kc[idx].reshape(-1, hkv, d)[:ctx_len].transpose(0, 1)[None]
+            vals = vc[idx].reshape(-1, hkv, d)[:ctx_len].transpose(0, 1)[None]
+            qs = q[start:start + nq].transpose(0, 1)[None]
+            o = causal_attention(qs, keys, vals, offset=ctx_len - nq)
+            out[start:start + nq] = o[0].transpose(0, 1)
+        return out

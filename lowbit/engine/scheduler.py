@@ -1,0 +1,82 @@
+"""Continuous batching: which sequences compute how many tokens in the next step.
+
+Each step has a token budget (`max_num_batched_tokens`). Running sequences go first, in arrival
+order: a decoding sequence costs one token, one still in (chunked) prefill takes what the budget
+leaves. Waiting sequences are admitted after them while the budget, the concurrency cap
+(`max_num_seqs`) and free KV blocks allow. When a running sequence needs a block and none is free,
+the newest running sequence is preempted: its blocks go back to the pool and it waits at the front
+of the queue to be recomputed later. So the engine never runs out of memory; it slows down.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from ..config import EngineConfig
+from .kv_cache import KVCache
+from .request import Sequence
+
+
+class Scheduler:
+    def __init__(self, cache: KVCache, config: EngineConfig):
+        self.cache = cache
+        self.pool = cache.pool
+        self.max_seqs = config.max_num_seqs
+        self.max_tokens = config.max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.pool.release(seq.blocks)
+        seq.num_computed = 0
+        self.running.remove(seq)
+        self.waiting.appendleft(seq)
+        self.preemptions += 1
+
+    def finish(self, seq: Sequence) -> None:
+        """Release a finished or aborted sequence's blocks, wherever it is."""
+        self.pool.release(seq.blocks)
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+
+    def schedule(self) -> list[tuple[Sequence, int]]:
+        budget = self.max_tokens
+        batch: list[tuple[Sequence, int]] = []
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq not in self.running:  # preempted to make room for an earlier one
+                continue
+            n = min(seq.remaining, budget)
+            need = self.cache.blocks_needed(seq.blocks, seq.num_computed + n)
+            while need > self.pool.free:
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            if seq not in self.running:
+                continue
+            seq.blocks += self.pool.allocate(need)
+            batch.append((seq, n))
+            budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.max_seqs:
+            seq = self.waiting[0]
+            n = min(seq.remaining, budget)
+            need = self.cache.blocks_needed(seq.blocks, seq.num_computed + n)
+            if need > self.pool.free:
+                break
+            self.waiting.popleft()
+            self.running.append(seq)
+            seq.blocks += self.pool.allocate(need)
+            batch.append((seq, n))
+            budget -= n
+        return batch

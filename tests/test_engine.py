@@ -1,0 +1,197 @@
+"""The serving engine on CPU with the real SmolLM2 model: batching, paging, sampling, detokenizing."""
+
+import asyncio
+
+import pytest
+import torch
+
+from lowbit.config import EngineConfig
+from lowbit.engine import Engine, QueueFullError, SamplingParams
+from lowbit.engine.detokenizer import IncrementalDetokenizer
+from lowbit.engine.kv_cache import BlockPool, OutOfBlocks
+from lowbit.engine.sampler import hash_uniform
+
+PROMPTS = ["The sky is", "Once upon a time, in a small village,", "def fibonacci(n):", "1, 2, 3, 4,",
+           "The capital of France is", "Water boils at"]
+
+
+def make_engine(model, **kw) -> Engine:
+    kw.setdefault("kv_cache_blocks", 64)
+    return Engine(EngineConfig(**kw), model=model)
+
+
+def solo(engine, ids, params):
+    return engine.run([engine.make_request(ids, params)])[0]
+
+
+@pytest.fixture(scope="module")
+def engine(smollm2):
+    return make_engine(smollm2)
+
+
+def encode(engine, text):
+    return engine.tokenizer.encode(text)
+
+
+def test_batched_greedy_equals_each_alone_and_the_uncached_model(engine, smollm2):
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    prompts = [encode(engine, p) for p in PROMPTS]
+    together = engine.run([engine.make_request(p, params) for p in prompts])
+    for p, out in zip(prompts, together, strict=False):
+        assert out.outputs[0].token_ids == solo(engine, p, params).outputs[0].token_ids
+    # The first prompt, recomputed without any cache, token by token.
+    ids = torch.tensor([prompts[0]])
+    for tok in together[0].outputs[0].token_ids:
+        assert int(smollm2.logits(ids)[0, -1].argmax()) == tok
+        ids = torch.cat([ids, torch.tensor([[tok]])], 1)
+    assert engine.cache.pool.free == engine.cache.pool.total
+
+
+def test_chunked_prefill_and_preemption_do_not_change_outputs(smollm2, engine):
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    prompts = [encode(engine, p * 2) for p in PROMPTS[:4]]
+    want = [solo(engine, p, params).outputs[0].token_ids for p in prompts]
+    # 7-token steps force chunked prefill; 5 blocks (80 tokens) cannot hold the four 25-40-token sequences.
+    tight = make_engine(smollm2, kv_cache_blocks=6, max_num_batched_tokens=7, max_num_seqs=4)
+    outs = tight.run([tight.make_request(p, params) for p in prompts])
+    assert [o.outputs[0].token_ids for o in outs] == want
+    assert tight.scheduler.preemptions > 0
+    assert tight.cache.pool.free == tight.cache.pool.total
+
+
+def test_seed_reproducible_whatever_the_batch(engine):
+    params = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, seed=1234)
+    ids = encode(engine, PROMPTS[1])
+    alone = solo(engine, ids, params).outputs[0].token_ids
+    others = [engine.make_request(encode(engine, p), SamplingParams(max_tokens=16, temperature=0.7))
+              for p in PROMPTS]
+    mixed = engine.run(others[:3] + [engine.make_request(ids, params)] + others[3:])
+    assert mixed[3].outputs[0].token_ids == alone
+    n2 = solo(engine, ids, SamplingParams(max_tokens=16, temperature=1.0, seed=1234, n=2))
+    assert n2.outputs[0].token_ids != n2.outputs[1].token_ids  # choices use seed + i
+
+
+def test_sampling_knobs(engine):
+    ids = encode(engine, PROMPTS[0])
+    greedy = solo(engine, ids, SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)).outputs[0]
+    for p in (SamplingParams(max_tokens=10, temperature=1.5, top_k=1, seed=0, ignore_eos=True),
+              SamplingParams(max_tokens=10, temperature=1.0, top_p=1e-6, seed=0, ignore_eos=True),
+              SamplingParams(max_tokens=10, temperature=1.0, min_p=1.0, seed=0, ignore_eos=True)):
+        assert solo(engine, ids, p).outputs[0].token_ids == greedy.token_ids
+    # Penalties, against a step-by-step recomputation with the OpenAI/vLLM rules: presence and
+    # frequency count generated tokens only, repetition also the prompt's.
+    ids = encode(engine, "1, 1, 1, 1, 1, 1,")
+    p = SamplingParams(max_tokens=6, temperature=0, presence_penalty=1.5, frequency_penalty=0.5,
+                       repetition_penalty=1.3, ignore_eos=True)
+    got = solo(engine, ids, p).outputs[0].token_ids
+    seq = list(ids)
+    for _ in range(6):
+        logits = engine.model.logits(torch.tensor([seq]))[0, -1].float().clone()
+        seen = torch.tensor(sorted(set(seq)))
+        logits[seen] = torch.where(logits[seen] > 0, logits[seen] / 1.3, logits[seen] * 1.3)
+        counts = torch.bincount(torch.tensor(seq[len(ids):], dtype=torch.long), minlength=logits.numel())
+        logits -= 0.5 * counts + 1.5 * (counts > 0).float()
+        seq.append(int(logits.argmax()))
+    assert got == seq[len(ids):]
+    assert got != solo(engine, ids, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)).outputs[0].token_ids
+    assert solo(engine, ids, SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)).outputs[0].finish_reason \
+        == "length"
+
+
+def test_uniform_noise_is_uniform_and_keyed():
+    u = hash_uniform(torch.tensor([1, 2]), torch.tensor([0, 0]), 100_000)
+    assert 0 < float(u.min()) and float(u.max()) < 1
+    assert abs(float(u.mean()) - 0.5) < 0.01 and abs(float(u.var()) - 1 / 12) < 0.005
+    assert not torch.equal(u[0], u[1])
+    assert torch.equal(hash_uniform(torch.tensor([2]), torch.tensor([0]), 100_000)[0], u[1])
+
+
+def test_logprobs_and_prompt_logprobs_match_the_model(engine, smollm2):
+    ids = encode(engine, PROMPTS[4])
+    out = solo(engine, ids, SamplingParams(max_tokens=3, temperature=0, logprobs=3, prompt_logprobs=2))
+    full = ids + out.outputs[0].token_ids
+    lp = torch.log_softmax(smollm2.logits(torch.tensor([full]))[0].float(), -1)
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(ids)
+    for p in range(1, len(ids)):
+        e = out.prompt_logprobs[p]
+        assert e["token_id"] == ids[p] and e["logprob"] == pytest.approx(float(lp[p - 1, ids[p]]), abs=1e-4)
+        assert len(e["top"]) == 2
+    for j, e in enumerate(out.outputs[0].logprobs):
+        row = lp[len(ids) - 1 + j]
+        assert e["logprob"] == pytest.approx(float(row.max()), abs=1e-4)
+        assert [t for t, _ in e["top"]] == row.topk(3).indices.tolist()
+
+
+def test_stop_strings_cut_text_and_stop(engine):
+    ids = encode(engine, "1, 2, 3, 4,")
+    out = solo(engine, ids, SamplingParams(max_tokens=30, temperature=0, stop=[" 7"])).outputs[0]
+    assert out.finish_reason == "stop" and " 7" not in out.text and out.text.startswith(" 5, 6,")
+
+
+def test_detokenizer_never_splits_characters_and_holds_back_stop_prefixes(engine):
+    tok = engine.tokenizer
+    text = "Grüße aus Köln 🙂 — 世界, done"
+    ids = tok.encode(text)
+    d = IncrementalDetokenizer(tok, [], [])
+    seen = []
+    for t in ids:
+        d.add(t)
+        seen.append(d.visible_text(False))
+    assert all("\ufffd" not in s for s in seen) and seen[-1] == tok.decode(ids)
+    d = IncrementalDetokenizer(tok, [], ["STOP here"])
+    for t in tok.encode("abc STOP"):
+        d.add(t)
+    assert d.visible_text(False) == "abc " and d.visible_text(True) == "abc STOP"
+
+
+def test_limits_and_queue(smollm2):
+    e = make_engine(smollm2, max_queue=1, max_model_len=64)
+    ids = encode(e, "hello")
+    with pytest.raises(ValueError, match="context"):
+        e.make_request(list(range(1, 65)), SamplingParams())
+    with pytest.raises(ValueError, match="max_tokens"):
+        e.make_request(ids, SamplingParams(max_tokens=64))
+    with pytest.raises(ValueError, match="empty"):
+        e.make_request([], SamplingParams())
+    e.submit(e.make_request(ids, SamplingParams()))
+    with pytest.raises(QueueFullError):
+        e.make_request(ids, SamplingParams())
+    with pytest.raises(ValueError):
+        SamplingParams(temperature=-1)
+
+
+def test_async_stream_abort_frees_blocks(smollm2):
+    e = make_engine(smollm2)
+
+    async def main():
+        agen = e.generate(encode(e, PROMPTS[1]), SamplingParams(max_tokens=200, temperature=0, ignore_eos=True))
+        seen = 0
+        async for _out in agen:
+            seen += 1
+            if seen == 3:
+                break
+        await agen.aclose()
+        for _ in range(100):
+            if e.cache.pool.free == e.cache.pool.total and not e.scheduler.running:
+                break
+            await asyncio.sleep(0.05)
+        full = [o async for o in e.generate(encode(e, PROMPTS[0]), SamplingParams(max_tokens=5, temperature=0))]
+        return full
+
+    try:
+        outs = asyncio.run(main())
+    finally:
+        e.shutdown()
+    assert e.cache.pool.free == e.cache.pool.total
+    assert outs[-1].finished and len(outs[-1].outputs[0].token_ids) >= 1
+
+
+def test_block_pool():
+    pool = BlockPool(5)
+    assert pool.total == 4 and pool.scratch_block == 4
+    got = pool.allocate(4)
+    assert sorted(got) == [0, 1, 2, 3]
+    with pytest.raises(OutOfBlocks):
+        pool.allocate(1)
+    pool.release(got)
+    assert pool.free == 4 and got == []
