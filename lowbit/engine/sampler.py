@@ -78,9 +78,9 @@ def sample(logits: torch.Tensor, seqs: list) -> tuple[list[int], list[dict | Non
     if any(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in params):
         logits = logits.clone()
         _apply_penalties(logits, seqs)
-    greedy = torch.tensor([p.greedy for p in params], device=dev)
     tokens = logits.argmax(-1)
-    if not bool(greedy.all()):
+    if not all(p.greedy for p in params):
+        greedy = torch.tensor([p.greedy for p in params], device=dev)
         temp = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=dev)
         scaled = logits / temp[:, None]
         if any(p.top_k or p.top_p < 1 or p.min_p > 0 for p in params):
