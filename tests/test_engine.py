@@ -195,3 +195,23 @@ def test_block_pool():
         pool.allocate(1)
     pool.release(got)
     assert pool.free == 4 and got == []
+
+
+@pytest.mark.gpu
+def test_engine_on_cuda_graphs_equal_eager_and_solo():
+    from lowbit.quantized_models.synthetic import random_model
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    model = random_model("tiny", "fp16", device="cuda", dtype=torch.float16)
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 512, (int(n),), generator=g).tolist() for n in (5, 17, 33, 9, 64)]
+    runs = {}
+    for graphs in (True, False):
+        e = make_engine(model, cuda_graphs=graphs, max_num_seqs=8)
+        assert (e.runner.graphs is not None) == graphs
+        runs[graphs] = [o.outputs[0].token_ids for o in e.run([e.make_request(p, params) for p in prompts])]
+        assert runs[graphs][2] == solo(e, prompts[2], params).outputs[0].token_ids
+        assert e.cache.pool.free == e.cache.pool.total
+    assert runs[True] == runs[False]
