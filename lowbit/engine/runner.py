@@ -62,11 +62,13 @@ class ModelRunner:
                     prompt_rows[seq] = (list(range(start, start + hi - s0)), seq.tokens[s0 + 1:hi + 1])
         decode_only = all(n == 1 for _, n in batch)
         if self.graphs is not None and decode_only and self.graphs.bucket_for(len(batch)) is not None:
-            width = max(len(s.blocks) for s, _ in batch)
-            tables = self._tensor([s.blocks + [0] * (width - len(s.blocks)) for s, _ in batch], torch.int32)
-            lens = self._tensor([c for _, _, c, _ in spans], torch.int32)
-            res.sample_logits = self.graphs.run(self._tensor(ids), self._tensor(pos), self._tensor(slots),
-                                                tables, lens)
+            # One host-to-device copy for everything the graph reads (each copy costs a sync).
+            n, width = len(batch), max(len(s.blocks) for s, _ in batch)
+            tables = [b for s, _ in batch for b in s.blocks + [0] * (width - len(s.blocks))]
+            flat = self._tensor(ids + pos + slots + [c for _, _, c, _ in spans] + tables)
+            ids_t, pos_t, slots_t, lens_t = flat[:4 * n].view(4, n)
+            res.sample_logits = self.graphs.run(ids_t, pos_t, slots_t, flat[4 * n:].view(n, width).int(),
+                                                lens_t.int())
             return res
         ctx = PagedAttention(self.cache, self._tensor(slots), spans, self.scale)
         hidden = self.model(self._tensor(ids), self._tensor(pos), ctx)
