@@ -1,0 +1,194 @@
+"""Randomized-Hadamard transforms in Triton, with the scalings QTIP wraps around them fused in.
+
+One launch computes, for every row b of x and every chunk of its last dimension (a block-diagonal
+Hadamard when a tensor-parallel split cuts the dimension into `chunks` pieces):
+
+    y = post ⊙ (alpha · H (pre ⊙ x)) + bias        (H^T instead of H with `transpose`)
+
+where H over a chunk of length CH = k·P (k a special order or 1, P a power of two) is
+(A_k ⊗ S_P)/sqrt(CH) as in `hadamard.hadamard_reference`: the chunk viewed as X [k, P] becomes
+A_k X S_P / sqrt(CH). `pre` is QTIP's SU sign vector, `post` is SV·32, and the output is cast to
+y's dtype, so each side of a QTIP layer is one launch.
+
+How a program computes it (exact float32 throughout):
+* S_P: a butterfly over the row, log2(P) passes of (a+b, a-b), all in registers (Triton moves
+  elements between threads with shuffles or shared memory where a pass crosses them).
+* A_k (k > 1): a program owns 16 rows of A_k's output for one row of x and forms them with tensor
+  cores, X split as hi + lo (hi = X with the low 13 mantissa bits cleared), so two tf32 products
+  with the exactly representable ±1 entries of A_k give float32 accuracy. It is applied first
+  (A_k and S_P act on different axes and commute), so the butterfly runs on the program's rows only.
+
+It can also zero a buffer on the side (`zero`): QTIP's split-K GEMV accumulates into one with
+atomics, and this launch always runs before it.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from .hadamard import hadamard_factor, special_hadamard
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+    tl = None
+
+# Elements of the transformed block a program keeps in registers before it takes 8 warps.
+_WIDE = 4096
+_ZERO_BLOCK = 1024
+
+if triton is not None:
+
+    @triton.jit
+    def _fwht_rows(z, R: tl.constexpr, PP: tl.constexpr, LOGP: tl.constexpr):
+        """Unscaled Walsh-Hadamard transform of the first 2^LOGP columns of each row of z [R, PP]
+        (columns past them stay apart: every pass pairs columns inside aligned blocks)."""
+        for s in tl.static_range(LOGP):
+            z = tl.reshape(z, [R, PP // (2 << s), 2, 1 << s])
+            z = tl.permute(z, (0, 1, 3, 2))
+            a, b = tl.split(z)
+            z = tl.join(a + b, a - b)
+            z = tl.permute(z, (0, 1, 3, 2))
+            z = tl.reshape(z, [R, PP])
+        return z
+
+    @triton.jit
+    def _dot_exact(a, b, acc):
+        """acc + a @ b in float32 accuracy on tensor cores, for `a` exact in tf32 (here ±1 and 0)."""
+        hi = (b.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+        acc = tl.dot(a, hi, acc, input_precision="tf32")
+        return tl.dot(a, b - hi, acc, input_precision="tf32")
+
+    @triton.jit
+    def _hadamard_kernel(
+        x_ptr, pre_ptr, post_ptr, bias_ptr, a_ptr, y_ptr, zero_ptr,
+        B, stride_xb, stride_yb, alpha, zero_per_prog, zero_numel,
+        KS: tl.constexpr, KP: tl.constexpr, P: tl.constexpr, PP: tl.constexpr, LOGP: tl.constexpr,
+        BR: tl.constexpr, IB: tl.constexpr,
+        HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, HAS_BIAS: tl.constexpr, ZERO: tl.constexpr,
+    ):
+        pid_b = tl.program_id(0)
+        ch = tl.program_id(1)
+        pid_i = tl.program_id(2)
+        CH: tl.constexpr = KS * P
+        base = ch * CH
+        cols = tl.arange(0, PP)
+        cmask = cols < P
+        if KS == 1:
+            rows = pid_b * BR + tl.arange(0, BR)
+            rmask = rows < B
+            pos = base + cols
+            msk = rmask[:, None] & cmask[None, :]
+            z = tl.load(x_ptr + rows[:, None] * stride_xb + pos[None, :], mask=msk, other=0.0).to(tl.float32)
+            if HAS_PRE:
+                z = z * tl.load(pre_ptr + pos, mask=cmask, other=0.0).to(tl.float32)[None, :]
+            z = _fwht_rows(z, BR, PP, LOGP)
+            pos2 = pos[None, :] + rows[:, None] * 0
+            yoff = rows[:, None] * stride_yb + pos2
+        else:
+            # one row of x; 16 rows of A_k's output: z = A[rows] @ X, X [KP, PP] in 16-row slices
+            b = pid_b
+            r_out = pid_i * IB + tl.arange(0, IB)
+            z = tl.zeros([IB, PP], tl.float32)
+            for i0 in tl.static_range(0, KP, 16):
+                i = i0 + tl.arange(0, 16)
+                pos = base + i[:, None] * P + cols[None, :]
+                msk = (i < KS)[:, None] & cmask[None, :] & (pos * 0 + b < B)
+                xs = tl.load(x_ptr + b * stride_xb + pos, mask=msk, other=0.0).to(tl.float32)
+                if HAS_PRE:
+                    xs = xs * tl.load(pre_ptr + pos, mask=msk, other=0.0).to(tl.float32)
+                a = tl.load(a_ptr + r_out[:, None] * KP + i[None, :])
+                z = _dot_exact(a, xs, z)
+            z = _fwht_rows(z, IB, PP, LOGP)
+            rmask = (r_out < KS) & (r_out * 0 + b < B)
+            msk = rmask[:, None] & cmask[None, :]
+            pos2 = base + r_out[:, None] * P + cols[None, :]
+            yoff = b * stride_yb + pos2
+        y = z * alpha
+        if HAS_POST:
+            y = y * tl.load(post_ptr + pos2, mask=msk, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            y = y + tl.load(bias_ptr + pos2, mask=msk, other=0.0).to(tl.float32)
+        tl.store(y_ptr + yoff, y.to(y_ptr.dtype.element_ty), mask=msk)
+        if ZERO:
+            lin = (pid_b * tl.num_programs(1) + ch) * tl.num_programs(2) + pid_i
+            z0 = lin * zero_per_prog
+            z1 = tl.minimum(z0 + zero_per_prog, zero_numel)
+            offs = tl.arange(0, 1024)
+            zs = tl.zeros([1024], zero_ptr.dtype.element_ty)
+            for o in range(z0, z1, 1024):
+                tl.store(zero_ptr + o + offs, zs, mask=o + offs < z1)
+
+
+@functools.cache
+def _special_padded(k: int, kp: int, transpose: bool, device: torch.device) -> torch.Tensor:
+    """A_k (or A_k^T) as float32 [kp, kp], zero-padded: the rows/columns past k never contribute."""
+    a = special_hadamard(k).float()
+    a = a.T if transpose else a
+    out = torch.zeros(kp, kp, dtype=torch.float32)
+    out[:k, :k] = a
+    return out.to(device)
+
+
+def plan(ch: int) -> dict:
+    """Compile-time shape of a chunk of length ch: special order k (1 for powers of two), its
+    padding, the power-of-two part P and its padding (≥ 16 when tensor cores apply A_k)."""
+    k = hadamard_factor(ch)
+    p = ch // k
+    kp = 1 if k == 1 else max(16, triton.next_power_of_2(k))
+    pp = p if k == 1 else max(16, p)
+    return dict(KS=k, KP=kp, P=p, PP=pp, LOGP=int(math.log2(p)))
+
+
+def hadamard_transform(x: torch.Tensor, transpose: bool = False, chunks: int = 1, pre: torch.Tensor | None = None,
+                       post: torch.Tensor | None = None, bias: torch.Tensor | None = None, alpha: float = 1.0,
+                       out: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
+                       zero: torch.Tensor | None = None) -> torch.Tensor:
+    """y = post ⊙ (alpha · H(pre ⊙ x)) + bias over the last dim of x [..., N], per chunk of N/chunks
+    (H^T with `transpose`), orthonormal H as in `hadamard_reference`; computed in float32 and
+    written in `out` (or a new tensor of out_dtype, default x's dtype). `zero`, if given, is a
+    contiguous tensor this launch fills with zeros."""
+    n = x.shape[-1]
+    if chunks < 1 or n % chunks:
+        raise ValueError(f"cannot split length {n} into {chunks} chunks")
+    x2 = x.reshape(-1, n)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    B = x2.shape[0]
+    if out is None:
+        out = torch.empty(B, n, dtype=out_dtype or x.dtype, device=x.device)
+    y2 = out.view(B, n)
+    ch = n // chunks
+    pl = plan(ch)
+    k, p = pl["KS"], pl["P"]
+    if k == 1:
+        br = max(1, min(triton.next_power_of_2(max(B, 1)), _WIDE // max(p, 1)))
+        ib, grid = 1, (triton.cdiv(B, br), chunks, 1)
+        elems = br * p
+        amat = y2  # unused
+    else:
+        br, ib = 1, 16
+        grid = (B, chunks, pl["KP"] // ib)
+        elems = ib * pl["PP"] * 2
+        amat = _special_padded(k, pl["KP"], bool(transpose), x.device)
+    nprog = grid[0] * grid[1] * grid[2]
+    if zero is not None:
+        zn = zero.numel()
+        zper = triton.cdiv(zn, nprog)
+        zt = zero
+    else:
+        zn, zper, zt = 0, 0, y2
+    dummy = y2
+    _hadamard_kernel[grid](
+        x2, pre if pre is not None else dummy, post if post is not None else dummy,
+        bias if bias is not None else dummy, amat, y2, zt,
+        B, x2.stride(0), y2.stride(0), float(alpha) / math.sqrt(ch), zper, zn,
+        BR=br, IB=ib, HAS_PRE=pre is not None, HAS_POST=post is not None, HAS_BIAS=bias is not None,
+        ZERO=zero is not None, num_warps=8 if elems > _WIDE else 4, **pl,
+    )
+    return out.view(*x.shape[:-1], n)

@@ -1,0 +1,709 @@
+"""Fused Triton kernels for QTIP layers: trellis decode + GEMV/GEMM, the weight never in memory.
+
+A QTIP layer computes y = (H_m · (Ŵ · (H_nᵀ (x ⊙ SU) / 32))) ⊙ SV·32 (+ bias), Ŵ the decoded codes
+(../shared/specs/qtip.md, `lowbit.kernels.qtip` holds the plain-PyTorch references). A forward is
+three launches: the input transform (`hadamard_triton`, SU and 1/32 fused), one decode kernel
+producing y_raw = xh @ Ŵᵀ in float32, and the output transform (SV·32, bias and the cast fused).
+
+Decode kernels, chosen per (shape, batch) by a cached tuner:
+* `_hyb_gemv_kernel` (batch 1–4, CUDA cores): the published HYB layout (`quantlut_sym`, L=16, V=2,
+  16×16 tiles, K=2/3/4). A thread owns a *unit* = 16 weight pairs of one tile that share the tile
+  rows r8 and r8+8 (t = 16·r8 + 4·q4 + 2·a + b puts state t in row 8b+r8, column pair 4a+q4), whose
+  states are the bits of K consecutive 32-bit words plus the next one: every state is one
+  compile-time funnel shift of two registers. The code is h = s·(s+1); bits 6..14 index a
+  512-entry table of fp16 pairs that the program keeps in shared memory (`tl.gather`), bit 15
+  flips the first value's sign, and the pair meets the matching x pair in two FFMAs. Several batch
+  rows reuse each decoded pair.
+* `_hyb_mma_kernel` (batch 5–64): the same decode into an fp16 Wᵀ tile in registers, multiplied
+  on tensor cores (`tl.dot`) with 16–64 rows of x.
+* `_hyb_dequant_kernel` + cuBLAS: decode Ŵ once to fp16 and `torch.matmul` (prefill sizes).
+* `_gen_*`: every other configuration (1MAD, 3INST, quantlut, lut; any L, V, tile shape): states
+  read with two word loads each, the same three strategies.
+Split-K programs add their partial sums into y_raw with float atomics (the input transform zeroes
+it in the same launch), so no program waits for another.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .hadamard_triton import hadamard_transform
+from .qtip import QTIPParams
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+    tl = None
+
+_MODE_ID = {"quantlut_sym": 0, "quantlut": 1, "lut": 2, "1mad": 3, "3inst": 4}
+
+if triton is not None:
+
+    # ------------------------------------------------------------------------------------------
+    # HYB (kernel layout): unit words -> 16 states -> values
+    # ------------------------------------------------------------------------------------------
+
+    @triton.jit
+    def _pick(w0, w1, w2, w3, w4, c: tl.constexpr):
+        if c == 0:
+            r = w0
+        elif c == 1:
+            r = w1
+        elif c == 2:
+            r = w2
+        elif c == 3:
+            r = w3
+        else:
+            r = w4
+        return r
+
+    @triton.jit
+    def _hyb_state(w0, w1, w2, w3, w4, v: tl.constexpr, K: tl.constexpr):
+        """State of slot v = 8·b + pc of a unit from its big-endian 32-bit words w0..wK (wK: the
+        next unit's first word). Slot v is pair t = 16·r8 + 4·(pc % 4) + 2·(pc // 4) + b, i.e.
+        unit bit offset 2K·(4·(pc % 4) + 2·(pc // 4) + b). Bits above the low 16 are left in:
+        the code only reads h = s·(s+1) mod 2^16, which they cannot change."""
+        b: tl.constexpr = v // 8
+        pc: tl.constexpr = v % 8
+        p: tl.constexpr = 2 * K * (4 * (pc % 4) + 2 * (pc // 4) + b)
+        c: tl.constexpr = p // 32
+        off: tl.constexpr = p % 32
+        lo = _pick(w0, w1, w2, w3, w4, c)
+        if off <= 16:
+            s = lo >> (16 - off)
+        else:
+            hi = _pick(w0, w1, w2, w3, w4, c + 1)
+            s = (lo << (off - 16)) | (hi >> (48 - off))
+        return s
+
+    @triton.jit
+    def _j8(s0, s1, s2, s3, s4, s5, s6, s7):
+        """[..., 2, 2, 2] with [..., e1, e2, e3] = s_{4·e1 + 2·e2 + e3} (joins keep all in-thread)."""
+        return tl.join(tl.join(tl.join(s0, s4), tl.join(s2, s6)), tl.join(tl.join(s1, s5), tl.join(s3, s7)))
+
+    @triton.jit
+    def _hyb_states(w0, w1, w2, w3, w4, K: tl.constexpr):
+        """The unit's 16 states as [..., 2 (b), 2, 2, 2 (pc = 4·e2 + 2·e3 + e4)]."""
+        r0 = _j8(_hyb_state(w0, w1, w2, w3, w4, 0, K), _hyb_state(w0, w1, w2, w3, w4, 1, K),
+                 _hyb_state(w0, w1, w2, w3, w4, 2, K), _hyb_state(w0, w1, w2, w3, w4, 3, K),
+                 _hyb_state(w0, w1, w2, w3, w4, 4, K), _hyb_state(w0, w1, w2, w3, w4, 5, K),
+                 _hyb_state(w0, w1, w2, w3, w4, 6, K), _hyb_state(w0, w1, w2, w3, w4, 7, K))
+        r1 = _j8(_hyb_state(w0, w1, w2, w3, w4, 8, K), _hyb_state(w0, w1, w2, w3, w4, 9, K),
+                 _hyb_state(w0, w1, w2, w3, w4, 10, K), _hyb_state(w0, w1, w2, w3, w4, 11, K),
+                 _hyb_state(w0, w1, w2, w3, w4, 12, K), _hyb_state(w0, w1, w2, w3, w4, 13, K),
+                 _hyb_state(w0, w1, w2, w3, w4, 14, K), _hyb_state(w0, w1, w2, w3, w4, 15, K))
+        return tl.permute(tl.join(r0, r1), (0, 1, 2, 6, 3, 4, 5))
+
+    @triton.jit
+    def _be(d):
+        """Little-endian int32 (two 16-bit words, the first in the low half) -> big-endian uint32."""
+        u = d.to(tl.uint32, bitcast=True)
+        return (u << 16) | (u >> 16)
+
+    @triton.jit
+    def _hyb_unit_words(codes_ptr, unit, r8, msk, K: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr):
+        """Big-endian words w0..wK of units [BI, BJ, 8] (dword offset unit·K in the int32 view of
+        the codes; wK is the next unit's first word, the tile's first for r8 = 7)."""
+        off = unit * K
+        if K == 2:
+            d = tl.load(codes_ptr + off[:, :, :, None] + tl.arange(0, 2)[None, None, None, :],
+                        mask=msk[:, :, :, None], other=0)
+            d0, d1 = tl.split(d)
+            w0 = _be(d0)
+            w1 = _be(d1)
+            w2 = w1
+            w3 = w1
+        elif K == 4:
+            d = tl.load(codes_ptr + off[:, :, :, None] + tl.arange(0, 4)[None, None, None, :],
+                        mask=msk[:, :, :, None], other=0)
+            e0, e1 = tl.split(tl.reshape(d, [BI, BJ, 8, 2, 2]))
+            d0, d2 = tl.split(e0)
+            d1, d3 = tl.split(e1)
+            w0 = _be(d0)
+            w1 = _be(d1)
+            w2 = _be(d2)
+            w3 = _be(d3)
+        else:
+            w0 = _be(tl.load(codes_ptr + off, mask=msk, other=0))
+            w1 = _be(tl.load(codes_ptr + off + 1, mask=msk, other=0))
+            w2 = _be(tl.load(codes_ptr + off + 2, mask=msk, other=0))
+            w3 = w2
+        nxt = tl.where(r8 == 7, off - 7 * K, off + K)
+        wn = _be(tl.load(codes_ptr + nxt, mask=msk, other=0))
+        if K == 2:
+            w2 = wn
+        elif K == 3:
+            w3 = wn
+        return w0, w1, w2, w3, wn
+
+    @triton.jit
+    def _hyb_decode(codes_ptr, lut, lut_ptr, unit, r8, msk, K: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr,
+                    LUT_SMEM: tl.constexpr):
+        """Values (v0, v1) float32 [BI, BJ, 8, 2, 2, 2, 2] of the units' 16 pairs."""
+        w0, w1, w2, w3, w4 = _hyb_unit_words(codes_ptr, unit, r8, msk, K, BI, BJ)
+        s = _hyb_states(w0, w1, w2, w3, w4, K)
+        h = s * s + s
+        idx = ((h >> 6) & 511).to(tl.int32)
+        if LUT_SMEM:
+            pk = tl.reshape(tl.gather(lut, tl.reshape(idx, [BI * BJ * 128]), 0), [BI, BJ, 8, 2, 2, 2, 2])
+        else:
+            pk = tl.load(lut_ptr + idx)
+        pk = pk ^ (h & 0x8000).to(tl.int32)
+        v0 = (pk & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+        v1 = ((pk >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+        return v0, v1
+
+    @triton.jit
+    def _hyb_x(x_ptr, row, col0, jmask, BI: tl.constexpr, BJ: tl.constexpr):
+        """x pairs (x0, x1) [1 or BI, BJ, 8, 1, 2, 2, 2] of tile columns: x0[pc] = x[16j + 2pc],
+        x1[pc] = x[16j + 2pc + 1], loaded as four 16-byte quads per thread."""
+        base = x_ptr + row + col0[None, :, None, None] + tl.arange(0, 4)[None, None, None, :]
+        m = jmask[None, :, None, None]
+        shp: tl.constexpr = [1, BJ, 8, 4]
+        q0 = tl.load(tl.broadcast_to(base, shp), mask=tl.broadcast_to(m, shp), other=0.0).to(tl.float32)
+        q1 = tl.load(tl.broadcast_to(base + 4, shp), mask=tl.broadcast_to(m, shp), other=0.0).to(tl.float32)
+        q2 = tl.load(tl.broadcast_to(base + 8, shp), mask=tl.broadcast_to(m, shp), other=0.0).to(tl.float32)
+        q3 = tl.load(tl.broadcast_to(base + 12, shp), mask=tl.broadcast_to(m, shp), other=0.0).to(tl.float32)
+        # quad q = (x0[2q], x1[2q], x0[2q+1], x1[2q+1])
+        a0, b0 = tl.split(tl.reshape(q0, [1, BJ, 8, 2, 2]))
+        a1, b1 = tl.split(tl.reshape(q1, [1, BJ, 8, 2, 2]))
+        a2, b2 = tl.split(tl.reshape(q2, [1, BJ, 8, 2, 2]))
+        a3, b3 = tl.split(tl.reshape(q3, [1, BJ, 8, 2, 2]))
+        e0, e1 = tl.split(a0)
+        e2, e3 = tl.split(a1)
+        e4, e5 = tl.split(a2)
+        e6, e7 = tl.split(a3)
+        o0, o1 = tl.split(b0)
+        o2, o3 = tl.split(b1)
+        o4, o5 = tl.split(b2)
+        o6, o7 = tl.split(b3)
+        x0 = tl.expand_dims(_j8(e0, e1, e2, e3, e4, e5, e6, e7), 3)
+        x1 = tl.expand_dims(_j8(o0, o1, o2, o3, o4, o5, o6, o7), 3)
+        return x0, x1
+
+    @triton.jit
+    def _rows_out(acc, BI: tl.constexpr):
+        """acc [BI, BJ, 8, 2, 2, 2, 2] -> per-row sums [BI·16] in row order 16·i + 8·b + r8."""
+        y = tl.sum(tl.sum(tl.sum(tl.sum(acc, 6), 5), 4), 1)  # [BI, 8 (r8), 2 (b)]
+        return tl.reshape(tl.permute(y, (0, 2, 1)), [BI * 16])
+
+    @triton.jit
+    def _put(y_ptr, off, val, msk, ATOMIC: tl.constexpr):
+        if ATOMIC:
+            tl.atomic_add(y_ptr + off, val, mask=msk, sem="relaxed")
+        else:
+            tl.store(y_ptr + off, val, mask=msk)
+
+    @triton.jit
+    def _hyb_gemv_kernel(
+        x_ptr, codes_ptr, lut_ptr, y_ptr,
+        TM, TN, B, stride_xb, stride_yb, tiles_per_split,
+        K: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr, BB: tl.constexpr,
+        LUT_SMEM: tl.constexpr, ATOMIC: tl.constexpr,
+    ):
+        """y[b, rows] (+)= xh[b] · Ŵ[rows]ᵀ for BB ≤ 4 rows of x, BI tile rows, tile columns
+        [pid_k·tiles_per_split, +tiles_per_split) in steps of BJ."""
+        pid_m = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        pid_b = tl.program_id(2)
+        i = pid_m * BI + tl.arange(0, BI)
+        r8 = tl.arange(0, 8)
+        lut = tl.load(lut_ptr + tl.arange(0, 512))
+        b0 = pid_b * BB
+        shp: tl.constexpr = [BI, BJ, 8, 2, 2, 2, 2]
+        acc0 = tl.zeros(shp, tl.float32)
+        acc1 = tl.zeros(shp, tl.float32)
+        acc2 = tl.zeros(shp, tl.float32)
+        acc3 = tl.zeros(shp, tl.float32)
+        t0 = pid_k * tiles_per_split
+        t1 = tl.minimum(t0 + tiles_per_split, TN)
+        for j0 in range(t0, t1, BJ):
+            j = j0 + tl.arange(0, BJ)
+            jmask = j < t1
+            tile = i[:, None] * TN + j[None, :]
+            unit = tile[:, :, None] * 8 + r8[None, None, :]
+            msk = (i < TM)[:, None, None] & jmask[None, :, None] & (r8 < 8)[None, None, :]
+            v0, v1 = _hyb_decode(codes_ptr, lut, lut_ptr, unit, r8[None, None, :] + unit * 0, msk, K, BI, BJ, LUT_SMEM)
+            col0 = j * 16
+            x0, x1 = _hyb_x(x_ptr, b0 * stride_xb, col0, jmask, BI, BJ)
+            acc0 = tl.fma(v0, x0, acc0)
+            acc0 = tl.fma(v1, x1, acc0)
+            if BB > 1:
+                x0, x1 = _hyb_x(x_ptr, (b0 + 1) * stride_xb, col0, jmask & (j * 0 + b0 + 1 < B), BI, BJ)
+                acc1 = tl.fma(v0, x0, acc1)
+                acc1 = tl.fma(v1, x1, acc1)
+            if BB > 2:
+                x0, x1 = _hyb_x(x_ptr, (b0 + 2) * stride_xb, col0, jmask & (j * 0 + b0 + 2 < B), BI, BJ)
+                acc2 = tl.fma(v0, x0, acc2)
+                acc2 = tl.fma(v1, x1, acc2)
+            if BB > 3:
+                x0, x1 = _hyb_x(x_ptr, (b0 + 3) * stride_xb, col0, jmask & (j * 0 + b0 + 3 < B), BI, BJ)
+                acc3 = tl.fma(v0, x0, acc3)
+                acc3 = tl.fma(v1, x1, acc3)
+        rows = pid_m * BI * 16 + tl.arange(0, BI * 16)
+        rmask = rows < TM * 16
+        _put(y_ptr, b0 * stride_yb + rows, _rows_out(acc0, BI), rmask, ATOMIC)
+        if BB > 1:
+            _put(y_ptr, (b0 + 1) * stride_yb + rows, _rows_out(acc1, BI), rmask & (rows * 0 + b0 + 1 < B), ATOMIC)
+        if BB > 2:
+            _put(y_ptr, (b0 + 2) * stride_yb + rows, _rows_out(acc2, BI), rmask & (rows * 0 + b0 + 2 < B), ATOMIC)
+        if BB > 3:
+            _put(y_ptr, (b0 + 3) * stride_yb + rows, _rows_out(acc3, BI), rmask & (rows * 0 + b0 + 3 < B), ATOMIC)
+
+    @triton.jit
+    def _hyb_values16(codes_ptr, lut, lut_ptr, unit, r8, msk, K: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr,
+                      LUT_SMEM: tl.constexpr):
+        """The units' values as fp16 [BI, BJ, 8, 2 (b), 2, 2, 2 (pc), 2 (c)] (no float32 detour)."""
+        w0, w1, w2, w3, w4 = _hyb_unit_words(codes_ptr, unit, r8, msk, K, BI, BJ)
+        s = _hyb_states(w0, w1, w2, w3, w4, K)
+        h = s * s + s
+        idx = ((h >> 6) & 511).to(tl.int32)
+        if LUT_SMEM:
+            pk = tl.reshape(tl.gather(lut, tl.reshape(idx, [BI * BJ * 128]), 0), [BI, BJ, 8, 2, 2, 2, 2])
+        else:
+            pk = tl.load(lut_ptr + idx)
+        pk = pk ^ (h & 0x8000).to(tl.int32)
+        v0 = (pk & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True)
+        v1 = ((pk >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True)
+        return tl.join(v0, v1)
+
+    @triton.jit
+    def _hyb_mma_kernel(
+        x_ptr, codes_ptr, lut_ptr, y_ptr,
+        TM, TN, B, stride_xb, stride_yb, tiles_per_split,
+        K: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr, BB: tl.constexpr,
+        LUT_SMEM: tl.constexpr, ATOMIC: tl.constexpr,
+    ):
+        """Tensor cores: y[BB rows, 16·BI] (+)= x[BB, 16·BJ] (fp16) @ Ŵᵀ tile (decoded to fp16)."""
+        pid_m = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        pid_b = tl.program_id(2)
+        i = pid_m * BI + tl.arange(0, BI)
+        r8 = tl.arange(0, 8)
+        lut = tl.load(lut_ptr + tl.arange(0, 512))
+        bv = pid_b * BB + tl.arange(0, BB)
+        bmask = bv < B
+        acc = tl.zeros([BB, BI * 16], tl.float32)
+        t0 = pid_k * tiles_per_split
+        t1 = tl.minimum(t0 + tiles_per_split, TN)
+        for j0 in range(t0, t1, BJ):
+            j = j0 + tl.arange(0, BJ)
+            jmask = j < t1
+            tile = i[:, None] * TN + j[None, :]
+            unit = tile[:, :, None] * 8 + r8[None, None, :]
+            msk = (i < TM)[:, None, None] & jmask[None, :, None] & (r8 < 8)[None, None, :]
+            w = _hyb_values16(codes_ptr, lut, lut_ptr, unit, r8[None, None, :] + unit * 0, msk, K, BI, BJ, LUT_SMEM)
+            wt = tl.reshape(tl.permute(w, (1, 4, 5, 6, 7, 0, 3, 2)), [BJ * 16, BI * 16])
+            cols = j0 * 16 + tl.arange(0, BJ * 16)
+            xt = tl.load(x_ptr + bv[:, None] * stride_xb + cols[None, :],
+                         mask=bmask[:, None] & (cols < t1 * 16)[None, :], other=0.0)
+            acc = tl.dot(xt.to(tl.float16), wt, acc)
+        rows = pid_m * BI * 16 + tl.arange(0, BI * 16)
+        _put(y_ptr, bv[:, None] * stride_yb + rows[None, :], acc, bmask[:, None] & (rows < TM * 16)[None, :], ATOMIC)
+
+    @triton.jit
+    def _hyb_dequant_kernel(codes_ptr, lut_ptr, w_ptr, TM, TN, stride_w,
+                            K: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr):
+        """Ŵ [16·TM, 16·TN] in w_ptr's dtype, BI×BJ tiles per program."""
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        i = pid_m * BI + tl.arange(0, BI)
+        j = pid_n * BJ + tl.arange(0, BJ)
+        r8 = tl.arange(0, 8)
+        lut = tl.load(lut_ptr + tl.arange(0, 512))
+        tile = i[:, None] * TN + j[None, :]
+        unit = tile[:, :, None] * 8 + r8[None, None, :]
+        msk = (i < TM)[:, None, None] & (j < TN)[None, :, None] & (r8 < 8)[None, None, :]
+        w = _hyb_values16(codes_ptr, lut, lut_ptr, unit, r8[None, None, :] + unit * 0, msk, K, BI, BJ, True)
+        w = tl.reshape(tl.permute(w, (0, 3, 2, 1, 4, 5, 6, 7)), [BI * 16, BJ * 16])
+        rows = pid_m * BI * 16 + tl.arange(0, BI * 16)
+        cols = pid_n * BJ * 16 + tl.arange(0, BJ * 16)
+        tl.store(w_ptr + rows[:, None] * stride_w + cols[None, :], w.to(w_ptr.dtype.element_ty),
+                 mask=(rows < TM * 16)[:, None] & (cols < TN * 16)[None, :])
+
+    # ------------------------------------------------------------------------------------------
+    # Generic layout: any (L, K, V, td_x, td_y, tlut_bits, decode mode)
+    # ------------------------------------------------------------------------------------------
+
+    @triton.jit
+    def _gen_bits(codes_ptr, base, q, ln, W, msk):
+        """`ln` (1..16) stream bits from bit q of the tile whose words start at `base`, as int64."""
+        j = q // 16
+        off = q % 16
+        w0 = tl.load(codes_ptr + base + j, mask=msk, other=0).to(tl.int64) & 0xFFFF
+        w1 = tl.load(codes_ptr + base + j + 1, mask=msk & (j + 1 < W), other=0).to(tl.int64) & 0xFFFF
+        return (((w0 << 16) | w1) >> (32 - off - ln)) & ((1 << ln) - 1)
+
+    @triton.jit
+    def _gen_values(codes_ptr, tlut_ptr, r, c, msk, TN,
+                    L: tl.constexpr, K: tl.constexpr, V: tl.constexpr, TDX: tl.constexpr, TDY: tl.constexpr,
+                    W: tl.constexpr, SB: tl.constexpr, TB: tl.constexpr, MODE: tl.constexpr):
+        """Decoded values float32 of weights (rows r, cols c) (broadcastable index tensors)."""
+        tile = (r // TDX) * TN + (c // TDY)
+        e = (r % TDX) * TDY + (c % TDY)
+        t = e // V
+        comp = e % V
+        p = t * (K * V)
+        base = tile.to(tl.int64) * W
+        hl = tl.minimum(SB - p, L)  # stream bits left before the wrap
+        rl = tl.maximum(L - hl, 1)
+        first = _gen_bits(codes_ptr, base, p, hl, W, msk)
+        wrapped = (first << (L - hl)) | _gen_bits(codes_ptr, base, p * 0, rl, W, msk)
+        s = tl.where(hl < L, wrapped, first)
+        if MODE == 0 or MODE == 1:
+            h = s * (s + 1)
+            if MODE == 0:
+                idx = (h >> (15 - TB)) & ((1 << TB) - 1)
+            else:
+                idx = (h >> (16 - TB)) & ((1 << TB) - 1)
+            val = tl.load(tlut_ptr + idx * V + comp, mask=msk, other=0.0).to(tl.float32)
+            if MODE == 0:
+                val = tl.where((comp == 0) & (((h >> 15) & 1) == 1), -val, val)
+        elif MODE == 2:
+            val = tl.load(tlut_ptr + s * V + comp, mask=msk, other=0.0).to(tl.float32)
+        elif MODE == 3:
+            x = (s * 34038481 + 76625530) & 0xFFFFFFFF
+            tot = (x & 255) + ((x >> 8) & 255) + ((x >> 16) & 255) + (x >> 24)
+            val = (tot - 510).to(tl.float32) / 147.800537109375
+        else:
+            x = (s * 89226354 + 64248484) & 0xFFFFFFFF
+            rr = (x & 0x8FFF8FFF) ^ 996162400
+            hi = (rr >> 16).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+            lo = (rr & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+            val = (hi + lo).to(tl.float16).to(tl.float32)  # exact float32 sum, rounded once to fp16
+        return val
+
+    @triton.jit
+    def _gen_gemv_kernel(
+        x_ptr, codes_ptr, tlut_ptr, y_ptr,
+        M, N, TN, B, stride_xb, stride_yb, cols_per_split,
+        L: tl.constexpr, K: tl.constexpr, V: tl.constexpr, TDX: tl.constexpr, TDY: tl.constexpr,
+        W: tl.constexpr, SB: tl.constexpr, TB: tl.constexpr, MODE: tl.constexpr,
+        BM: tl.constexpr, BK: tl.constexpr, BB: tl.constexpr, ATOMIC: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        pid_b = tl.program_id(2)
+        rows = pid_m * BM + tl.arange(0, BM)
+        rmask = rows < M
+        b0 = pid_b * BB
+        acc0 = tl.zeros([BM, BK], tl.float32)
+        acc1 = tl.zeros([BM, BK], tl.float32)
+        acc2 = tl.zeros([BM, BK], tl.float32)
+        acc3 = tl.zeros([BM, BK], tl.float32)
+        c0 = pid_k * cols_per_split
+        c1 = tl.minimum(c0 + cols_per_split, N)
+        for k0 in range(c0, c1, BK):
+            cols = k0 + tl.arange(0, BK)
+            cmask = cols < c1
+            w = _gen_values(codes_ptr, tlut_ptr, rows[:, None], cols[None, :], rmask[:, None] & cmask[None, :], TN,
+                            L, K, V, TDX, TDY, W, SB, TB, MODE)
+            acc0 += w * tl.load(x_ptr + b0 * stride_xb + cols, mask=cmask, other=0.0)[None, :]
+            if BB > 1:
+                acc1 += w * tl.load(x_ptr + (b0 + 1) * stride_xb + cols, mask=cmask & (cols * 0 + b0 + 1 < B),
+                                    other=0.0)[None, :]
+            if BB > 2:
+                acc2 += w * tl.load(x_ptr + (b0 + 2) * stride_xb + cols, mask=cmask & (cols * 0 + b0 + 2 < B),
+                                    other=0.0)[None, :]
+            if BB > 3:
+                acc3 += w * tl.load(x_ptr + (b0 + 3) * stride_xb + cols, mask=cmask & (cols * 0 + b0 + 3 < B),
+                                    other=0.0)[None, :]
+        _put(y_ptr, b0 * stride_yb + rows, tl.sum(acc0, 1), rmask, ATOMIC)
+        if BB > 1:
+            _put(y_ptr, (b0 + 1) * stride_yb + rows, tl.sum(acc1, 1), rmask & (rows * 0 + b0 + 1 < B), ATOMIC)
+        if BB > 2:
+            _put(y_ptr, (b0 + 2) * stride_yb + rows, tl.sum(acc2, 1), rmask & (rows * 0 + b0 + 2 < B), ATOMIC)
+        if BB > 3:
+            _put(y_ptr, (b0 + 3) * stride_yb + rows, tl.sum(acc3, 1), rmask & (rows * 0 + b0 + 3 < B), ATOMIC)
+
+    @triton.jit
+    def _gen_mma_kernel(
+        x_ptr, codes_ptr, tlut_ptr, y_ptr,
+        M, N, TN, B, stride_xb, stride_yb, cols_per_split,
+        L: tl.constexpr, K: tl.constexpr, V: tl.constexpr, TDX: tl.constexpr, TDY: tl.constexpr,
+        W: tl.constexpr, SB: tl.constexpr, TB: tl.constexpr, MODE: tl.constexpr,
+        BM: tl.constexpr, BK: tl.constexpr, BB: tl.constexpr, ATOMIC: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        pid_b = tl.program_id(2)
+        rows = pid_m * BM + tl.arange(0, BM)
+        rmask = rows < M
+        bv = pid_b * BB + tl.arange(0, BB)
+        bmask = bv < B
+        acc = tl.zeros([BB, BM], tl.float32)
+        c0 = pid_k * cols_per_split
+        c1 = tl.minimum(c0 + cols_per_split, N)
+        for k0 in range(c0, c1, BK):
+            cols = k0 + tl.arange(0, BK)
+            cmask = cols < c1
+            wt = _gen_values(codes_ptr, tlut_ptr, rows[None, :], cols[:, None], cmask[:, None] & rmask[None, :], TN,
+                             L, K, V, TDX, TDY, W, SB, TB, MODE)
+            xt = tl.load(x_ptr + bv[:, None] * stride_xb + cols[None, :], mask=bmask[:, None] & cmask[None, :],
+                         other=0.0)
+            acc = tl.dot(xt.to(tl.float16), wt.to(tl.float16), acc)
+        _put(y_ptr, bv[:, None] * stride_yb + rows[None, :], acc, bmask[:, None] & rmask[None, :], ATOMIC)
+
+    @triton.jit
+    def _gen_dequant_kernel(
+        codes_ptr, tlut_ptr, w_ptr, M, N, TN, stride_w,
+        L: tl.constexpr, K: tl.constexpr, V: tl.constexpr, TDX: tl.constexpr, TDY: tl.constexpr,
+        W: tl.constexpr, SB: tl.constexpr, TB: tl.constexpr, MODE: tl.constexpr,
+        BM: tl.constexpr, BK: tl.constexpr,
+    ):
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        cols = tl.program_id(1) * BK + tl.arange(0, BK)
+        msk = (rows < M)[:, None] & (cols < N)[None, :]
+        w = _gen_values(codes_ptr, tlut_ptr, rows[:, None], cols[None, :], msk, TN, L, K, V, TDX, TDY, W, SB, TB, MODE)
+        tl.store(w_ptr + rows[:, None] * stride_w + cols[None, :], w.to(w_ptr.dtype.element_ty), mask=msk)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch choices and the cached tuner
+# ----------------------------------------------------------------------------------------------
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@dataclass(frozen=True)
+class QTIPConfig:
+    """One launch choice. kind: "gemv" (CUDA cores, ≤ 4 rows of x per program), "mma" (tensor
+    cores, bb ≥ 16 rows) or "dequant" (decode Ŵ to fp16, then cuBLAS).
+
+    rows × cols: weights a program covers per step (multiples of 16: whole trellis tiles for HYB),
+    split_k: programs along the input, lut_smem: HYB table in shared memory (else read via L1)."""
+    kind: str
+    rows: int = 16
+    cols: int = 256
+    bb: int = 1
+    split_k: int = 1
+    num_warps: int = 4
+    lut_smem: bool = True
+
+    def __str__(self) -> str:
+        if self.kind == "dequant":
+            return "dequant+cuBLAS"
+        lut = "" if self.lut_smem else " lut=L1"
+        return f"{self.kind} {self.rows}x{self.cols} bb={self.bb} s{self.split_k} w{self.num_warps}{lut}"
+
+
+def _hyb(p: QTIPParams) -> bool:
+    return p.kernel_layout
+
+
+def _steps(layer, cfg: QTIPConfig) -> tuple[int, int]:
+    """(units of the input dim a split owns, number of splits): HYB counts tile columns, generic
+    counts input columns; a split owns a whole number of steps."""
+    p = layer.params
+    if _hyb(p):
+        total, step = layer.in_features // 16, cfg.cols // 16
+    else:
+        total, step = layer.in_features, cfg.cols
+    steps = triton.cdiv(total, step)
+    per = triton.cdiv(steps, max(1, min(cfg.split_k, steps))) * step
+    return per, triton.cdiv(total, per)
+
+
+def _gen_consts(p: QTIPParams) -> dict:
+    return dict(L=p.L, K=p.K, V=p.V, TDX=p.td_x, TDY=p.td_y, W=p.words_per_tile, SB=p.stream_bits,
+                TB=p.tlut_bits, MODE=_MODE_ID[p.decode_mode])
+
+
+def _lut32(layer) -> torch.Tensor:
+    """HYB table [512, 2] fp16 as 512 int32 (value 0 in the low half)."""
+    return layer.tlut.view(torch.int32).reshape(-1)
+
+
+def decode_matmul(layer, xh: torch.Tensor, cfg: QTIPConfig, out: torch.Tensor) -> torch.Tensor:
+    """out [B, m] (float32) = xh [B, n] @ Ŵᵀ with a fused kernel. With cfg's split > 1 the splits
+    add into `out` atomically, so it must hold zeros (see `splits`)."""
+    p = layer.params
+    m, n = layer.out_features, layer.in_features
+    B = xh.shape[0]
+    per, split = _steps(layer, cfg)
+    atomic = split > 1
+    bb = cfg.bb
+    grid_b = triton.cdiv(B, bb)
+    common = dict(num_warps=cfg.num_warps, ATOMIC=atomic)
+    if _hyb(p):
+        bi, bj = cfg.rows // 16, cfg.cols // 16
+        grid = (triton.cdiv(m // 16, bi), split, grid_b)
+        kern = _hyb_gemv_kernel if cfg.kind == "gemv" else _hyb_mma_kernel
+        kern[grid](xh, layer.codes.view(torch.int32), _lut32(layer), out, m // 16, n // 16, B,
+                   xh.stride(0), out.stride(0), per, K=p.K, BI=bi, BJ=bj, BB=bb, LUT_SMEM=cfg.lut_smem, **common)
+    else:
+        tlut = layer.tlut if layer.tlut is not None else layer.codes
+        grid = (triton.cdiv(m, cfg.rows), split, grid_b)
+        kern = _gen_gemv_kernel if cfg.kind == "gemv" else _gen_mma_kernel
+        kern[grid](xh, layer.codes, tlut, out, m, n, n // p.td_y, B, xh.stride(0), out.stride(0), per,
+                   BM=cfg.rows, BK=cfg.cols, BB=bb, **_gen_consts(p), **common)
+    return out
+
+
+def dequantize_codes(layer, dtype=torch.float16, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Ŵ [m, n] decoded by a Triton kernel (the decoded code matrix, before SU/SV and Hadamards)."""
+    p = layer.params
+    m, n = layer.out_features, layer.in_features
+    if out is None:
+        out = torch.empty(m, n, dtype=dtype, device=layer.codes.device)
+    if _hyb(p):
+        bi, bj = 2, 4
+        _hyb_dequant_kernel[(triton.cdiv(m // 16, bi), triton.cdiv(n // 16, bj))](
+            layer.codes.view(torch.int32), _lut32(layer), out, m // 16, n // 16, out.stride(0), K=p.K, BI=bi, BJ=bj)
+    else:
+        bm, bk = 32, 64
+        tlut = layer.tlut if layer.tlut is not None else layer.codes
+        _gen_dequant_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bk))](
+            layer.codes, tlut, out, m, n, n // p.td_y, out.stride(0), BM=bm, BK=bk, **_gen_consts(p))
+    return out
+
+
+def _chunks(layer, side: int) -> int:
+    return layer.tp_rank if layer.rcp == side else 1
+
+
+def run_config(layer, x2: torch.Tensor, cfg: QTIPConfig, out: torch.Tensor | None = None) -> torch.Tensor:
+    """y = layer(x2) for x2 [B, n]: input transform, decode kernel(s), output transform."""
+    m = layer.out_features
+    B = x2.shape[0]
+    if out is None:
+        out = torch.empty(B, m, dtype=x2.dtype, device=x2.device)
+    if cfg.kind == "dequant":
+        xh = hadamard_transform(x2, transpose=True, chunks=_chunks(layer, 1), pre=layer.SU, alpha=1 / 32,
+                                out_dtype=torch.float16)
+        y_raw = torch.matmul(xh, dequantize_codes(layer, torch.float16).T)
+    else:
+        atomic = _steps(layer, cfg)[1] > 1
+        y_raw = torch.empty(B, m, dtype=torch.float32, device=x2.device)
+        xh = hadamard_transform(x2, transpose=True, chunks=_chunks(layer, 1), pre=layer.SU, alpha=1 / 32,
+                                out_dtype=torch.float32, zero=y_raw if atomic else None)
+        decode_matmul(layer, xh, cfg, y_raw)
+    return hadamard_transform(y_raw, transpose=False, chunks=_chunks(layer, 2), post=layer.SV, alpha=32.0,
+                              bias=layer.bias, out=out)
+
+
+def _num_sms(device) -> int:
+    if device.type != "cuda":
+        return 132
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _split_for(ctas: int, steps: int, sms: int, want: int = 3) -> int:
+    """Smallest power-of-two split giving about `want` programs per SM, each keeping ≥ 2 steps."""
+    split = 1
+    while ctas * split < want * sms and steps // (split * 2) >= 2:
+        split *= 2
+    return split
+
+
+def _shape_of(layer) -> tuple[int, int, int]:
+    """(m, n, input step granularity) of a layer."""
+    return layer.out_features, layer.in_features, 16 if _hyb(layer.params) else 1
+
+
+def heuristic_config(layer, batch: int, device) -> QTIPConfig:
+    """A reasonable launch without timing (CPU interpreter, first use inside graph capture)."""
+    m, n, _ = _shape_of(layer)
+    sms = _num_sms(device)
+    if batch > 64:
+        return QTIPConfig("dequant")
+    hyb = _hyb(layer.params)
+    if batch <= 4:
+        rows, cols = (16, 256) if hyb else (32, 64)
+        bb = 1 if batch == 1 else (2 if batch == 2 else 4)
+        ctas = triton.cdiv(m, rows) * triton.cdiv(batch, bb)
+        return QTIPConfig("gemv", rows, cols, bb, _split_for(ctas, n // cols, sms))
+    bb = max(16, min(64, triton.next_power_of_2(batch)))
+    rows, cols = 64, 64
+    ctas = triton.cdiv(m, rows) * triton.cdiv(batch, bb)
+    return QTIPConfig("mma", rows, cols, bb, _split_for(ctas, n // cols, sms))
+
+
+def candidate_configs(layer, batch: int, device) -> list[QTIPConfig]:
+    """What the tuner times for one (shape, batch): few tile shapes (each is a compile), splits
+    around the heuristic (a run-time value, free to vary)."""
+    m, n, _ = _shape_of(layer)
+    sms = _num_sms(device)
+    hyb = _hyb(layer.params)
+    cands: list[QTIPConfig] = []
+    if batch <= 4:
+        bb = 1 if batch == 1 else (2 if batch == 2 else 4)
+        tiles = [(16, 256, 4, True), (32, 256, 4, True), (16, 512, 8, True)] if hyb else [(32, 64, 4, True)]
+        if hyb and batch == 1:
+            tiles.append((16, 256, 4, False))
+        for rows, cols, warps, smem in tiles:
+            ctas = triton.cdiv(m, rows) * triton.cdiv(batch, bb)
+            s0 = _split_for(ctas, n // cols, sms)
+            for s in sorted({max(1, s0 // 2), s0, 2 * s0}):
+                cands.append(QTIPConfig("gemv", rows, cols, bb, s, warps, smem))
+    if batch >= 2:
+        bb = max(16, min(64, triton.next_power_of_2(batch)))
+        for rows, cols in ((64, 64), (128, 64)):
+            ctas = triton.cdiv(m, rows) * triton.cdiv(batch, bb)
+            s0 = _split_for(ctas, n // cols, sms, want=2)
+            for s in sorted({max(1, s0 // 2), s0}):
+                cands.append(QTIPConfig("mma", rows, cols, bb, s, 4))
+    if batch >= 16:
+        cands.append(QTIPConfig("dequant"))
+    return cands
+
+
+_TUNED: dict[tuple, QTIPConfig] = {}
+
+
+def _batch_bucket(b: int) -> int:
+    return triton.next_power_of_2(b) if b <= 64 else 128
+
+
+def tune_key(layer, batch: int, dtype) -> tuple:
+    p = layer.params
+    return (p, layer.out_features, layer.in_features, layer.rcp, layer.tp_rank, _batch_bucket(batch), str(dtype))
+
+
+def tune(layer, x2: torch.Tensor, cands=None, rep_ms: int = 20) -> tuple[QTIPConfig, list]:
+    """Time every candidate on the whole layer (both transforms included; L2 flushed between runs
+    by do_bench), cache the fastest."""
+    from triton.testing import do_bench
+
+    cands = cands or candidate_configs(layer, x2.shape[0], x2.device)
+    out = torch.empty(x2.shape[0], layer.out_features, dtype=x2.dtype, device=x2.device)
+    timings = []
+    for cfg in cands:
+        try:
+            t = do_bench(lambda cfg=cfg: run_config(layer, x2, cfg, out), warmup=5, rep=rep_ms, return_mode="median")
+        except Exception as e:  # a config that does not compile (registers, shared memory) is skipped
+            timings.append((cfg, float("inf"), repr(e)[:200]))
+            continue
+        timings.append((cfg, t, ""))
+    best = min(timings, key=lambda r: r[1])[0]
+    _TUNED[tune_key(layer, x2.shape[0], x2.dtype)] = best
+    return best, timings
+
+
+def choose_config(layer, x2: torch.Tensor) -> QTIPConfig:
+    key = tune_key(layer, x2.shape[0], x2.dtype)
+    cfg = _TUNED.get(key)
+    if cfg is not None:
+        return cfg
+    if (x2.is_cuda and not _interpreting() and not torch.cuda.is_current_stream_capturing()
+            and os.environ.get("LOWBIT_AUTOTUNE", "1") != "0"):
+        return tune(layer, x2)[0]
+    return heuristic_config(layer, x2.shape[0], x2.device)
+
+
+def qtip_forward(layer, x: torch.Tensor, config: QTIPConfig | None = None) -> torch.Tensor:
+    """QTIPLinear's forward on the GPU (or the interpreter): y = x @ Wᵀ (+ bias) in x's dtype."""
+    n = layer.in_features
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, n)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    cfg = config or choose_config(layer, x2)
+    return run_config(layer, x2, cfg).reshape(*lead, layer.out_features)
