@@ -123,7 +123,8 @@ class GGUFCheckpoint(Checkpoint):
         return None
 
     def _is_native(self, name: str) -> bool:
-        if not (self.native and name.endswith("_proj.weight") and self._type(name) in NATIVE_TYPES):
+        linear = name.endswith("_proj.weight") or name == "lm_head.weight"
+        if not (self.native and linear and self._type(name) in NATIVE_TYPES):
             return False
         from .linear import _REGISTRY, _import_formats
 
@@ -146,7 +147,12 @@ class GGUFCheckpoint(Checkpoint):
         else:
             if kind not in ("F32", "F16", "BF16") and kind not in self._logged:
                 self._logged.add(kind)
-                log.info("GGUF %s tensors are dequantized to float (no native path for them here)", kind)
+                if kind in NATIVE_TYPES:
+                    log.info("GGUF %s tensor %s is dequantized to float (%s Linear weights stay at their bit "
+                             "width; embeddings are kept dense)", kind, name, kind)
+                else:
+                    log.info("GGUF %s tensors are dequantized to float: lowbit serves only %s Linear weights "
+                             "at their bit width", kind, ", ".join(NATIVE_TYPES))
             arr = self._gguf.quants.dequantize(t.data, t.tensor_type)
             shape = [int(s) for s in reversed(t.shape)]  # GGUF lists dims innermost first
             data = torch.from_numpy(np.array(arr, dtype=np.float32)).reshape(shape)
