@@ -90,25 +90,11 @@ def random_layer_tensors(fmt: str, bits: int, in_features: int, out_features: in
             "tp_rank": torch.tensor(8, dtype=torch.int64, device=device),
         }
     if fmt == "vptq":
-        from ..kernels.vptq import pack_indices_reference
+        from ..kernels.vptq import random_vptq_layer
 
-        v, k = 8, 65536
-        kr = 256 if bits == 3 else -1
-        pad = (-m) % v
-        rows = (m + pad) // v
-        cfg = {"in_features": n, "out_features": m, "vector_lens": [-1, v], "num_centroids": [-1, k],
-               "num_res_centroids": [-1, kr], "group_num": 1, "group_size": n, "outlier_size": 0,
-               "indices_as_float": False, "enable_norm": True, "enable_perm": False,
-               "is_indice_packed": True, "bias": False}
-        idx = randint(k, 1, rows, n, dtype=torch.int64)
-        res = randint(kr, 1, rows, n, dtype=torch.int64) if kr > 0 else None
-        t = {"centroids.weight": randn(1, k * v, scale=std),
-             "indices": pack_indices_reference(idx, 16, res, 8 if kr > 0 else 0),
-             "weight_scale": (1 + 0.1 * randn(n, dtype=torch.float32)).half(),
-             "weight_bias": randn(n, scale=0.01 * std)}
-        if kr > 0:
-            t["res_centroids.weight"] = randn(1, kr * v, scale=0.25 * std)
-        return cfg, t
+        # v8-k65536 (2 bits, the published `-0-woft` models) and + a 256-entry residual (3 bits).
+        return random_vptq_layer(n, m, vector_len=8, num_centroids=65536,
+                                 num_res_centroids=256 if bits == 3 else 0, norm=True, generator=g)
     if fmt == "gptq":
         group = 128 if n % 128 == 0 else n
         cfg = {"quant_method": "gptq", "bits": bits, "group_size": group, "desc_act": False, "sym": True,
