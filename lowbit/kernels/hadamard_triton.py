@@ -65,49 +65,73 @@ if triton is not None:
         return tl.dot(a, b - hi, acc, input_precision="tf32")
 
     @triton.jit
+    def _parity(v):
+        """(-1)^popcount(v) for v < 2^16, as ±1.0."""
+        v = v ^ (v >> 8)
+        v = v ^ (v >> 4)
+        v = v ^ (v >> 2)
+        v = v ^ (v >> 1)
+        return 1.0 - 2.0 * (v & 1).to(tl.float32)
+
+    @triton.jit
+    def _signed_blocks(x_ptr, pre_ptr, row_off, pos0, rmask, cols, cmask, c1,
+                       P1: tl.constexpr, P2: tl.constexpr, HAS_PRE: tl.constexpr):
+        """U = Σ_{a1 < P1} (-1)^popcount(c1 & a1) · (pre ⊙ x)[rows, pos0 + a1·P2 + cols]: the part of
+        S_P = S_P1 ⊗ S_P2 that mixes blocks, for output block c1 (rows × cols broadcast shapes)."""
+        msk = rmask & cmask
+        u = tl.zeros(msk.shape, tl.float32)
+        for a1 in tl.static_range(P1):
+            pos = pos0 + a1 * P2 + cols
+            v = tl.load(x_ptr + row_off + pos, mask=msk, other=0.0).to(tl.float32)
+            if HAS_PRE:
+                v = v * tl.load(pre_ptr + pos, mask=msk, other=0.0).to(tl.float32)
+            u += _parity(c1 & a1) * v
+        return u
+
+    @triton.jit(do_not_specialize=["B", "zero_per_prog", "zero_numel"])
     def _hadamard_kernel(
         x_ptr, pre_ptr, post_ptr, bias_ptr, a_ptr, y_ptr, zero_ptr,
         B, stride_xb, stride_yb, alpha, zero_per_prog, zero_numel,
-        KS: tl.constexpr, KP: tl.constexpr, P: tl.constexpr, PP: tl.constexpr, LOGP: tl.constexpr,
-        BR: tl.constexpr, IB: tl.constexpr,
+        KS: tl.constexpr, KP: tl.constexpr, P: tl.constexpr, P1: tl.constexpr, PP2: tl.constexpr,
+        LOGP2: tl.constexpr, BR: tl.constexpr, IB: tl.constexpr,
         HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, HAS_BIAS: tl.constexpr, ZERO: tl.constexpr,
     ):
+        """Program (rows block, chunk, block of 16 rows of A_k's output, column block c1) writes
+        output columns c1·P2 .. c1·P2 + P2 of its rows, P2 = P / P1."""
         pid_b = tl.program_id(0)
         ch = tl.program_id(1)
-        pid_i = tl.program_id(2)
+        pid_i = tl.program_id(2) // P1
+        c1 = tl.program_id(2) % P1
+        P2: tl.constexpr = P // P1
         CH: tl.constexpr = KS * P
         base = ch * CH
-        cols = tl.arange(0, PP)
-        cmask = cols < P
+        cols = tl.arange(0, PP2)
+        cmask = cols < P2
         if KS == 1:
             rows = pid_b * BR + tl.arange(0, BR)
             rmask = rows < B
-            pos = base + cols
+            z = _signed_blocks(x_ptr, pre_ptr, rows[:, None] * stride_xb, base, rmask[:, None], cols[None, :],
+                               cmask[None, :], c1, P1, P2, HAS_PRE)
+            z = _fwht_rows(z, BR, PP2, LOGP2)
             msk = rmask[:, None] & cmask[None, :]
-            z = tl.load(x_ptr + rows[:, None] * stride_xb + pos[None, :], mask=msk, other=0.0).to(tl.float32)
-            if HAS_PRE:
-                z = z * tl.load(pre_ptr + pos, mask=cmask, other=0.0).to(tl.float32)[None, :]
-            z = _fwht_rows(z, BR, PP, LOGP)
-            pos2 = pos[None, :] + rows[:, None] * 0
+            pos2 = base + c1 * P2 + cols[None, :] + rows[:, None] * 0
             yoff = rows[:, None] * stride_yb + pos2
         else:
-            # one row of x; 16 rows of A_k's output: z = A[rows] @ X, X [KP, PP] in 16-row slices
+            # one row of x; 16 rows of A_k's output: z = A[r_out] @ U, U in 16-row slices of the k rows
             b = pid_b
             r_out = pid_i * IB + tl.arange(0, IB)
-            z = tl.zeros([IB, PP], tl.float32)
-            for i0 in tl.static_range(0, KP, 16):
+            z = tl.zeros([IB, PP2], tl.float32)
+            for i0 in tl.static_range(0, KS, 16):
                 i = i0 + tl.arange(0, 16)
-                pos = base + i[:, None] * P + cols[None, :]
-                msk = (i < KS)[:, None] & cmask[None, :] & (pos * 0 + b < B)
-                xs = tl.load(x_ptr + b * stride_xb + pos, mask=msk, other=0.0).to(tl.float32)
-                if HAS_PRE:
-                    xs = xs * tl.load(pre_ptr + pos, mask=msk, other=0.0).to(tl.float32)
+                u = _signed_blocks(x_ptr, pre_ptr, b * stride_xb, base + i[:, None] * P,
+                                   (i < KS)[:, None] & (i[:, None] * 0 + b < B), cols[None, :], cmask[None, :], c1,
+                                   P1, P2, HAS_PRE)
                 a = tl.load(a_ptr + r_out[:, None] * KP + i[None, :])
-                z = _dot_exact(a, xs, z)
-            z = _fwht_rows(z, IB, PP, LOGP)
+                z = _dot_exact(a, u, z)
+            z = _fwht_rows(z, IB, PP2, LOGP2)
             rmask = (r_out < KS) & (r_out * 0 + b < B)
             msk = rmask[:, None] & cmask[None, :]
-            pos2 = base + r_out[:, None] * P + cols[None, :]
+            pos2 = base + r_out[:, None] * P + c1 * P2 + cols[None, :]
             yoff = b * stride_yb + pos2
         y = z * alpha
         if HAS_POST:
@@ -116,7 +140,7 @@ if triton is not None:
             y = y + tl.load(bias_ptr + pos2, mask=msk, other=0.0).to(tl.float32)
         tl.store(y_ptr + yoff, y.to(y_ptr.dtype.element_ty), mask=msk)
         if ZERO:
-            lin = (pid_b * tl.num_programs(1) + ch) * tl.num_programs(2) + pid_i
+            lin = (pid_b * tl.num_programs(1) + ch) * tl.num_programs(2) + tl.program_id(2)
             z0 = lin * zero_per_prog
             z1 = tl.minimum(z0 + zero_per_prog, zero_numel)
             offs = tl.arange(0, 1024)
@@ -135,14 +159,29 @@ def _special_padded(k: int, kp: int, transpose: bool, device: torch.device) -> t
     return out.to(device)
 
 
-def plan(ch: int) -> dict:
-    """Compile-time shape of a chunk of length ch: special order k (1 for powers of two), its
-    padding, the power-of-two part P and its padding (≥ 16 when tensor cores apply A_k)."""
+def plan(ch: int, rows: int) -> dict:
+    """Launch shape for chunks of length ch = k·P and `rows` rows of x: the special order k (1 for
+    powers of two) and its padding, the split of P into P1 column blocks of P2 (a program per
+    block: more programs for few rows, at the price of each reading its rows' whole chunk), rows
+    per program, warps."""
     k = hadamard_factor(ch)
     p = ch // k
     kp = 1 if k == 1 else max(16, triton.next_power_of_2(k))
-    pp = p if k == 1 else max(16, p)
-    return dict(KS=k, KP=kp, P=p, PP=pp, LOGP=int(math.log2(p)))
+    # Column blocks: about 16 programs per row for one row, none extra from 16 rows on.
+    p1 = 1
+    while p1 * 2 * max(rows, 1) <= 16 and p // (p1 * 2) >= 64:
+        p1 *= 2
+    p2 = p // p1
+    pp2 = p2 if k == 1 else max(16, p2)
+    if k == 1:
+        br = max(1, min(triton.next_power_of_2(max(rows, 1)), _WIDE // max(p2, 1)))
+        elems = br * p2 * max(1, min(p1, 4))
+    else:
+        br = 1
+        elems = 16 * pp2 * 2
+    warps = 4 if elems <= _WIDE else (8 if elems <= 4 * _WIDE else 16)
+    return dict(KS=k, KP=kp, P=p, P1=p1, PP2=pp2, LOGP2=int(math.log2(p2)), BR=br, IB=16 if k > 1 else 1,
+                num_warps=warps)
 
 
 def hadamard_transform(x: torch.Tensor, transpose: bool = False, chunks: int = 1, pre: torch.Tensor | None = None,
@@ -164,18 +203,10 @@ def hadamard_transform(x: torch.Tensor, transpose: bool = False, chunks: int = 1
         out = torch.empty(B, n, dtype=out_dtype or x.dtype, device=x.device)
     y2 = out.view(B, n)
     ch = n // chunks
-    pl = plan(ch)
-    k, p = pl["KS"], pl["P"]
-    if k == 1:
-        br = max(1, min(triton.next_power_of_2(max(B, 1)), _WIDE // max(p, 1)))
-        ib, grid = 1, (triton.cdiv(B, br), chunks, 1)
-        elems = br * p
-        amat = y2  # unused
-    else:
-        br, ib = 1, 16
-        grid = (B, chunks, pl["KP"] // ib)
-        elems = ib * pl["PP"] * 2
-        amat = _special_padded(k, pl["KP"], bool(transpose), x.device)
+    pl = plan(ch, B)
+    k = pl["KS"]
+    grid = (triton.cdiv(B, pl["BR"]), chunks, triton.cdiv(k, pl["IB"]) * pl["P1"])
+    amat = _special_padded(k, pl["KP"], bool(transpose), x.device) if k > 1 else y2
     nprog = grid[0] * grid[1] * grid[2]
     if zero is not None:
         zn = zero.numel()
@@ -188,7 +219,7 @@ def hadamard_transform(x: torch.Tensor, transpose: bool = False, chunks: int = 1
         x2, pre if pre is not None else dummy, post if post is not None else dummy,
         bias if bias is not None else dummy, amat, y2, zt,
         B, x2.stride(0), y2.stride(0), float(alpha) / math.sqrt(ch), zper, zn,
-        BR=br, IB=ib, HAS_PRE=pre is not None, HAS_POST=post is not None, HAS_BIAS=bias is not None,
-        ZERO=zero is not None, num_warps=8 if elems > _WIDE else 4, **pl,
+        HAS_PRE=pre is not None, HAS_POST=post is not None, HAS_BIAS=bias is not None,
+        ZERO=zero is not None, **pl,
     )
     return out.view(*x.shape[:-1], n)

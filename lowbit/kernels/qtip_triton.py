@@ -199,7 +199,7 @@ if triton is not None:
         else:
             tl.store(y_ptr + off, val, mask=msk)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["TM", "TN", "B", "tiles_per_split"])
     def _hyb_gemv_kernel(
         x_ptr, codes_ptr, lut_ptr, y_ptr,
         TM, TN, B, stride_xb, stride_yb, tiles_per_split,
@@ -272,7 +272,7 @@ if triton is not None:
         v1 = ((pk >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True)
         return tl.join(v0, v1)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["TM", "TN", "B", "tiles_per_split"])
     def _hyb_mma_kernel(
         x_ptr, codes_ptr, lut_ptr, y_ptr,
         TM, TN, B, stride_xb, stride_yb, tiles_per_split,
@@ -306,7 +306,7 @@ if triton is not None:
         rows = pid_m * BI * 16 + tl.arange(0, BI * 16)
         _put(y_ptr, bv[:, None] * stride_yb + rows[None, :], acc, bmask[:, None] & (rows < TM * 16)[None, :], ATOMIC)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["TM", "TN"])
     def _hyb_dequant_kernel(codes_ptr, lut_ptr, w_ptr, TM, TN, stride_w,
                             K: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr):
         """Ŵ [16·TM, 16·TN] in w_ptr's dtype, BI×BJ tiles per program."""
@@ -378,7 +378,7 @@ if triton is not None:
             val = (hi + lo).to(tl.float16).to(tl.float32)  # exact float32 sum, rounded once to fp16
         return val
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["M", "N", "TN", "B", "cols_per_split"])
     def _gen_gemv_kernel(
         x_ptr, codes_ptr, tlut_ptr, y_ptr,
         M, N, TN, B, stride_xb, stride_yb, cols_per_split,
@@ -421,7 +421,7 @@ if triton is not None:
         if BB > 3:
             _put(y_ptr, (b0 + 3) * stride_yb + rows, tl.sum(acc3, 1), rmask & (rows * 0 + b0 + 3 < B), ATOMIC)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["M", "N", "TN", "B", "cols_per_split"])
     def _gen_mma_kernel(
         x_ptr, codes_ptr, tlut_ptr, y_ptr,
         M, N, TN, B, stride_xb, stride_yb, cols_per_split,
@@ -449,7 +449,7 @@ if triton is not None:
             acc = tl.dot(xt.to(tl.float16), wt.to(tl.float16), acc)
         _put(y_ptr, bv[:, None] * stride_yb + rows[None, :], acc, bmask[:, None] & rmask[None, :], ATOMIC)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["M", "N", "TN"])
     def _gen_dequant_kernel(
         codes_ptr, tlut_ptr, w_ptr, M, N, TN, stride_w,
         L: tl.constexpr, K: tl.constexpr, V: tl.constexpr, TDX: tl.constexpr, TDY: tl.constexpr,
@@ -553,12 +553,13 @@ def dequantize_codes(layer, dtype=torch.float16, out: torch.Tensor | None = None
     m, n = layer.out_features, layer.in_features
     if out is None:
         out = torch.empty(m, n, dtype=dtype, device=layer.codes.device)
+    big = _interpreting()  # the interpreter pays per program, not per element
     if _hyb(p):
-        bi, bj = 2, 4
+        bi, bj = (8, 8) if big else (2, 4)
         _hyb_dequant_kernel[(triton.cdiv(m // 16, bi), triton.cdiv(n // 16, bj))](
             layer.codes.view(torch.int32), _lut32(layer), out, m // 16, n // 16, out.stride(0), K=p.K, BI=bi, BJ=bj)
     else:
-        bm, bk = 32, 64
+        bm, bk = (128, 128) if big else (32, 64)
         tlut = layer.tlut if layer.tlut is not None else layer.codes
         _gen_dequant_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bk))](
             layer.codes, tlut, out, m, n, n // p.td_y, out.stride(0), BM=bm, BK=bk, **_gen_consts(p))

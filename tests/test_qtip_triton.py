@@ -1,0 +1,262 @@
+"""QTIP Triton kernels and the Triton Hadamard transform equal the plain-PyTorch references.
+
+CPU (default suite): Triton's interpreter on small random layers, every decode mode and K = 2, 3, 4,
+batches 1, 3 and 8, every kernel kind (decode-GEMV, tensor-core GEMM, dequant + matmul), split-K,
+outputs NaN-poisoned first; the official golden fixtures through the decode kernel (exact) and a
+full forward. GPU (`-m gpu`): Llama projection shapes, the tuned dispatch through QTIPLinear, fp16
+and bf16, all golden fixtures.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from lowbit.kernels.hadamard import hadamard_reference  # noqa: E402
+from lowbit.kernels.qtip import qtip_forward_reference  # noqa: E402
+from lowbit.quantized_models import linear_from_checkpoint  # noqa: E402
+from tests.qtip_checkpoint import hyb_params, random_layer  # noqa: E402
+from tests.test_qtip import FIXTURES, fixture_layer  # noqa: E402
+
+CPU = not torch.cuda.is_available()
+
+
+def _kernels(modname: str):
+    """The kernel module, interpreted when there is no GPU (see test_attention_triton)."""
+    mod = importlib.import_module(modname)
+    if CPU:
+        os.environ["TRITON_INTERPRET"] = "1"
+        from triton.runtime.interpreter import InterpretedFunction
+
+        if not any(isinstance(v, InterpretedFunction) for v in vars(mod).values()):
+            mod = importlib.reload(mod)
+    return mod
+
+
+ht = _kernels("lowbit.kernels.hadamard_triton")
+qt = _kernels("lowbit.kernels.qtip_triton")
+if CPU:  # qtip_triton imported hadamard_transform before the reload above made it interpreted
+    qt.hadamard_transform = ht.hadamard_transform
+
+ONE_MAD = dict(L=16, K=2, V=1, td_x=16, td_y=16, tlut_bits=0, decode_mode="1mad")
+THREE_INST = dict(ONE_MAD, decode_mode="3inst")
+QUANTLUT = dict(L=12, K=3, V=2, td_x=8, td_y=8, tlut_bits=8, decode_mode="quantlut")
+LUT_PADDED = dict(L=10, K=3, V=1, td_x=4, td_y=5, tlut_bits=10, decode_mode="lut")  # 60-bit tile streams
+
+
+def layer(cfg, m, n, seed=0, rcp=0, tp=8, bias=False, device="cpu"):
+    t = random_layer(cfg, m, n, seed=seed, rcp=rcp, tp_rank=tp, bias=bias)
+    return linear_from_checkpoint("qtip", cfg, t, n, m).to(device)
+
+
+def reference(lin, x):
+    """float64 forward of the format from the reference decode (independent of every kernel)."""
+    bias = None if lin.bias is None else lin.bias.double()
+    return qtip_forward_reference(x.double(), lin.decoded_codes().double(), lin.SU.double(), lin.SV.double(),
+                                  lin.rcp, lin.tp_rank, bias)
+
+
+def rel_err(y, ref):
+    assert not torch.isnan(y).any(), "unwritten (NaN) outputs"
+    return float((y.double() - ref).norm() / ref.norm())
+
+
+def check(lin, x, cfg, tol):
+    out = torch.full((x.shape[0], lin.out_features), float("nan"), dtype=x.dtype, device=x.device)
+    qt.run_config(lin, x, cfg, out)
+    err = rel_err(out, reference(lin, x))
+    assert err < tol, f"{cfg}: relative error {err:.2e}"
+
+
+# ----- Hadamard transform ---------------------------------------------------------------------------
+
+HADAMARD_CASES = [
+    # n, chunks, rows, transpose
+    (512, 1, 1, True),  # power of two: 8 column blocks for one row
+    (64, 1, 3, False),
+    (256, 4, 5, True),  # a tensor-parallel split: block-diagonal
+    (12, 1, 2, False),  # k = 12, P = 1
+    (20 * 16, 2, 3, True),  # k = 20 per chunk of 160
+    (28 * 32, 1, 1, True),  # k = 28 (Llama-3), column blocks
+    (172, 1, 1, False),  # k = 172 (Llama-2), 11 row blocks of A
+    (1, 1, 2, False),
+]
+
+
+@pytest.mark.parametrize("n,chunks,rows,transpose", HADAMARD_CASES)
+def test_hadamard_transform_matches_reference(n, chunks, rows, transpose):
+    g = torch.Generator().manual_seed(n + rows)
+    x = torch.randn(rows, n, generator=g)
+    pre, post, bias = (torch.randn(n, generator=g) for _ in range(3))
+    out = torch.full((rows, n), float("nan"))
+    zero = torch.full((50,), float("nan"))
+    ht.hadamard_transform(x, transpose=transpose, chunks=chunks, pre=pre, post=post, bias=bias, alpha=0.25,
+                          out=out, zero=zero)
+    ref = hadamard_reference(x.double() * pre.double(), transpose=transpose, chunks=chunks) * 0.25 * post.double()
+    ref = ref + bias.double()
+    assert not torch.isnan(out).any()
+    assert (out.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+    assert torch.equal(zero, torch.zeros(50))
+
+
+def test_hadamard_transform_plain_and_cast():
+    x = torch.randn(2, 3, 256).half()
+    y = ht.hadamard_transform(x, out_dtype=torch.float32)
+    assert y.shape == (2, 3, 256) and y.dtype == torch.float32
+    assert (y.double() - hadamard_reference(x.double())).abs().max() < 1e-5
+    with pytest.raises(ValueError, match="chunks"):
+        ht.hadamard_transform(x, chunks=3)
+
+
+# ----- HYB (published layout) -----------------------------------------------------------------------
+
+# (K, m, n, batch, config): every kind and batch the issue names; odd tile counts exercise masks
+HYB_CASES = [
+    (2, 64, 256, 1, qt.QTIPConfig("gemv", 16, 64, 1, 2)),
+    (3, 96, 160, 1, qt.QTIPConfig("gemv", 32, 64, 1, 1)),
+    (4, 64, 96, 1, qt.QTIPConfig("gemv", 16, 32, 1, 3, lut_smem=False)),
+    (2, 32, 96, 3, qt.QTIPConfig("gemv", 16, 32, 4, 2)),
+    (3, 64, 64, 3, qt.QTIPConfig("mma", 32, 32, 16, 1)),
+    (4, 32, 128, 8, qt.QTIPConfig("mma", 32, 32, 16, 2)),
+    (2, 64, 64, 8, qt.QTIPConfig("gemv", 16, 32, 4, 1)),
+    (4, 32, 64, 3, qt.QTIPConfig("dequant")),
+    (3, 64, 96, 8, qt.QTIPConfig("dequant")),
+]
+
+
+@pytest.mark.skipif(not CPU, reason="CPU interpreter test")
+@pytest.mark.parametrize("K,m,n,batch,cfg", HYB_CASES)
+def test_hyb_kernels_match_reference_cpu(K, m, n, batch, cfg):
+    lin = layer(hyb_params(K), m, n, seed=K * 100 + batch, bias=batch == 3)
+    x = torch.randn(batch, n, generator=torch.Generator().manual_seed(m + n))
+    # fp16 operands of the tensor-core and cuBLAS paths round x once (~2^-12)
+    check(lin, x, cfg, 1e-5 if cfg.kind == "gemv" else 1e-3)
+
+
+GENERIC_CASES = [
+    (ONE_MAD, 32, 64, 1, qt.QTIPConfig("gemv", 16, 32, 1, 2)),
+    (ONE_MAD, 32, 64, 8, qt.QTIPConfig("mma", 32, 32, 16, 1)),
+    (THREE_INST, 48, 32, 3, qt.QTIPConfig("gemv", 32, 16, 4, 1)),
+    (THREE_INST, 32, 64, 8, qt.QTIPConfig("dequant")),
+    (QUANTLUT, 24, 48, 1, qt.QTIPConfig("gemv", 16, 16, 1, 2)),
+    (QUANTLUT, 24, 48, 3, qt.QTIPConfig("mma", 16, 16, 16, 2)),
+    (LUT_PADDED, 8, 20, 3, qt.QTIPConfig("gemv", 16, 16, 4, 1)),
+    (LUT_PADDED, 8, 20, 8, qt.QTIPConfig("mma", 16, 16, 16, 1)),
+]
+
+
+@pytest.mark.skipif(not CPU, reason="CPU interpreter test")
+@pytest.mark.parametrize("cfg_dict,m,n,batch,cfg", GENERIC_CASES,
+                         ids=lambda v: v["decode_mode"] if isinstance(v, dict) else None)
+def test_generic_kernels_match_reference_cpu(cfg_dict, m, n, batch, cfg):
+    lin = layer(cfg_dict, m, n, seed=m * n + batch, bias=batch == 1)
+    x = torch.randn(batch, n, generator=torch.Generator().manual_seed(batch))
+    check(lin, x, cfg, 1e-5 if cfg.kind == "gemv" else 1e-3)
+
+
+@pytest.mark.skipif(not CPU, reason="CPU interpreter test")
+@pytest.mark.parametrize("cfg_dict", [hyb_params(3), ONE_MAD, THREE_INST, QUANTLUT, LUT_PADDED],
+                         ids=lambda v: f"{v['decode_mode']}_k{v['K']}")
+def test_dequantize_codes_is_exact_cpu(cfg_dict):
+    m, n = (64, 64) if cfg_dict["td_x"] == 16 else (24, 40)
+    lin = layer(cfg_dict, m, n, seed=11)
+    w = torch.full((m, n), float("nan"))
+    qt.dequantize_codes(lin, out=w)
+    assert torch.equal(w, lin.decoded_codes())
+
+
+@pytest.mark.skipif(not CPU, reason="CPU interpreter test")
+def test_heuristic_dispatch_and_leading_dims_cpu():
+    lin = layer(hyb_params(2), 32, 64, seed=5, rcp=2, tp=2)  # output Hadamard split in two blocks
+    x = torch.randn(2, 3, 64).half()
+    y = qt.qtip_forward(lin, x)
+    assert y.shape == (2, 3, 32) and y.dtype == torch.float16
+    assert rel_err(y.reshape(6, 32), reference(lin, x.reshape(6, 64))) < 2e-3
+    assert qt.heuristic_config(lin, 1, torch.device("cpu")).kind == "gemv"
+    assert qt.heuristic_config(lin, 16, torch.device("cpu")).kind == "mma"
+    assert qt.heuristic_config(lin, 512, torch.device("cpu")).kind == "dequant"
+
+
+@pytest.mark.skipif(not CPU, reason="CPU interpreter test")
+@pytest.mark.parametrize("name", FIXTURES)
+def test_golden_fixtures_decode_exactly_cpu(name):
+    _, _, lin = fixture_layer(name)
+    assert torch.equal(qt.dequantize_codes(lin, torch.float32), lin.decoded_codes())
+
+
+@pytest.mark.skipif(not CPU, reason="CPU interpreter test")
+@pytest.mark.parametrize("name", ["qtip_hyb_k3_256x512", "qtip_hyb_k2_rcp1_tp2_256x512"])
+def test_golden_fixture_forward_cpu(name):
+    _, t, lin = fixture_layer(name)
+    y = qt.qtip_forward(lin, t["x"])
+    assert rel_err(y, t["expected_y"].double()) < 1e-5
+
+
+# ----- GPU: real shapes ----------------------------------------------------------------------------
+
+# Llama-2-7B projections, Llama-3-8B's k=28 MLP dimension, a tensor-parallel split; (config, batch)
+GPU_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096)]
+GPU_RUNS = [
+    (qt.QTIPConfig("gemv", 16, 256, 1, 1), 1),
+    (qt.QTIPConfig("gemv", 32, 256, 1, 4), 1),
+    (qt.QTIPConfig("gemv", 16, 256, 4, 2), 3),
+    (qt.QTIPConfig("mma", 64, 64, 16, 2), 8),
+    (qt.QTIPConfig("mma", 128, 64, 64, 1), 50),
+    (qt.QTIPConfig("dequant"), 100),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("K", [2, 3, 4])
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_hyb_kernels_match_reference_gpu(K, shape):
+    if CPU:
+        pytest.skip("needs CUDA")
+    m, n = shape
+    lin = layer(hyb_params(K), m, n, seed=K + m, bias=True, device="cuda")
+    for cfg, batch in GPU_RUNS:
+        x = torch.randn(batch, n, device="cuda").half()
+        check(lin, x, cfg, 2e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cfg_dict", [ONE_MAD, THREE_INST], ids=lambda v: v["decode_mode"])
+def test_generic_kernels_match_reference_gpu(cfg_dict):
+    if CPU:
+        pytest.skip("needs CUDA")
+    lin = layer(cfg_dict, 2048, 4096, seed=3, device="cuda")
+    for cfg, batch in ((qt.QTIPConfig("gemv", 32, 64, 1, 4), 1), (qt.QTIPConfig("gemv", 32, 64, 4, 4), 4),
+                       (qt.QTIPConfig("mma", 64, 64, 16, 2), 16), (qt.QTIPConfig("dequant"), 80)):
+        x = torch.randn(batch, 4096, device="cuda").half()
+        check(lin, x, cfg, 2e-3)
+
+
+@pytest.mark.gpu
+def test_tuned_dispatch_through_qtip_linear_gpu():
+    """QTIPLinear.forward on CUDA runs these kernels (tuned per batch), fp16 and bf16, any rcp."""
+    if CPU:
+        pytest.skip("needs CUDA")
+    for rcp, tp in ((0, 8), (1, 4), (2, 2)):
+        lin = layer(hyb_params(2), 4096, 4096, seed=rcp, rcp=rcp, tp=tp, device="cuda")
+        for batch, dtype in ((1, torch.float16), (2, torch.bfloat16), (16, torch.float16), (300, torch.bfloat16)):
+            x = torch.randn(batch, 4096, device="cuda").to(dtype)
+            y = lin(x)
+            assert y.dtype == dtype and y.shape == (batch, 4096)
+            assert rel_err(y, reference(lin, x)) < (2e-3 if dtype == torch.float16 else 1.5e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", FIXTURES)
+def test_golden_fixtures_gpu(name):
+    if CPU:
+        pytest.skip("needs CUDA")
+    _, t, lin = fixture_layer(name)
+    lin = lin.cuda()
+    assert torch.equal(qt.dequantize_codes(lin, torch.float32).cpu(), lin.decoded_codes().cpu())
+    y = lin(t["x"].cuda())  # float32 activations: the fused kernels, no fp16 rounding of x
+    assert rel_err(y.cpu(), t["expected_y"].double()) < 1e-5
