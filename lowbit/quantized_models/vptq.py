@@ -106,15 +106,11 @@ class VPTQLinear(QuantLinear):
         self.params = dataclasses.replace(params, is_indice_packed=True, indices_as_float=False,
                                           bias=bias is not None)
         self.checkpoint_packed = bool(checkpoint_packed)
-        self.register_buffer("indices", indices)
-        self.register_buffer("centroids", centroids)
-        self.register_buffer("res_centroids", res_centroids)
-        self.register_buffer("outlier_centroids", outlier_centroids)
-        self.register_buffer("outlier_indices", outlier_indices)
-        self.register_buffer("perm", perm)
-        self.register_buffer("weight_scale", weight_scale)
-        self.register_buffer("weight_bias", weight_bias)
-        self.register_buffer("bias", bias)
+        buffers = {"indices": indices, "centroids": centroids, "res_centroids": res_centroids,
+                   "outlier_centroids": outlier_centroids, "outlier_indices": outlier_indices, "perm": perm,
+                   "weight_scale": weight_scale, "weight_bias": weight_bias, "bias": bias}
+        for name, t in buffers.items():  # contiguous: the kernels index them as flat arrays
+            self.register_buffer(name, None if t is None else t.contiguous())
         # Derived views, rebuilt after the buffers move: plain attributes, never storage. The dense W
         # is decoded only by the reference (CPU) path.
         self._weight: torch.Tensor | None = None
