@@ -159,6 +159,8 @@ def load_model(
         if lfmt == "dense":
             tensors = {k: (v.to(dtype) if v.dtype in _FLOAT else v) for k, v in tensors.items()}
         lin = linear_from_checkpoint(lfmt, lcfg, tensors, in_features, out_features, prefix=name)
+        if lin.fmt == "dense" and lfmt != "dense":  # a format's unquantized module (e.g. VPTQ skip list)
+            lin = lin.to(dtype)
         used.update(own)
         bar.update(1)
         return lin.to(device)
