@@ -79,8 +79,10 @@ if triton is not None:
         """U = Σ_{a1 < P1} (-1)^popcount(c1 & a1) · (pre ⊙ x)[rows, pos0 + a1·P2 + cols]: the part of
         S_P = S_P1 ⊗ S_P2 that mixes blocks, for output block c1 (rows × cols broadcast shapes)."""
         msk = rmask & cmask
-        u = tl.zeros(msk.shape, tl.float32)
-        for a1 in tl.static_range(P1):
+        u = tl.load(x_ptr + row_off + pos0 + cols, mask=msk, other=0.0).to(tl.float32)
+        if HAS_PRE:
+            u = u * tl.load(pre_ptr + pos0 + cols, mask=msk, other=0.0).to(tl.float32)
+        for a1 in tl.static_range(1, P1):  # block 0 always enters with +1
             pos = pos0 + a1 * P2 + cols
             v = tl.load(x_ptr + row_off + pos, mask=msk, other=0.0).to(tl.float32)
             if HAS_PRE:
