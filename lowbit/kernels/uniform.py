@@ -354,7 +354,7 @@ def gguf_to_packed(data: torch.Tensor, kind: str):
     if kind == "Q8_0":
         q = blk[..., 2:].contiguous().view(torch.int8).reshape(m, n)
         qb = (q.T.to(torch.int16) + 128).to(torch.uint8).contiguous()  # [n, m]: byte j = output j
-        zeros = torch.full((nb, m), 128.0, dtype=torch.float16)
+        zeros = torch.full((nb, m), 128.0, dtype=torch.float16, device=data.device)
         return UniformPacked(8, GGUF_BLOCK, n, m, qb.view(torch.int32), None, d, zeros)
     if m % 2:
         raise ValueError(f"4-bit GGUF rows come in pairs per packed byte; out_features {m} is odd")
@@ -366,10 +366,86 @@ def gguf_to_packed(data: torch.Tensor, kind: str):
     second = (even >> 4) | (odd & 0xF0)  # inputs t + 16
     qb = torch.stack([first, second], dim=2).permute(1, 2, 3, 0).reshape(n, m // 2).contiguous()
     if kind == "Q4_0":
-        zeros, zero_is_min = torch.full((nb, m), 8.0, dtype=torch.float16), False
+        zeros, zero_is_min = torch.full((nb, m), 8.0, dtype=torch.float16, device=data.device), False
     else:
         zeros, zero_is_min = f16_t(2), True
     return UniformPacked(4, GGUF_BLOCK, n, m, qb.view(torch.int32), None, d, zeros, zero_is_min)
+
+
+def _pack_outputs_bytes(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes [n, m] → UniformPacked's int32 words [n, m·bits/32] (2, 4 or 8 bits): byte c of
+    a row holds outputs c·(8/bits) … in order, the first in the lowest bits; little-endian int32 words
+    then hold 32/bits consecutive outputs, the first lowest, as UniformPacked wants."""
+    n, m = q.shape
+    per = 8 // bits
+    if m % (32 // bits):
+        raise ValueError(f"out_features {m} must be a multiple of {32 // bits} for {bits} bits")
+    if per == 1:
+        b = q
+    else:
+        v = q.reshape(n, m // per, per)
+        b = v[..., 0]
+        for k in range(1, per):
+            b = b | (v[..., k] << (bits * k))
+    return b.contiguous().view(torch.int32)
+
+
+def gptq_to_packed(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor | None,
+                   bits: int, group_size: int, checkpoint_format: str = "gptq"):
+    """GPTQ tensors → UniformPacked, identical to `uniform_triton.repack_gptq` (3 bits: that function).
+
+    For 2/4/8 bits a GPTQ word's bytes hold whole values: byte b of the word for inputs 32w/bits …
+    holds inputs (32/bits)·w + b·(8/bits) … in its low-to-high fields, so the codes come out as uint8
+    [n, m] with one transpose. Act-order (g_idx other than i // group_size) sorts the inputs by group
+    into `perm`, as repack_gptq does, with the groups' scales and zeros reordered to match."""
+    from .uniform_triton import UniformPacked, repack_gptq
+
+    if bits == 3:
+        return repack_gptq(qweight, qzeros, scales, g_idx, bits, group_size, checkpoint_format)
+    words, m = qweight.shape
+    n = words * 32 // bits
+    gs = n if group_size in (-1, 0, None) else int(group_size)
+    per = 8 // bits
+    b = qweight.contiguous().view(torch.uint8).reshape(words, m, 4)  # byte b of each word
+    if per == 1:
+        fields = b[..., None]
+    else:
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=b.device)
+        fields = (b[..., None] >> shifts) & ((1 << bits) - 1)  # [words, m, 4, per]
+    q = fields.permute(0, 2, 3, 1).reshape(n, m)  # input 32w/bits + per·b + f
+    zeros = unpack_bitstream(qzeros, bits, m, dim=1) + _gptq_zero_field_offset(checkpoint_format)
+    perm = None
+    if g_idx is not None:
+        g = g_idx.to(torch.int64)
+        if not torch.equal(g, torch.arange(n, device=g.device) // gs):
+            perm = torch.argsort(g, stable=True)
+            q = q[perm]
+            first = g[perm].reshape(-1, gs)[:, 0]  # checkpoint group of each packed group
+            scales, zeros = scales[first], zeros[first]
+    return UniformPacked(bits, gs, n, m, _pack_outputs_bytes(q, bits), None, scales.to(torch.float16).contiguous(),
+                         zeros.to(torch.float16).contiguous(),
+                         perm=None if perm is None else perm.to(torch.int32).contiguous())
+
+
+def awq_to_packed(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int):
+    """AWQ GEMM tensors → UniformPacked, identical to `uniform_triton.repack_awq`. AWQ is already
+    packed along the output, only in the order 0,2,4,6,1,3,5,7: word bytes 0–3 hold outputs (0, 2),
+    (4, 6), (1, 3), (5, 7), low nibble first, so swapping nibbles between bytes gives (0, 1) … (6, 7)."""
+    from .uniform_triton import UniformPacked
+
+    def reorder(words: torch.Tensor) -> torch.Tensor:
+        b = words.contiguous().view(torch.uint8).reshape(*words.shape, 4)
+        b0, b1, b2, b3 = b.unbind(-1)
+        out = torch.stack([(b0 & 0x0F) | (b2 << 4), (b0 >> 4) | (b2 & 0xF0),
+                           (b1 & 0x0F) | (b3 << 4), (b1 >> 4) | (b3 & 0xF0)], dim=-1)
+        return out.reshape(words.shape[0], -1).contiguous()
+
+    n, mw = qweight.shape
+    gs = n if group_size in (-1, 0, None) else int(group_size)
+    z = reorder(qzeros)
+    zeros = torch.stack([z & 0x0F, z >> 4], dim=-1).reshape(qzeros.shape[0], mw * 8)
+    return UniformPacked(4, gs, n, mw * 8, reorder(qweight).view(torch.int32), None,
+                         scales.to(torch.float16).contiguous(), zeros.to(torch.float16).contiguous())
 
 
 def packed_dense_weight(p) -> torch.Tensor:

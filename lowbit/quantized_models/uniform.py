@@ -2,8 +2,9 @@
 
 TesseraQ, GPTQ, AWQ, OmniQuant and llama.cpp's simple quants all store W = scale · (q − zero) with
 group scales; ../shared/specs/uniform.md and lowbit/kernels/uniform.py give each layout. Every layer
-is repacked once at load into `UniformPacked` (lowbit/kernels/uniform_triton.py), which the fused
-Triton kernels read on CUDA; on CPU the decoded weight is cached per device and dtype (a plain
+is repacked once at load into `UniformPacked` (lowbit/kernels/uniform_triton.py; the byte-level
+converters of lowbit/kernels/uniform.py give the same tensors as its repack_* functions, faster),
+which the fused Triton kernels read on CUDA; on CPU the decoded weight is cached per device and dtype (a plain
 attribute, so `storage_bytes` and `bits_per_weight` count only the compressed buffers).
 
 Formats, registered separately because each reads its own config and tensors:
@@ -34,12 +35,14 @@ from ..kernels.uniform import (
     GGUF_BITS,
     GGUF_BLOCK,
     GPTQ_BITS,
+    awq_to_packed,
     gguf_row_bytes,
     gguf_to_packed,
+    gptq_to_packed,
     packed_dense_weight,
     uniform_forward_reference,
 )
-from ..kernels.uniform_triton import UniformPacked, repack_awq, repack_gptq
+from ..kernels.uniform_triton import UniformPacked
 from .linear import CheckpointError, LayerTensors, QuantLinear, register
 
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32)
@@ -245,7 +248,7 @@ class GPTQLinear(UniformLinear):
         if g_idx is not None:
             _check_g_idx(g_idx, n, gs, tensors.where("g_idx"))
         bias = tensors.take("bias", (m,), _FLOAT, optional=True)
-        packed = repack_gptq(qweight, qzeros, _scales_fp16(scales, tensors.where("scales")), g_idx, bits, gs,
+        packed = gptq_to_packed(qweight, qzeros, _scales_fp16(scales, tensors.where("scales")), g_idx, bits, gs,
                              checkpoint_format=layout)
         info = {"bits": bits, "group_size": gs if gs != n else -1, "sym": bool(config.get("sym", True)),
                 "act_order": packed.perm is not None, "checkpoint_format": layout}
@@ -312,7 +315,7 @@ class AWQLinear(UniformLinear):
                 f"tensor {tensors.where('qzeros')} has shape {list(qzeros.shape)}, expected [groups, out_features / 8]"
                 f" = {[groups, m // 8]} (scales: {list(scales.shape)})")
         bias = tensors.take("bias", (m,), _FLOAT, optional=True)
-        packed = repack_awq(qweight, qzeros, _scales_fp16(scales, tensors.where("scales")), gs)
+        packed = awq_to_packed(qweight, qzeros, _scales_fp16(scales, tensors.where("scales")), gs)
         return cls(packed, bias, {"bits": 4, "group_size": gs if gs != n else -1, "version": "gemm"})
 
 
