@@ -100,7 +100,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(server_config, engine_factory=lambda: Engine(engine_config), on_ready=on_ready)
     server = uvicorn.Server(uvicorn.Config(app, host=server_config.host, port=server_config.port,
                                            log_level=server_config.log_level, timeout_graceful_shutdown=10))
-    server.run()
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown; that is a clean exit
+        pass
     return outcome["code"]
 
 
