@@ -191,7 +191,7 @@ def _measure(mod, p, clone, batch, weight_bytes, check_ref=None):
         deq_us = graph_us([lambda q=q: mod.run_config(x, q, None, cfg, out) for q in ps[:2]])
     del ps
     return dict(us=us, config=str(best), path=best.kind, dequant_us=deq_us, rel_err=err, nan_free=nanfree,
-                tuned=[(str(c), round(t * 1e3, 2)) for c, t, _ in timings])
+                tuned=[(str(c), round(t, 2)) for c, t, _ in timings])
 
 
 def _row(kernel, fmt, model, m, n, batch, weight_bytes, res, bw):

@@ -133,6 +133,10 @@ def test_hadamard_transform_plain_and_cast():
 
 # (K, m, n, batch, config): every kind and batch the issue names; odd tile counts exercise masks
 HYB_CASES = [
+    (2, 64, 256, 1, qt.QTIPConfig("flat", 16, 64, 1, 2)),
+    (3, 96, 160, 1, qt.QTIPConfig("flat", 32, 64, 1, 1)),
+    (4, 64, 96, 1, qt.QTIPConfig("flat", 16, 32, 1, 3, lut_smem=False)),
+    (4, 96, 128, 2, qt.QTIPConfig("flat", 64, 64, 2, 1)),
     (2, 64, 256, 1, qt.QTIPConfig("gemv", 16, 64, 1, 2)),
     (3, 96, 160, 1, qt.QTIPConfig("gemv", 32, 64, 1, 1)),
     (4, 64, 96, 1, qt.QTIPConfig("gemv", 16, 32, 1, 3, lut_smem=False)),
@@ -151,7 +155,7 @@ def test_hyb_kernels_match_reference_cpu(K, m, n, batch, cfg):
     lin = layer(hyb_params(K), m, n, seed=K * 100 + batch, bias=batch == 3)
     x = torch.randn(batch, n, generator=torch.Generator().manual_seed(m + n))
     # fp16 operands of the tensor-core and cuBLAS paths round x once (~2^-12)
-    check(lin, x, cfg, 1e-5 if cfg.kind == "gemv" else 1e-3)
+    check(lin, x, cfg, 1e-5 if cfg.kind in ("gemv", "flat") else 1e-3)
 
 
 GENERIC_CASES = [
@@ -193,7 +197,8 @@ def test_heuristic_dispatch_and_leading_dims_cpu():
     y = qt.qtip_forward(lin, x)
     assert y.shape == (2, 3, 32) and y.dtype == torch.float16
     assert rel_err(y.reshape(6, 32), reference(lin, x.reshape(6, 64))) < 2e-3
-    assert qt.heuristic_config(lin, 1, torch.device("cpu")).kind == "gemv"
+    assert qt.heuristic_config(lin, 1, torch.device("cpu")).kind == "flat"
+    assert qt.heuristic_config(lin, 3, torch.device("cpu")).kind == "gemv"
     assert qt.heuristic_config(lin, 16, torch.device("cpu")).kind == "mma"
     assert qt.heuristic_config(lin, 512, torch.device("cpu")).kind == "dequant"
 
@@ -218,6 +223,8 @@ def test_golden_fixture_forward_cpu(name):
 # Llama-2-7B projections, Llama-3-8B's k=28 MLP dimension, a tensor-parallel split; (config, batch)
 GPU_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096)]
 GPU_RUNS = [
+    (qt.QTIPConfig("flat", 16, 512, 1, 2), 1),
+    (qt.QTIPConfig("flat", 32, 512, 2, 1), 2),
     (qt.QTIPConfig("gemv", 16, 256, 1, 1), 1),
     (qt.QTIPConfig("gemv", 32, 256, 1, 4), 1),
     (qt.QTIPConfig("gemv", 16, 256, 4, 2), 3),

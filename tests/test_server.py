@@ -353,6 +353,17 @@ def test_metrics_parse_and_count_exactly_the_tokens_served(live, engine, client)
     assert after[("lowbit_generation_tokens_per_second", ())] > 0
 
 
+
+def test_grafana_dashboard_plots_only_metrics_the_server_exports(live):
+    import re
+    from pathlib import Path
+
+    dash = json.loads((Path(__file__).resolve().parents[1] / "docker/grafana/lowbit.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    used = {n for e in exprs for n in re.findall(r"lowbit_[a-z_]+", e)}
+    exported = {name for name, _ in scrape(live.url)}
+    assert used and used <= exported, used - exported
+
 def _extra_server(smollm2, **engine_kw):
     eng = Engine(EngineConfig(**engine_kw), model=smollm2)
     return eng, LiveServer(create_app(ServerConfig(api_key=None), engine=eng))

@@ -32,6 +32,7 @@ import torch
 
 from .hadamard_triton import hadamard_transform
 from .qtip import QTIPParams
+from .tuning import autotune_enabled, time_candidates
 
 try:
     import triton
@@ -256,10 +257,212 @@ if triton is not None:
             _put(y_ptr, (b0 + 3) * stride_yb + rows, _rows_out(acc3, BI), rmask & (rows * 0 + b0 + 3 < B), ATOMIC)
 
     @triton.jit
+    def _flat_words(codes_ptr, unit, r8, msk, K: tl.constexpr):
+        """_hyb_unit_words for a flat [NU] vector of units; one load per word keeps every value in
+        the units' layout (a [NU, K] load would be laid out for coalescing, then converted)."""
+        off = unit * K
+        w0 = _be(tl.load(codes_ptr + off, mask=msk, other=0))
+        w1 = _be(tl.load(codes_ptr + off + 1, mask=msk, other=0))
+        if K >= 3:
+            w2 = _be(tl.load(codes_ptr + off + 2, mask=msk, other=0))
+        if K == 4:
+            w3 = _be(tl.load(codes_ptr + off + 3, mask=msk, other=0))
+        wn = _be(tl.load(codes_ptr + tl.where(r8 == 7, off - 7 * K, off + K), mask=msk, other=0))
+        if K == 2:
+            w2 = wn
+            w3 = wn
+        elif K == 3:
+            w3 = wn
+        return w0, w1, w2, w3, wn
+
+    @triton.jit
+    def _flat_idx(w0, w1, w2, w3, w4, v: tl.constexpr, K: tl.constexpr):
+        """(table index, code h) of slot v of every unit (see `_hyb_state`)."""
+        s = _hyb_state(w0, w1, w2, w3, w4, v, K)
+        h = s * s + s
+        return ((h >> 6) & 511).to(tl.int32), h
+
+    @triton.jit
+    def _j4(a, b, c, d):
+        return tl.join(tl.join(a, b), tl.join(c, d))
+
+    @triton.jit
+    def _s4(t):
+        ab, cd = tl.split(t)
+        a, b = tl.split(ab)
+        c, d = tl.split(cd)
+        return a, b, c, d
+
+    @triton.jit
+    def _flat_gather16(lut, i0, i1, i2, i3, i4, i5, i6, i7, i8, i9, i10, i11, i12, i13, i14, i15):
+        """lut[i] for 16 index vectors in ONE gather: Triton's gather stores its table to shared
+        memory (and syncs) per call, so the 16 slots are joined in-thread first."""
+        n: tl.constexpr = i0.shape[0]
+        t = _j4(_j4(i0, i1, i2, i3), _j4(i4, i5, i6, i7), _j4(i8, i9, i10, i11), _j4(i12, i13, i14, i15))
+        g = tl.reshape(tl.gather(lut, tl.reshape(t, [n * 16]), 0), [n, 2, 2, 2, 2])
+        q0, q1, q2, q3 = _s4(g)
+        p0, p1, p2, p3 = _s4(q0)
+        p4, p5, p6, p7 = _s4(q1)
+        p8, p9, p10, p11 = _s4(q2)
+        p12, p13, p14, p15 = _s4(q3)
+        return p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, p10, p11, p12, p13, p14, p15
+
+    @triton.jit
+    def _flat_vals(pk, h):
+        """Table word and code -> the pair (v0, v1) in float32, bit 15 of h flipping v0's sign."""
+        pk = pk ^ (h & 0x8000).to(tl.int32)
+        v0 = (pk & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+        v1 = (pk >> 16).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+        return v0, v1
+
+    @triton.jit
+    def _flat_acc(acc, pk, h, x0, x1):
+        v0, v1 = _flat_vals(pk, h)
+        return tl.fma(v1, x1, tl.fma(v0, x0, acc))
+
+    @triton.jit
+    def _flat_x(x_ptr, off, msk):
+        """(x[off], x[off + 1]) float32 as two vectors in the units' layout."""
+        return tl.load(x_ptr + off, mask=msk, other=0.0), tl.load(x_ptr + off + 1, mask=msk, other=0.0)
+
+    @triton.jit
+    def _flat_rows(acc, BI: tl.constexpr, BJ: tl.constexpr):
+        """Per-unit partial sums [NU] -> row sums [BI, 8] (units are (tile row, tile column, r8))."""
+        return tl.sum(tl.reshape(acc, [BI, BJ, 8]), 1)
+
+    @triton.jit(do_not_specialize=["TM", "TN", "B", "tiles_per_split"])
+    def _hyb_flat_kernel(
+        x_ptr, codes_ptr, lut_ptr, y_ptr,
+        TM, TN, B, stride_xb, stride_yb, tiles_per_split,
+        K: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr, BB: tl.constexpr,
+        LUT_SMEM: tl.constexpr, ATOMIC: tl.constexpr,
+    ):
+        """`_hyb_gemv_kernel`'s work (BB ≤ 2 rows of x) with every value a flat vector over the
+        program's BI·BJ·8 units and the 16 slots unrolled: decoded values, x pairs and partial
+        sums share one layout, so no step moves data between threads (no shared-memory layout
+        conversions, no barriers in the loop besides the table gather)."""
+        pid_m = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        pid_b = tl.program_id(2)
+        NU: tl.constexpr = BI * BJ * 8
+        u = tl.arange(0, NU)
+        r8 = u % 8
+        jl = (u // 8) % BJ
+        i = pid_m * BI + u // (8 * BJ)
+        imask = i < TM
+        lut = tl.load(lut_ptr + tl.arange(0, 512))
+        b0 = pid_b * BB
+        lo0 = tl.zeros([NU], tl.float32)
+        hi0 = tl.zeros([NU], tl.float32)
+        lo1 = tl.zeros([NU], tl.float32)
+        hi1 = tl.zeros([NU], tl.float32)
+        t0 = pid_k * tiles_per_split
+        t1 = tl.minimum(t0 + tiles_per_split, TN)
+        # Software pipelining by hand: the next step's code words are requested before this
+        # step's decode, so each warp keeps a DRAM load in flight while it computes.
+        jn = t0 + jl
+        mn = imask & (jn < t1)
+        n0, n1, n2, n3, n4 = _flat_words(codes_ptr, (i * TN + jn) * 8 + r8, r8, mn, K)
+        for j0 in range(t0, t1, BJ):
+            j = j0 + jl
+            msk = imask & (j < t1)
+            w0, w1, w2, w3, w4 = n0, n1, n2, n3, n4
+            jn = j + BJ
+            mn = imask & (jn < t1)
+            n0, n1, n2, n3, n4 = _flat_words(codes_ptr, (i * TN + jn) * 8 + r8, r8, mn, K)
+            i0, h0 = _flat_idx(w0, w1, w2, w3, w4, 0, K)
+            i1, h1 = _flat_idx(w0, w1, w2, w3, w4, 1, K)
+            i2, h2 = _flat_idx(w0, w1, w2, w3, w4, 2, K)
+            i3, h3 = _flat_idx(w0, w1, w2, w3, w4, 3, K)
+            i4, h4 = _flat_idx(w0, w1, w2, w3, w4, 4, K)
+            i5, h5 = _flat_idx(w0, w1, w2, w3, w4, 5, K)
+            i6, h6 = _flat_idx(w0, w1, w2, w3, w4, 6, K)
+            i7, h7 = _flat_idx(w0, w1, w2, w3, w4, 7, K)
+            i8, h8 = _flat_idx(w0, w1, w2, w3, w4, 8, K)
+            i9, h9 = _flat_idx(w0, w1, w2, w3, w4, 9, K)
+            i10, h10 = _flat_idx(w0, w1, w2, w3, w4, 10, K)
+            i11, h11 = _flat_idx(w0, w1, w2, w3, w4, 11, K)
+            i12, h12 = _flat_idx(w0, w1, w2, w3, w4, 12, K)
+            i13, h13 = _flat_idx(w0, w1, w2, w3, w4, 13, K)
+            i14, h14 = _flat_idx(w0, w1, w2, w3, w4, 14, K)
+            i15, h15 = _flat_idx(w0, w1, w2, w3, w4, 15, K)
+            if LUT_SMEM:
+                p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, p10, p11, p12, p13, p14, p15 = _flat_gather16(
+                    lut, i0, i1, i2, i3, i4, i5, i6, i7, i8, i9, i10, i11, i12, i13, i14, i15)
+            else:
+                p0 = tl.load(lut_ptr + i0)
+                p1 = tl.load(lut_ptr + i1)
+                p2 = tl.load(lut_ptr + i2)
+                p3 = tl.load(lut_ptr + i3)
+                p4 = tl.load(lut_ptr + i4)
+                p5 = tl.load(lut_ptr + i5)
+                p6 = tl.load(lut_ptr + i6)
+                p7 = tl.load(lut_ptr + i7)
+                p8 = tl.load(lut_ptr + i8)
+                p9 = tl.load(lut_ptr + i9)
+                p10 = tl.load(lut_ptr + i10)
+                p11 = tl.load(lut_ptr + i11)
+                p12 = tl.load(lut_ptr + i12)
+                p13 = tl.load(lut_ptr + i13)
+                p14 = tl.load(lut_ptr + i14)
+                p15 = tl.load(lut_ptr + i15)
+            xo = b0 * stride_xb + j * 16
+            # slot pc and 8 + pc: rows r8 and 8 + r8, input columns 2pc and 2pc + 1
+            for r in tl.static_range(BB):
+                xm = msk & ((u * 0 + b0 + r) < B)
+                xr = xo + r * stride_xb
+                lo = lo0 if r == 0 else lo1
+                hi = hi0 if r == 0 else hi1
+                x0, x1 = _flat_x(x_ptr, xr, xm)
+                lo = _flat_acc(lo, p0, h0, x0, x1)
+                hi = _flat_acc(hi, p8, h8, x0, x1)
+                x0, x1 = _flat_x(x_ptr, xr + 2, xm)
+                lo = _flat_acc(lo, p1, h1, x0, x1)
+                hi = _flat_acc(hi, p9, h9, x0, x1)
+                x0, x1 = _flat_x(x_ptr, xr + 4, xm)
+                lo = _flat_acc(lo, p2, h2, x0, x1)
+                hi = _flat_acc(hi, p10, h10, x0, x1)
+                x0, x1 = _flat_x(x_ptr, xr + 6, xm)
+                lo = _flat_acc(lo, p3, h3, x0, x1)
+                hi = _flat_acc(hi, p11, h11, x0, x1)
+                x0, x1 = _flat_x(x_ptr, xr + 8, xm)
+                lo = _flat_acc(lo, p4, h4, x0, x1)
+                hi = _flat_acc(hi, p12, h12, x0, x1)
+                x0, x1 = _flat_x(x_ptr, xr + 10, xm)
+                lo = _flat_acc(lo, p5, h5, x0, x1)
+                hi = _flat_acc(hi, p13, h13, x0, x1)
+                x0, x1 = _flat_x(x_ptr, xr + 12, xm)
+                lo = _flat_acc(lo, p6, h6, x0, x1)
+                hi = _flat_acc(hi, p14, h14, x0, x1)
+                x0, x1 = _flat_x(x_ptr, xr + 14, xm)
+                lo = _flat_acc(lo, p7, h7, x0, x1)
+                hi = _flat_acc(hi, p15, h15, x0, x1)
+                if r == 0:
+                    lo0 = lo
+                    hi0 = hi
+                else:
+                    lo1 = lo
+                    hi1 = hi
+        rows = (pid_m * BI + tl.arange(0, BI))[:, None] * 16 + tl.arange(0, 8)[None, :]
+        rmask = rows < TM * 16
+        _put(y_ptr, b0 * stride_yb + rows, _flat_rows(lo0, BI, BJ), rmask, ATOMIC)
+        _put(y_ptr, b0 * stride_yb + rows + 8, _flat_rows(hi0, BI, BJ), rmask, ATOMIC)
+        if BB > 1:
+            m1 = rmask & (rows * 0 + b0 + 1 < B)
+            _put(y_ptr, (b0 + 1) * stride_yb + rows, _flat_rows(lo1, BI, BJ), m1, ATOMIC)
+            _put(y_ptr, (b0 + 1) * stride_yb + rows + 8, _flat_rows(hi1, BI, BJ), m1, ATOMIC)
+
+    @triton.jit
     def _hyb_values16(codes_ptr, lut, lut_ptr, unit, r8, msk, K: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr,
                       LUT_SMEM: tl.constexpr):
         """The units' values as fp16 [BI, BJ, 8, 2 (b), 2, 2, 2 (pc), 2 (c)] (no float32 detour)."""
         w0, w1, w2, w3, w4 = _hyb_unit_words(codes_ptr, unit, r8, msk, K, BI, BJ)
+        return _hyb_words_values16(lut, lut_ptr, w0, w1, w2, w3, w4, K, BI, BJ, LUT_SMEM)
+
+    @triton.jit
+    def _hyb_words_values16(lut, lut_ptr, w0, w1, w2, w3, w4, K: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr,
+                            LUT_SMEM: tl.constexpr):
+        """`_hyb_values16` from already loaded unit words."""
         s = _hyb_states(w0, w1, w2, w3, w4, K)
         h = s * s + s
         idx = ((h >> 6) & 511).to(tl.int32)
@@ -291,13 +494,18 @@ if triton is not None:
         acc = tl.zeros([BB, BI * 16], tl.float32)
         t0 = pid_k * tiles_per_split
         t1 = tl.minimum(t0 + tiles_per_split, TN)
+        # next step's code words requested before this step's decode (software pipelining)
+        jn = t0 + tl.arange(0, BJ)
+        unit = (i[:, None] * TN + jn[None, :])[:, :, None] * 8 + r8[None, None, :]
+        mn = (i < TM)[:, None, None] & (jn < t1)[None, :, None] & (r8 < 8)[None, None, :]
+        n0, n1, n2, n3, n4 = _hyb_unit_words(codes_ptr, unit, r8[None, None, :] + unit * 0, mn, K, BI, BJ)
         for j0 in range(t0, t1, BJ):
-            j = j0 + tl.arange(0, BJ)
-            jmask = j < t1
-            tile = i[:, None] * TN + j[None, :]
-            unit = tile[:, :, None] * 8 + r8[None, None, :]
-            msk = (i < TM)[:, None, None] & jmask[None, :, None] & (r8 < 8)[None, None, :]
-            w = _hyb_values16(codes_ptr, lut, lut_ptr, unit, r8[None, None, :] + unit * 0, msk, K, BI, BJ, LUT_SMEM)
+            w0, w1, w2, w3, w4 = n0, n1, n2, n3, n4
+            jn = j0 + BJ + tl.arange(0, BJ)
+            unit = (i[:, None] * TN + jn[None, :])[:, :, None] * 8 + r8[None, None, :]
+            mn = (i < TM)[:, None, None] & (jn < t1)[None, :, None] & (r8 < 8)[None, None, :]
+            n0, n1, n2, n3, n4 = _hyb_unit_words(codes_ptr, unit, r8[None, None, :] + unit * 0, mn, K, BI, BJ)
+            w = _hyb_words_values16(lut, lut_ptr, w0, w1, w2, w3, w4, K, BI, BJ, LUT_SMEM)
             wt = tl.reshape(tl.permute(w, (1, 4, 5, 6, 7, 0, 3, 2)), [BJ * 16, BI * 16])
             cols = j0 * 16 + tl.arange(0, BJ * 16)
             xt = tl.load(x_ptr + bv[:, None] * stride_xb + cols[None, :],
@@ -474,7 +682,8 @@ def _interpreting() -> bool:
 
 @dataclass(frozen=True)
 class QTIPConfig:
-    """One launch choice. kind: "gemv" (CUDA cores, ≤ 4 rows of x per program), "mma" (tensor
+    """One launch choice. kind: "flat" (HYB, CUDA cores, ≤ 2 rows of x, one layout throughout),
+    "gemv" (CUDA cores, ≤ 4 rows of x per program), "mma" (tensor
     cores, bb ≥ 16 rows) or "dequant" (decode Ŵ to fp16, then cuBLAS).
 
     rows × cols: weights a program covers per step (multiples of 16: whole trellis tiles for HYB),
@@ -535,7 +744,7 @@ def decode_matmul(layer, xh: torch.Tensor, cfg: QTIPConfig, out: torch.Tensor) -
     if _hyb(p):
         bi, bj = cfg.rows // 16, cfg.cols // 16
         grid = (triton.cdiv(m // 16, bi), split, grid_b)
-        kern = _hyb_gemv_kernel if cfg.kind == "gemv" else _hyb_mma_kernel
+        kern = {"gemv": _hyb_gemv_kernel, "flat": _hyb_flat_kernel, "mma": _hyb_mma_kernel}[cfg.kind]
         kern[grid](xh, layer.codes.view(torch.int32), _lut32(layer), out, m // 16, n // 16, B,
                    xh.stride(0), out.stride(0), per, K=p.K, BI=bi, BJ=bj, BB=bb, LUT_SMEM=cfg.lut_smem, **common)
     else:
@@ -616,6 +825,9 @@ def heuristic_config(layer, batch: int, device) -> QTIPConfig:
     if batch > 64:
         return QTIPConfig("dequant")
     hyb = _hyb(layer.params)
+    if hyb and batch <= 2:
+        ctas = triton.cdiv(m, 16) * triton.cdiv(batch, batch)
+        return QTIPConfig("flat", 16, 512, batch, _split_for(ctas, n // 512, sms))
     if batch <= 4:
         rows, cols = (16, 256) if hyb else (32, 64)
         bb = 1 if batch == 1 else (2 if batch == 2 else 4)
@@ -634,6 +846,12 @@ def candidate_configs(layer, batch: int, device) -> list[QTIPConfig]:
     sms = _num_sms(device)
     hyb = _hyb(layer.params)
     cands: list[QTIPConfig] = []
+    if hyb and batch <= 2:
+        for rows, cols, warps in ((16, 256, 4), (16, 512, 4), (32, 512, 4), (16, 1024, 8)):
+            ctas = triton.cdiv(m, rows) * triton.cdiv(batch, batch)
+            s0 = _split_for(ctas, n // cols, sms)
+            for s in sorted({max(1, s0 // 2), s0, 2 * s0}):
+                cands.append(QTIPConfig("flat", rows, cols, batch, s, warps))
     if batch <= 4:
         bb = 1 if batch == 1 else (2 if batch == 2 else 4)
         tiles = [(16, 256, 4, True), (32, 256, 4, True), (16, 512, 8, True)] if hyb else [(32, 64, 4, True)]
@@ -668,22 +886,12 @@ def tune_key(layer, batch: int, dtype) -> tuple:
     return (p, layer.out_features, layer.in_features, layer.rcp, layer.tp_rank, _batch_bucket(batch), str(dtype))
 
 
-def tune(layer, x2: torch.Tensor, cands=None, rep_ms: int = 20) -> tuple[QTIPConfig, list]:
-    """Time every candidate on the whole layer (both transforms included; L2 flushed between runs
-    by do_bench), cache the fastest."""
-    from triton.testing import do_bench
-
+def tune(layer, x2: torch.Tensor, cands=None) -> tuple[QTIPConfig, list]:
+    """Time every candidate on the whole layer (both transforms included) as a decode step runs it
+    (`tuning.cold_us`), cache the fastest."""
     cands = cands or candidate_configs(layer, x2.shape[0], x2.device)
     out = torch.empty(x2.shape[0], layer.out_features, dtype=x2.dtype, device=x2.device)
-    timings = []
-    for cfg in cands:
-        try:
-            t = do_bench(lambda cfg=cfg: run_config(layer, x2, cfg, out), warmup=5, rep=rep_ms, return_mode="median")
-        except Exception as e:  # a config that does not compile (registers, shared memory) is skipped
-            timings.append((cfg, float("inf"), repr(e)[:200]))
-            continue
-        timings.append((cfg, t, ""))
-    best = min(timings, key=lambda r: r[1])[0]
+    best, timings = time_candidates(lambda cfg: run_config(layer, x2, cfg, out), cands, x2.device)
     _TUNED[tune_key(layer, x2.shape[0], x2.dtype)] = best
     return best, timings
 
@@ -693,8 +901,7 @@ def choose_config(layer, x2: torch.Tensor) -> QTIPConfig:
     cfg = _TUNED.get(key)
     if cfg is not None:
         return cfg
-    if (x2.is_cuda and not _interpreting() and not torch.cuda.is_current_stream_capturing()
-            and os.environ.get("LOWBIT_AUTOTUNE", "1") != "0"):
+    if autotune_enabled(x2):
         return tune(layer, x2)[0]
     return heuristic_config(layer, x2.shape[0], x2.device)
 

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .tuning import autotune_enabled, time_candidates
+
 try:
     import triton
     import triton.language as tl
@@ -717,21 +719,11 @@ def tune_key(p: VptqPacked, batch: int, dtype) -> tuple:
             p.perm is not None, p.weight_scale is not None, _batch_bucket(batch), str(dtype))
 
 
-def tune(x2, p: VptqPacked, bias=None, cands=None, rep_ms: int = 20):
-    from triton.testing import do_bench
-
+def tune(x2, p: VptqPacked, bias=None, cands=None) -> tuple[VQConfig, list]:
+    """Time every candidate as a decode step runs it (`tuning.cold_us`), cache the fastest."""
     cands = cands or candidate_configs(p, x2.shape[0], x2.device)
     out = torch.empty(x2.shape[0], p.out_features, dtype=x2.dtype, device=x2.device)
-    timings = []
-    for cfg in cands:
-        try:
-            t = do_bench(lambda cfg=cfg: run_config(x2, p, bias, cfg, out), warmup=5, rep=rep_ms,
-                         return_mode="median")
-        except Exception as e:
-            timings.append((cfg, float("inf"), repr(e)[:200]))
-            continue
-        timings.append((cfg, t, ""))
-    best = min(timings, key=lambda r: r[1])[0]
+    best, timings = time_candidates(lambda cfg: run_config(x2, p, bias, cfg, out), cands, x2.device)
     _TUNED[tune_key(p, x2.shape[0], x2.dtype)] = best
     return best, timings
 
@@ -741,8 +733,7 @@ def choose_config(x2, p: VptqPacked, bias=None) -> VQConfig:
     cfg = _TUNED.get(key)
     if cfg is not None:
         return cfg
-    if (x2.is_cuda and not _interpreting() and not torch.cuda.is_current_stream_capturing()
-            and os.environ.get("LOWBIT_AUTOTUNE", "1") != "0"):
+    if autotune_enabled(x2):
         return tune(x2, p, bias)[0]
     return heuristic_config(p, x2.shape[0], x2.device)
 

@@ -1,0 +1,85 @@
+"""The timing behind every fused kernel's tuner (QTIP, VPTQ, uniform).
+
+A candidate is timed the way a decode step runs it: replayed from a CUDA graph (no host launch
+gaps: a Python-launched three-kernel layer otherwise measures the host, tens of µs, not the GPU)
+with the weights cold in L2 (a write larger than L2 between calls, whose own time, measured in a
+graph of writes alone, is subtracted).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+from collections.abc import Callable
+
+import torch
+
+_FLUSH: dict[torch.device, torch.Tensor] = {}
+
+
+def autotune_enabled(x: torch.Tensor) -> bool:
+    """Timing is possible: a CUDA tensor, not the interpreter, not inside a graph capture, and
+    not switched off with LOWBIT_AUTOTUNE=0 (then the heuristic choice is used)."""
+    return (x.is_cuda and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+            and not torch.cuda.is_current_stream_capturing() and os.environ.get("LOWBIT_AUTOTUNE", "1") != "0")
+
+
+def _flush_buffer(device: torch.device) -> torch.Tensor:
+    if device not in _FLUSH:
+        l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20)
+        _FLUSH[device] = torch.empty(max(2 * l2, 64 << 20) // 4, dtype=torch.int32, device=device)
+    return _FLUSH[device]
+
+
+def _graph_ms(fn: Callable[[], object], reps: int, replays: int) -> float:
+    """Median ms of one replay of a graph holding `reps` calls of fn."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(reps):
+            fn()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def cold_us(fn: Callable[[], object], device: torch.device, reps: int = 16, replays: int = 5) -> float:
+    """µs per call of fn with L2 evicted before each call, replayed from a CUDA graph."""
+    buf = _flush_buffer(device)
+
+    def flushed():
+        buf.zero_()
+        fn()
+
+    total = _graph_ms(flushed, reps, replays)
+    flush_only = _graph_ms(buf.zero_, reps, replays)
+    return max(total - flush_only, 0.0) * 1e3 / reps
+
+
+def time_candidates(run: Callable[[object], object], cands: list, device: torch.device) -> tuple[object, list]:
+    """(fastest config, [(config, µs, error)]) over `cands`, run(cfg) launching one candidate.
+    A candidate that fails to compile or run (registers, shared memory) is skipped with its error."""
+    timings = []
+    for cfg in cands:
+        try:
+            run(cfg)  # compiles outside any capture
+            timings.append((cfg, cold_us(lambda cfg=cfg: run(cfg), device), ""))
+        except Exception as e:  # noqa: BLE001 - reported in the timings
+            torch.cuda.synchronize()
+            timings.append((cfg, float("inf"), repr(e)[:200]))
+    ok = [t for t in timings if t[1] != float("inf")]
+    if not ok:
+        raise RuntimeError("no kernel configuration ran: " + "; ".join(f"{c}: {e}" for c, _, e in timings))
+    return min(ok, key=lambda t: t[1])[0], timings
