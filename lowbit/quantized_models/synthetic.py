@@ -113,8 +113,11 @@ def random_layer_tensors(fmt: str, bits: int, in_features: int, out_features: in
 
 def random_model(shape: str | ModelConfig, variant: str = "fp16", device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float16, seed: int = 0, max_position_embeddings: int = 4096,
-                 ) -> CausalLM:
-    """A CausalLM of a named shape whose projections are random valid layers of `variant`."""
+                 fused: bool | None = None) -> CausalLM:
+    """A CausalLM of a named shape whose projections are random valid layers of `variant`.
+
+    fused: one qkv and one gate-up projection per layer; by default as the format's published
+    checkpoints store them (QTIP fuses both; VPTQ and GPTQ/AWQ keep them separate)."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
     fmt, bits = VARIANTS[variant]
@@ -130,7 +133,9 @@ def random_model(shape: str | ModelConfig, variant: str = "fp16", device: str | 
             tensors = {k: t.to(dtype) for k, t in tensors.items()}
         return linear_from_checkpoint(lfmt, lcfg, tensors, in_features, out_features, prefix=name).to(device)
 
-    model = CausalLM(cfg, make_linear)
+    if fused is None:
+        fused = fmt == "qtip"
+    model = CausalLM(cfg, make_linear, fused_qkv=fused, fused_gate_up=fused)
     g = _gen(seed, device)
     model.embed_tokens.weight = nn.Parameter(
         (torch.randn(cfg.vocab_size, cfg.hidden_size, generator=g, device=device) * 0.02).to(dtype),
