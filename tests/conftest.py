@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 
@@ -37,3 +38,20 @@ def smollm2():
     import lowbit
 
     return lowbit.load_model(device="cpu", dtype=torch.float32)
+
+
+def kernel_module(modname: str):
+    """A Triton kernel module, interpreted when there is no GPU. Triton picks compiled or
+    interpreted when a kernel is decorated, so a module imported earlier without TRITON_INTERPRET
+    is reloaded."""
+    mod = importlib.import_module(modname)
+    try:
+        import torch
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:  # pragma: no cover
+        return mod
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+        if not any(isinstance(v, InterpretedFunction) for v in vars(mod).values()):
+            mod = importlib.reload(mod)
+    return mod

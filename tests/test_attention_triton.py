@@ -7,30 +7,16 @@ inputs are fresh random draws for every case.
 
 from __future__ import annotations
 
-import importlib
 import math
-import os
 
 import pytest
 import torch
 
 triton = pytest.importorskip("triton")
 
+from tests.conftest import kernel_module  # noqa: E402
 
-def _kernels(modname: str):
-    """The kernel module, interpreted when there is no GPU. Triton picks compiled vs interpreted
-    when a kernel is decorated, so a module imported earlier without TRITON_INTERPRET is reloaded."""
-    mod = importlib.import_module(modname)
-    if not torch.cuda.is_available():
-        os.environ["TRITON_INTERPRET"] = "1"
-        from triton.runtime.interpreter import InterpretedFunction
-
-        if not any(isinstance(v, InterpretedFunction) for v in vars(mod).values()):
-            mod = importlib.reload(mod)
-    return mod
-
-
-_att = _kernels("lowbit.kernels.attention")
+_att = kernel_module("lowbit.kernels.attention")
 paged_decode_attention = _att.paged_decode_attention
 paged_decode_attention_reference = _att.paged_decode_attention_reference
 

@@ -9,9 +9,6 @@ and bf16, all golden fixtures.
 
 from __future__ import annotations
 
-import importlib
-import os
-
 import pytest
 import torch
 
@@ -20,26 +17,14 @@ triton = pytest.importorskip("triton")
 from lowbit.kernels.hadamard import hadamard_reference  # noqa: E402
 from lowbit.kernels.qtip import qtip_forward_reference  # noqa: E402
 from lowbit.quantized_models import linear_from_checkpoint  # noqa: E402
+from tests.conftest import kernel_module  # noqa: E402
 from tests.qtip_checkpoint import hyb_params, random_layer  # noqa: E402
 from tests.test_qtip import FIXTURES, fixture_layer  # noqa: E402
 
 CPU = not torch.cuda.is_available()
 
-
-def _kernels(modname: str):
-    """The kernel module, interpreted when there is no GPU (see test_attention_triton)."""
-    mod = importlib.import_module(modname)
-    if CPU:
-        os.environ["TRITON_INTERPRET"] = "1"
-        from triton.runtime.interpreter import InterpretedFunction
-
-        if not any(isinstance(v, InterpretedFunction) for v in vars(mod).values()):
-            mod = importlib.reload(mod)
-    return mod
-
-
-ht = _kernels("lowbit.kernels.hadamard_triton")
-qt = _kernels("lowbit.kernels.qtip_triton")
+ht = kernel_module("lowbit.kernels.hadamard_triton")
+qt = kernel_module("lowbit.kernels.qtip_triton")
 if CPU:  # qtip_triton imported hadamard_transform before the reload above made it interpreted
     qt.hadamard_transform = ht.hadamard_transform
 

@@ -6,28 +6,14 @@ kernel kind, fp16 and bf16. Outputs are NaN-poisoned before each run.
 
 from __future__ import annotations
 
-import importlib
-import os
-
 import pytest
 import torch
 
 triton = pytest.importorskip("triton")
 
+from tests.conftest import kernel_module  # noqa: E402
 
-def _kernels(modname: str):
-    """The kernel module, interpreted when there is no GPU (see test_attention_triton)."""
-    mod = importlib.import_module(modname)
-    if not torch.cuda.is_available():
-        os.environ["TRITON_INTERPRET"] = "1"
-        from triton.runtime.interpreter import InterpretedFunction
-
-        if not any(isinstance(v, InterpretedFunction) for v in vars(mod).values()):
-            mod = importlib.reload(mod)
-    return mod
-
-
-uq = _kernels("lowbit.kernels.uniform_triton")
+uq = kernel_module("lowbit.kernels.uniform_triton")
 CPU = not torch.cuda.is_available()
 
 

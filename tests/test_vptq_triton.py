@@ -7,32 +7,17 @@ outliers, several groups), every kernel kind, fp16/bf16. Outputs are NaN-poisone
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
-import os
 
 import pytest
 import torch
 
 triton = pytest.importorskip("triton")
 
-from tests.conftest import fixture_dir  # noqa: E402
+from tests.conftest import fixture_dir, kernel_module  # noqa: E402
 
-
-def _kernels(modname: str):
-    """The kernel module, interpreted when there is no GPU (see test_attention_triton)."""
-    mod = importlib.import_module(modname)
-    if not torch.cuda.is_available():
-        os.environ["TRITON_INTERPRET"] = "1"
-        from triton.runtime.interpreter import InterpretedFunction
-
-        if not any(isinstance(v, InterpretedFunction) for v in vars(mod).values()):
-            mod = importlib.reload(mod)
-    return mod
-
-
-vq = _kernels("lowbit.kernels.vptq_triton")
+vq = kernel_module("lowbit.kernels.vptq_triton")
 CPU = not torch.cuda.is_available()
 DEV = "cpu" if CPU else "cuda"
 

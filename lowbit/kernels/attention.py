@@ -22,9 +22,10 @@ a CUDA graph and replayed with other lengths.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
+
+from .tuning import interpreting
 
 try:  # Triton is absent on some CPU-only installs; the reference still works there.
     import triton
@@ -189,10 +190,6 @@ if triton is not None:
         )
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 _NUM_SMS: dict[int, int] = {}
 
 
@@ -270,7 +267,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
         out.stride(0), out.stride(1),
         per,
         SPLITS=splits, G=G, BLOCK_G=BLOCK_G, D=D, BLOCK_D=BLOCK_D, PAGE=page, BLOCK_N=block_n,
-        LOOP_WHILE=_interpreting(),
+        LOOP_WHILE=interpreting(),
         num_warps=num_warps,
     )
     if splits > 1:

@@ -25,14 +25,13 @@ it in the same launch), so no program waits for another.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 
 from .hadamard_triton import hadamard_transform
 from .qtip import QTIPParams
-from .tuning import autotune_enabled, time_candidates
+from .tuning import as_rows, batch_bucket, choose, interpreting, time_candidates
 
 try:
     import triton
@@ -294,12 +293,16 @@ if triton is not None:
         return a, b, c, d
 
     @triton.jit
-    def _flat_gather16(lut, i0, i1, i2, i3, i4, i5, i6, i7, i8, i9, i10, i11, i12, i13, i14, i15):
-        """lut[i] for 16 index vectors in ONE gather: Triton's gather stores its table to shared
-        memory (and syncs) per call, so the 16 slots are joined in-thread first."""
+    def _flat_gather16(lut, lut_ptr, LUT_SMEM: tl.constexpr, i0, i1, i2, i3, i4, i5, i6, i7, i8, i9, i10, i11, i12,
+                       i13, i14, i15):
+        """lut[i] for 16 index vectors in ONE gather (or one L1 load): Triton's gather stores its
+        table to shared memory (and syncs) per call, so the 16 slots are joined in-thread first."""
         n: tl.constexpr = i0.shape[0]
         t = _j4(_j4(i0, i1, i2, i3), _j4(i4, i5, i6, i7), _j4(i8, i9, i10, i11), _j4(i12, i13, i14, i15))
-        g = tl.reshape(tl.gather(lut, tl.reshape(t, [n * 16]), 0), [n, 2, 2, 2, 2])
+        if LUT_SMEM:
+            g = tl.reshape(tl.gather(lut, tl.reshape(t, [n * 16]), 0), [n, 2, 2, 2, 2])
+        else:
+            g = tl.load(lut_ptr + t)
         q0, q1, q2, q3 = _s4(g)
         p0, p1, p2, p3 = _s4(q0)
         p4, p5, p6, p7 = _s4(q1)
@@ -386,26 +389,8 @@ if triton is not None:
             i13, h13 = _flat_idx(w0, w1, w2, w3, w4, 13, K)
             i14, h14 = _flat_idx(w0, w1, w2, w3, w4, 14, K)
             i15, h15 = _flat_idx(w0, w1, w2, w3, w4, 15, K)
-            if LUT_SMEM:
-                p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, p10, p11, p12, p13, p14, p15 = _flat_gather16(
-                    lut, i0, i1, i2, i3, i4, i5, i6, i7, i8, i9, i10, i11, i12, i13, i14, i15)
-            else:
-                p0 = tl.load(lut_ptr + i0)
-                p1 = tl.load(lut_ptr + i1)
-                p2 = tl.load(lut_ptr + i2)
-                p3 = tl.load(lut_ptr + i3)
-                p4 = tl.load(lut_ptr + i4)
-                p5 = tl.load(lut_ptr + i5)
-                p6 = tl.load(lut_ptr + i6)
-                p7 = tl.load(lut_ptr + i7)
-                p8 = tl.load(lut_ptr + i8)
-                p9 = tl.load(lut_ptr + i9)
-                p10 = tl.load(lut_ptr + i10)
-                p11 = tl.load(lut_ptr + i11)
-                p12 = tl.load(lut_ptr + i12)
-                p13 = tl.load(lut_ptr + i13)
-                p14 = tl.load(lut_ptr + i14)
-                p15 = tl.load(lut_ptr + i15)
+            p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, p10, p11, p12, p13, p14, p15 = _flat_gather16(
+                lut, lut_ptr, LUT_SMEM, i0, i1, i2, i3, i4, i5, i6, i7, i8, i9, i10, i11, i12, i13, i14, i15)
             xo = b0 * stride_xb + j * 16
             # slot pc and 8 + pc: rows r8 and 8 + r8, input columns 2pc and 2pc + 1
             for r in tl.static_range(BB):
@@ -676,10 +661,6 @@ if triton is not None:
 # ----------------------------------------------------------------------------------------------
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 @dataclass(frozen=True)
 class QTIPConfig:
     """One launch choice. kind: "flat" (HYB, CUDA cores, ≤ 2 rows of x, one layout throughout),
@@ -762,7 +743,7 @@ def dequantize_codes(layer, dtype=torch.float16, out: torch.Tensor | None = None
     m, n = layer.out_features, layer.in_features
     if out is None:
         out = torch.empty(m, n, dtype=dtype, device=layer.codes.device)
-    big = _interpreting()  # the interpreter pays per program, not per element
+    big = interpreting()  # the interpreter pays per program, not per element
     if _hyb(p):
         bi, bj = (8, 8) if big else (2, 4)
         _hyb_dequant_kernel[(triton.cdiv(m // 16, bi), triton.cdiv(n // 16, bj))](
@@ -877,13 +858,9 @@ def candidate_configs(layer, batch: int, device) -> list[QTIPConfig]:
 _TUNED: dict[tuple, QTIPConfig] = {}
 
 
-def _batch_bucket(b: int) -> int:
-    return triton.next_power_of_2(b) if b <= 64 else 128
-
-
 def tune_key(layer, batch: int, dtype) -> tuple:
     p = layer.params
-    return (p, layer.out_features, layer.in_features, layer.rcp, layer.tp_rank, _batch_bucket(batch), str(dtype))
+    return (p, layer.out_features, layer.in_features, layer.rcp, layer.tp_rank, batch_bucket(batch), str(dtype))
 
 
 def tune(layer, x2: torch.Tensor, cands=None) -> tuple[QTIPConfig, list]:
@@ -897,21 +874,12 @@ def tune(layer, x2: torch.Tensor, cands=None) -> tuple[QTIPConfig, list]:
 
 
 def choose_config(layer, x2: torch.Tensor) -> QTIPConfig:
-    key = tune_key(layer, x2.shape[0], x2.dtype)
-    cfg = _TUNED.get(key)
-    if cfg is not None:
-        return cfg
-    if autotune_enabled(x2):
-        return tune(layer, x2)[0]
-    return heuristic_config(layer, x2.shape[0], x2.device)
+    return choose(_TUNED, tune_key(layer, x2.shape[0], x2.dtype), x2, lambda: tune(layer, x2)[0],
+                  lambda: heuristic_config(layer, x2.shape[0], x2.device))
 
 
 def qtip_forward(layer, x: torch.Tensor, config: QTIPConfig | None = None) -> torch.Tensor:
     """QTIPLinear's forward on the GPU (or the interpreter): y = x @ Wᵀ (+ bias) in x's dtype."""
-    n = layer.in_features
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, n)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2, lead = as_rows(x)
     cfg = config or choose_config(layer, x2)
     return run_config(layer, x2, cfg).reshape(*lead, layer.out_features)

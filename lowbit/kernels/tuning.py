@@ -17,10 +17,15 @@ import torch
 _FLUSH: dict[torch.device, torch.Tensor] = {}
 
 
+def interpreting() -> bool:
+    """Triton runs in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def autotune_enabled(x: torch.Tensor) -> bool:
     """Timing is possible: a CUDA tensor, not the interpreter, not inside a graph capture, and
     not switched off with LOWBIT_AUTOTUNE=0 (then the heuristic choice is used)."""
-    return (x.is_cuda and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+    return (x.is_cuda and not interpreting()
             and not torch.cuda.is_current_stream_capturing() and os.environ.get("LOWBIT_AUTOTUNE", "1") != "0")
 
 
@@ -83,3 +88,23 @@ def time_candidates(run: Callable[[object], object], cands: list, device: torch.
     if not ok:
         raise RuntimeError("no kernel configuration ran: " + "; ".join(f"{c}: {e}" for c, _, e in timings))
     return min(ok, key=lambda t: t[1])[0], timings
+
+
+def batch_bucket(batch: int) -> int:
+    """Batch sizes that share a tuned configuration: powers of two up to 64, then one bucket."""
+    return 1 << max(0, batch - 1).bit_length() if batch <= 64 else 128
+
+
+def choose(cache: dict, key: tuple, x: torch.Tensor, tune: Callable[[], object], heuristic: Callable[[], object]):
+    """The cached configuration for `key`; else tune() where timing is possible (it caches its
+    pick), else the heuristic's."""
+    cfg = cache.get(key)
+    if cfg is not None:
+        return cfg
+    return tune() if autotune_enabled(x) else heuristic()
+
+
+def as_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Size]:
+    """x [..., n] -> (rows [B, n] with unit stride along n, the leading shape to restore)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return (x2 if x2.stride(-1) == 1 else x2.contiguous()), x.shape[:-1]

@@ -35,12 +35,11 @@ per group: LOP3 + FADD + FFMA per weight.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 
-from .tuning import autotune_enabled, time_candidates
+from .tuning import as_rows, batch_bucket, choose, interpreting, time_candidates
 
 try:
     import triton
@@ -622,10 +621,6 @@ if triton is not None:
 # ----------------------------------------------------------------------------------------------
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 @dataclass(frozen=True)
 class UQConfig:
     """One launch choice. kind: "gemv" (CUDA cores), "mma" (tensor cores) or "dequant" (+cuBLAS).
@@ -682,7 +677,7 @@ def _launch_fused(x2, p: UniformPacked, bias, cfg: UQConfig, out):
     bias_t = bias if bias is not None else out
     common = dict(BITS=p.bits, GROUP=p.group_size, BK=bk, BMW=bmw, BB=cfg.bb,
                   ZERO_IS_MIN=p.zero_is_min, HAS_PERM=p.perm is not None, HAS_BIAS=bias is not None,
-                  LOOP_WHILE=_interpreting(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                  LOOP_WHILE=interpreting(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     grid = (grid_b, grid_m, split)
     if cfg.kind == "gemv":
         _uq_gemv_kernel[grid](x2, p.qweight, qh, p.scales, p.zeros, perm, bias_t, out, ws, cnt,
@@ -801,13 +796,9 @@ def candidate_configs(p: UniformPacked, batch: int, device) -> list[UQConfig]:
 _TUNED: dict[tuple, UQConfig] = {}
 
 
-def _batch_bucket(b: int) -> int:
-    return triton.next_power_of_2(b) if b <= 64 else 128
-
-
 def tune_key(p: UniformPacked, batch: int, dtype) -> tuple:
     return (p.bits, p.group_size, p.out_features, p.in_features, p.zero_is_min, p.perm is not None,
-            _batch_bucket(batch), str(dtype))
+            batch_bucket(batch), str(dtype))
 
 
 def tune(x2, p: UniformPacked, bias=None, cands=None) -> tuple[UQConfig, list]:
@@ -820,22 +811,14 @@ def tune(x2, p: UniformPacked, bias=None, cands=None) -> tuple[UQConfig, list]:
 
 
 def choose_config(x2, p: UniformPacked, bias=None) -> UQConfig:
-    key = tune_key(p, x2.shape[0], x2.dtype)
-    cfg = _TUNED.get(key)
-    if cfg is not None:
-        return cfg
-    if autotune_enabled(x2):
-        return tune(x2, p, bias)[0]
-    return heuristic_config(p, x2.shape[0], x2.device)
+    return choose(_TUNED, tune_key(p, x2.shape[0], x2.dtype), x2, lambda: tune(x2, p, bias)[0],
+                  lambda: heuristic_config(p, x2.shape[0], x2.device))
 
 
 def uniform_matmul(x: torch.Tensor, p: UniformPacked, bias: torch.Tensor | None = None,
                    config: UQConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ W.T (+ bias) for a packed uniform layer; x [..., n] fp16/bf16 (fp32 on the interpreter)."""
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2, lead = as_rows(x)
     cfg = config or choose_config(x2, p, bias)
     y = run_config(x2, p, bias, cfg, out)
     return y.reshape(*lead, p.out_features)

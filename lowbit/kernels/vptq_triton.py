@@ -28,12 +28,11 @@ Kernels:
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 
-from .tuning import autotune_enabled, time_candidates
+from .tuning import as_rows, batch_bucket, choose, interpreting, time_candidates
 
 try:
     import triton
@@ -504,10 +503,6 @@ if triton is not None:
 # ----------------------------------------------------------------------------------------------
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 @dataclass(frozen=True)
 class VQConfig:
     """kind: "gemv" (CUDA cores), "mma" (tensor cores) or "dequant" (+cuBLAS)."""
@@ -570,7 +565,7 @@ def _launch_gemv(x2, p: VptqPacked, bias, cfg: VQConfig, out):
         p.outlier_indices.shape[0] if p.outlier_size else 1, iters, triton.cdiv(max(p.outlier_size, 1), cfg.bc),
         split, **c["consts"], VO=max(p.v_o, 1), BR=cfg.br, BC=cfg.bc,
         HAS_PERM=p.perm is not None, NORM=p.weight_scale is not None, HAS_OUTLIER=p.outlier_size > 0,
-        HAS_BIAS=bias is not None, LOOP_WHILE=_interpreting(),
+        HAS_BIAS=bias is not None, LOOP_WHILE=interpreting(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
@@ -591,7 +586,7 @@ def _launch_mma(x2, p: VptqPacked, bias, cfg: VQConfig, out):
         M, B, x2.stride(0), out.stride(0), c["NV"], c["P"], p.group_size, c["NMAIN"], p.outlier_size, iters,
         split, **c["consts"], BR=cfg.br, BC=cfg.bc, BB=cfg.bb,
         HAS_PERM=p.perm is not None, NORM=p.weight_scale is not None,
-        HAS_BIAS=bias is not None and not extra, LOOP_WHILE=_interpreting(),
+        HAS_BIAS=bias is not None and not extra, LOOP_WHILE=interpreting(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if extra:
@@ -710,13 +705,9 @@ def candidate_configs(p: VptqPacked, batch: int, device) -> list[VQConfig]:
 _TUNED: dict[tuple, VQConfig] = {}
 
 
-def _batch_bucket(b: int) -> int:
-    return triton.next_power_of_2(b) if b <= 64 else 128
-
-
 def tune_key(p: VptqPacked, batch: int, dtype) -> tuple:
     return (p.out_features, p.in_features, p.v, p.k, p.k_r, p.group_num, p.outlier_size,
-            p.perm is not None, p.weight_scale is not None, _batch_bucket(batch), str(dtype))
+            p.perm is not None, p.weight_scale is not None, batch_bucket(batch), str(dtype))
 
 
 def tune(x2, p: VptqPacked, bias=None, cands=None) -> tuple[VQConfig, list]:
@@ -729,22 +720,14 @@ def tune(x2, p: VptqPacked, bias=None, cands=None) -> tuple[VQConfig, list]:
 
 
 def choose_config(x2, p: VptqPacked, bias=None) -> VQConfig:
-    key = tune_key(p, x2.shape[0], x2.dtype)
-    cfg = _TUNED.get(key)
-    if cfg is not None:
-        return cfg
-    if autotune_enabled(x2):
-        return tune(x2, p, bias)[0]
-    return heuristic_config(p, x2.shape[0], x2.device)
+    return choose(_TUNED, tune_key(p, x2.shape[0], x2.dtype), x2, lambda: tune(x2, p, bias)[0],
+                  lambda: heuristic_config(p, x2.shape[0], x2.device))
 
 
 def vptq_matmul(x: torch.Tensor, p: VptqPacked, bias: torch.Tensor | None = None,
                 config: VQConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ W.T (+ bias) for a VPTQ layer in our layout; x [..., n]."""
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2, lead = as_rows(x)
     cfg = config or choose_config(x2, p, bias)
     y = run_config(x2, p, bias, cfg, out)
     return y.reshape(*lead, p.out_features)
