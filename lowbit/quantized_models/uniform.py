@@ -130,6 +130,14 @@ class UniformLinear(QuantLinear):
     Buffers (all the layer stores): `qweight` (and `qweight_hi` at 3 bits), `scales`, `zeros`,
     `perm` (act-order only) and `bias`, laid out as UniformPacked documents."""
 
+    quant_method = ""  # config.json's quantization_config.quant_method that selects the subclass
+
+    @classmethod
+    def matches(cls, hf_config: Mapping[str, Any]) -> bool:
+        qc = hf_config.get("quantization_config")
+        return (bool(cls.quant_method) and isinstance(qc, Mapping)
+                and str(qc.get("quant_method", "")).lower() == cls.quant_method)
+
     def __init__(self, packed: UniformPacked, bias: torch.Tensor | None, info: Mapping[str, Any]):
         super().__init__(packed.in_features, packed.out_features)
         self.bits = packed.bits
@@ -176,10 +184,7 @@ class UniformLinear(QuantLinear):
 
 @register("gptq")
 class GPTQLinear(UniformLinear):
-    @classmethod
-    def matches(cls, hf_config: Mapping[str, Any]) -> bool:
-        qc = hf_config.get("quantization_config")
-        return isinstance(qc, Mapping) and str(qc.get("quant_method", "")).lower() == "gptq"
+    quant_method = "gptq"
 
     @classmethod
     def layer_config(cls, hf_config: Mapping[str, Any], module_name: str) -> Mapping[str, Any] | None:
@@ -274,10 +279,7 @@ def _check_g_idx(g_idx: torch.Tensor, n: int, group_size: int, name: str) -> Non
 
 @register("awq")
 class AWQLinear(UniformLinear):
-    @classmethod
-    def matches(cls, hf_config: Mapping[str, Any]) -> bool:
-        qc = hf_config.get("quantization_config")
-        return isinstance(qc, Mapping) and str(qc.get("quant_method", "")).lower() == "awq"
+    quant_method = "awq"
 
     @classmethod
     def layer_config(cls, hf_config: Mapping[str, Any], module_name: str) -> Mapping[str, Any] | None:
