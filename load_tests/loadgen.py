@@ -9,6 +9,7 @@ every request: started = ok + failed. A request is ok only when its stream is we
 chunk, content, a finish_reason, the usage chunk and `data: [DONE]`.
 
     python -m load_tests.loadgen --url http://127.0.0.1:8000 --clients 32 --duration 30
+    lowbit bench serve --clients 1,8,32,64 --duration 30       # a concurrency sweep, one table
     lowbit bench serve --clients 8 --requests 100 --prompt-tokens 32-256 --output-tokens 16-64 --json out.json
 
 Distributions: `N` (fixed), `A-B` (uniform integers), `normal:MEAN:STD` (rounded, at least 1).
@@ -309,11 +310,36 @@ def is_loopback(url: str) -> bool:
         return False
 
 
+def _levels(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {text!r}") from None
+
+
+def sweep_table(reports: list[dict]) -> str:
+    """One row per concurrency level: what `lowbit bench serve` reports for a list of levels."""
+    lines = ["| clients | requests ok | failed | output tok/s | TTFT p50 ms | TTFT p90 ms | ITL p50 ms | ITL p90 ms |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in reports:
+        t, i = r["ttft_s"], r["itl_s"]
+
+        def ms(p, k):
+            return f"{p[k] * 1e3:.1f}" if p.get("n") else "-"
+
+        lines.append(f"| {r['clients']} | {r['requests']['ok']} | {r['requests']['failed']} | "
+                     f"{r['throughput']['output_tok_s']:.1f} | {ms(t, 'p50')} | {ms(t, 'p90')} | {ms(i, 'p50')} | "
+                     f"{ms(i, 'p90')} |")
+    return "\n".join(lines)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="loadgen", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL (default: %(default)s)")
-    p.add_argument("--clients", "-c", type=int, default=8, help="concurrent streaming clients (default: %(default)s)")
+    p.add_argument("--clients", "-c", type=_levels, default=[8],
+                   help="concurrent streaming clients; a comma-separated list (1,8,32,64) runs one load per level "
+                        "and prints a sweep table (default: 8)")
     p.add_argument("--duration", "-d", type=float, default=None, help="seconds to keep starting requests")
     p.add_argument("--requests", "-n", type=int, default=None, help="total requests to send")
     p.add_argument("--prompt-tokens", type=Distribution, default=Distribution("32-128"),
@@ -334,7 +360,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.duration is None and args.requests is None:
         args.duration = 30.0
-    if not 1 <= args.clients <= MAX_CLIENTS:
+    if not all(1 <= c <= MAX_CLIENTS for c in args.clients):
         p.error(f"--clients must be in [1, {MAX_CLIENTS}]")
     if args.duration is not None and not 0 < args.duration <= MAX_DURATION_S:
         p.error(f"--duration must be in (0, {MAX_DURATION_S}]")
@@ -347,20 +373,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        report = asyncio.run(run(args))
-    except httpx.HTTPError as e:
-        print(f"error: cannot reach {args.url}: {e}", file=sys.stderr)
-        return 2
+    reports = []
+    for clients in args.clients:
+        level = argparse.Namespace(**{**vars(args), "clients": clients})
+        try:
+            reports.append(asyncio.run(run(level)))
+        except httpx.HTTPError as e:
+            print(f"error: cannot reach {args.url}: {e}", file=sys.stderr)
+            return 2
+    # one level: that level's report; several: {"sweep": [...], "passed": all passed}
+    result = reports[0] if len(reports) == 1 else {"sweep": reports, "passed": all(r["passed"] for r in reports)}
     if args.json == "-":
-        print(json.dumps(report, indent=2))
+        print(json.dumps(result, indent=2))
     else:
-        print(format_report(report))
+        print("\n\n".join(format_report(r) for r in reports))
+        if len(reports) > 1:
+            print("\n" + sweep_table(reports))
         if args.json:
             with open(args.json, "w") as f:
-                json.dump(report, f, indent=2)
-    return 0 if report["passed"] else 1
-
+                json.dump(result, f, indent=2)
+    return 0 if result["passed"] else 1
 
 if __name__ == "__main__":
     sys.exit(main())

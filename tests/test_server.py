@@ -360,7 +360,8 @@ def test_grafana_dashboard_plots_only_metrics_the_server_exports(live):
 
     dash = json.loads((Path(__file__).resolve().parents[1] / "docker/grafana/lowbit.json").read_text())
     exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
-    used = {n for e in exprs for n in re.findall(r"lowbit_[a-z_]+", e)}
+    used = {n for e in exprs for n in re.findall(r"lowbit_[a-z0-9_]+", e)}
+    assert httpx.get(live.url + "/v1/models").status_code == 200  # labelled counters appear once used
     exported = {name for name, _ in scrape(live.url)}
     assert used and used <= exported, used - exported
 
@@ -462,3 +463,17 @@ def test_load_generator_short_run(live, engine, tmp_path):
     assert report["server_metrics"]["matches"]
     assert report["throughput"]["output_tok_s"] > 0 and report["ttft_s"]["n"] == q["ok"]
     wait_for(lambda: all_blocks_free(engine), what="the load to drain")
+
+
+def test_load_generator_concurrency_sweep(live, engine, tmp_path, capsys):
+    from load_tests import loadgen
+
+    wait_for(lambda: all_blocks_free(engine), what="an idle engine")
+    out = tmp_path / "sweep.json"
+    rc = loadgen.main(["--url", live.url, "--clients", "1,4", "--requests", "4", "--prompt-tokens", "8",
+                       "--output-tokens", "3", "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert rc == 0 and result["passed"] and [r["clients"] for r in result["sweep"]] == [1, 4]
+    assert all(r["requests"]["ok"] == 4 and r["tokens"]["completion"] == 12 for r in result["sweep"])
+    table = capsys.readouterr().out
+    assert "| clients |" in table and "\n| 4 | 4 | 0 |" in table
