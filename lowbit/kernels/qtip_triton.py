@@ -831,8 +831,10 @@ def candidate_configs(layer, batch: int, device) -> list[QTIPConfig]:
         for rows, cols, warps in ((16, 256, 4), (16, 512, 4), (32, 512, 4), (16, 1024, 8)):
             ctas = triton.cdiv(m, rows) * triton.cdiv(batch, batch)
             s0 = _split_for(ctas, n // cols, sms)
-            for s in sorted({max(1, s0 // 2), s0, 2 * s0}):
-                cands.append(QTIPConfig("flat", rows, cols, batch, s, warps))
+            # up to ~12 programs per SM: the kernel is latency-bound at ~4 (Nsight: 24% occupancy)
+            for s in sorted({max(1, s0 // 2), s0, 2 * s0, 4 * s0}):
+                if s == 1 or n // cols >= 2 * s:
+                    cands.append(QTIPConfig("flat", rows, cols, batch, s, warps))
     if batch <= 4:
         bb = 1 if batch == 1 else (2 if batch == 2 else 4)
         tiles = [(16, 256, 4, True), (32, 256, 4, True), (16, 512, 8, True)] if hyb else [(32, 64, 4, True)]
@@ -848,7 +850,7 @@ def candidate_configs(layer, batch: int, device) -> list[QTIPConfig]:
         for rows, cols in ((64, 64), (128, 64)):
             ctas = triton.cdiv(m, rows) * triton.cdiv(batch, bb)
             s0 = _split_for(ctas, n // cols, sms, want=2)
-            for s in sorted({max(1, s0 // 2), s0}):
+            for s in sorted({max(1, s0 // 2), s0, 2 * s0}):
                 cands.append(QTIPConfig("mma", rows, cols, bb, s, 4))
     if batch >= 16:
         cands.append(QTIPConfig("dequant"))
