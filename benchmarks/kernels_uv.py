@@ -19,7 +19,6 @@ import datetime
 import json
 import math
 import os
-import statistics
 import sys
 import time
 
@@ -55,32 +54,16 @@ def rotation(nbytes: int, cap: int = 64) -> int:
 
 def graph_us(calls, reps: int | None = None, replays: int = 7) -> float:
     """Median µs per call of `calls` (a rotation of closures) replayed from one CUDA graph."""
+    from lowbit.kernels.tuning import graph_ms
+
     if reps is None:
         reps = max(1, 200 // len(calls))
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
+
+    def one_pass():
         for c in calls:
             c()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            for c in calls:
-                c()
-    g.replay()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(replays):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        torch.cuda.synchronize()
-        ts.append(a.elapsed_time(b) * 1e3 / (reps * len(calls)))
-    del g
-    return statistics.median(ts)
+
+    return graph_ms(one_pass, reps, replays) * 1e3 / (reps * len(calls))
 
 
 def copy_bandwidth_gbs() -> float:

@@ -36,7 +36,7 @@ def _flush_buffer(device: torch.device) -> torch.Tensor:
     return _FLUSH[device]
 
 
-def _graph_ms(fn: Callable[[], object], reps: int, replays: int) -> float:
+def graph_ms(fn: Callable[[], object], reps: int, replays: int) -> float:
     """Median ms of one replay of a graph holding `reps` calls of fn."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
@@ -68,8 +68,8 @@ def cold_us(fn: Callable[[], object], device: torch.device, reps: int = 16, repl
         buf.zero_()
         fn()
 
-    total = _graph_ms(flushed, reps, replays)
-    flush_only = _graph_ms(buf.zero_, reps, replays)
+    total = graph_ms(flushed, reps, replays)
+    flush_only = graph_ms(buf.zero_, reps, replays)
     return max(total - flush_only, 0.0) * 1e3 / reps
 
 
