@@ -215,3 +215,17 @@ def test_engine_on_cuda_graphs_equal_eager_and_solo():
         assert runs[graphs][2] == solo(e, prompts[2], params).outputs[0].token_ids
         assert e.cache.pool.free == e.cache.pool.total
     assert runs[True] == runs[False]
+
+
+def test_random_model_spec_runs_on_the_engine_with_a_real_tokenizer():
+    e = Engine(EngineConfig(model="random:tiny:qtip2", device="cpu", kv_cache_blocks=32))
+    try:
+        assert e.info()["format"] == "qtip" and e.model_name == "random:tiny:qtip2"
+        assert e.model.config.vocab_size == len(e.tokenizer)  # resized to the (default SmolLM2) tokenizer
+        out = e.run([e.make_request(e.tokenizer.encode("Hi"), SamplingParams(max_tokens=4, temperature=0,
+                                                                               ignore_eos=True))])
+        assert len(out[0].outputs[0].token_ids) == 4
+    finally:
+        e.shutdown()
+    with pytest.raises(ValueError, match="random:<shape>:<variant>"):
+        Engine(EngineConfig(model="random:llama-2-7b:int5", device="cpu"))

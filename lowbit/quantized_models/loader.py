@@ -90,12 +90,22 @@ def default_dtype(device: torch.device, cfg: ModelConfig) -> torch.dtype:
     return torch.bfloat16 if cfg.torch_dtype == "bfloat16" else torch.float16
 
 
+def _tokenizer_from(tokenizer: str | os.PathLike | None):
+    """A tokenizer from a directory / Hub id, or the default model's when None."""
+    if tokenizer is not None:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(resolve(tokenizer)))
+    from .default_model import default_model_path
+
+    return open_checkpoint(resolve(default_model_path())).tokenizer()
+
+
 def _load_tokenizer(ckpt: Checkpoint, tokenizer: str | os.PathLike | None):
     from transformers import AutoTokenizer
 
     if tokenizer is not None:
-        src = resolve(tokenizer)
-        return AutoTokenizer.from_pretrained(str(src))
+        return _tokenizer_from(tokenizer)
     if hasattr(ckpt, "tokenizer"):
         return ckpt.tokenizer()
     if any((ckpt.directory / f).exists() for f in _TOKENIZER_FILES):
@@ -116,6 +126,12 @@ def load_model(
         from .default_model import default_model_path
 
         path_or_id = default_model_path()
+    if str(path_or_id).startswith("random:"):
+        from .synthetic import load_random_model
+
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        return load_random_model(str(path_or_id), device,
+                                 dtype or (torch.float16 if device.type == "cuda" else torch.float32), tokenizer)
     path = resolve(path_or_id)
     ckpt = open_checkpoint(path)
     cfg = ModelConfig.from_hf(ckpt.hf_config)
