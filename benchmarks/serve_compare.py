@@ -1,0 +1,107 @@
+"""Serving throughput of several weight formats on the same engine (issue 8's serving target).
+
+For each model (default: random-weight Llama-2-7B shapes in fp16 and QTIP 2-bit, see
+`lowbit.quantized_models.synthetic.load_random_model`) this starts `lowbit serve` on loopback,
+drives it with the load generator at each concurrency level, stops it, and prints one table:
+output tok/s, TTFT and inter-token latency percentiles, and ITL p50 over the same model's
+single-stream ITL p50.
+
+    python -m benchmarks.serve_compare --models random:llama-2-7b:fp16,random:llama-2-7b:qtip2 \\
+        --clients 1,64 --duration 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from load_tests import loadgen
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_and_load(model: str, args, out_dir: Path) -> list[dict]:
+    port = _free_port()
+    log_path = out_dir / f"serve_{model.replace(':', '_').replace('/', '_')}.log"
+    log = open(log_path, "w+")
+    cmd = [sys.executable, "-m", "lowbit.cli", "serve", "--model", model, "--port", str(port),
+           "--max-num-seqs", str(max(args.clients)), "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    t0 = time.monotonic()
+    try:
+        while "lowbit: serving" not in log_path.read_text():
+            if proc.poll() is not None or time.monotonic() - t0 > args.start_timeout:
+                raise RuntimeError(f"{model}: server did not start:\n{log_path.read_text()[-3000:]}")
+            time.sleep(1)
+        startup = time.monotonic() - t0
+        print(f"# {model}: serving after {startup:.0f} s", flush=True)
+        json_path = out_dir / f"load_{model.replace(':', '_').replace('/', '_')}.json"
+        loadgen.main(["--url", f"http://127.0.0.1:{port}", "--clients", ",".join(map(str, args.clients)),
+                      "--duration", str(args.duration), "--prompt-tokens", args.prompt_tokens,
+                      "--output-tokens", args.output_tokens, "--json", str(json_path)])
+        result = json.loads(json_path.read_text())
+        reports = result.get("sweep", [result])
+        for r in reports:
+            r["model"], r["startup_s"] = model, startup
+        return reports
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| model | clients | ok | failed | output tok/s | TTFT p50 ms | TTFT p90 ms | ITL p50 ms | ITL p90 ms "
+             "| ITL p50 / 1-stream |", "|---|---|---|---|---|---|---|---|---|---|"]
+    solo = {r["model"]: r["itl_s"].get("p50") for r in rows if r["clients"] == 1 and r["itl_s"].get("n")}
+    for r in rows:
+        t, i = r["ttft_s"], r["itl_s"]
+
+        def ms(p, k):
+            return f"{p[k] * 1e3:.1f}" if p.get("n") else "-"
+
+        ratio = f"{i['p50'] / solo[r['model']]:.2f}" if i.get("n") and solo.get(r["model"]) else "-"
+        lines.append(f"| {r['model']} | {r['clients']} | {r['requests']['ok']} | {r['requests']['failed']} | "
+                     f"{r['throughput']['output_tok_s']:.0f} | {ms(t, 'p50')} | {ms(t, 'p90')} | {ms(i, 'p50')} | "
+                     f"{ms(i, 'p90')} | {ratio} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default="random:llama-2-7b:fp16,random:llama-2-7b:qtip2")
+    ap.add_argument("--clients", default="1,64")
+    ap.add_argument("--duration", type=float, default=20.0)
+    ap.add_argument("--prompt-tokens", default="64-128")
+    ap.add_argument("--output-tokens", default="64-128")
+    ap.add_argument("--start-timeout", type=float, default=300.0)
+    ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    args = ap.parse_args(argv)
+    args.clients = [int(c) for c in args.clients.split(",")]
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for model in args.models.split(","):
+        rows += serve_and_load(model, args, out_dir)
+        print(table(rows), flush=True)
+    (out_dir / "serve_compare.json").write_text(json.dumps(rows, indent=1))
+    print("\n" + table(rows))
+    return 0 if all(r["passed"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
