@@ -37,6 +37,8 @@ def serve_and_load(model: str, args, out_dir: Path) -> list[dict]:
     log = open(log_path, "w+")
     cmd = [sys.executable, "-m", "lowbit.cli", "serve", "--model", model, "--port", str(port),
            "--max-num-seqs", str(max(args.clients)), "--log-level", "warning"]
+    if args.tokenizer:
+        cmd += ["--tokenizer", args.tokenizer]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     t0 = time.monotonic()
     try:
@@ -85,6 +87,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="random:llama-2-7b:fp16,random:llama-2-7b:qtip2")
     ap.add_argument("--clients", default="1,64")
+    ap.add_argument("--tokenizer", default=None, help="tokenizer for random:* models (default: SmolLM2's)")
     ap.add_argument("--duration", type=float, default=20.0)
     ap.add_argument("--prompt-tokens", default="64-128")
     ap.add_argument("--output-tokens", default="64-128")
