@@ -229,3 +229,36 @@ def test_random_model_spec_runs_on_the_engine_with_a_real_tokenizer():
         e.shutdown()
     with pytest.raises(ValueError, match="random:<shape>:<variant>"):
         Engine(EngineConfig(model="random:llama-2-7b:int5", device="cpu"))
+
+
+def test_mixed_step_attends_decodes_batched_and_prefills_per_span():
+    """A step with a prefill chunk between two decodes equals attention over each sequence's
+    whole history computed directly."""
+    from lowbit.engine.kv_cache import KVCache, PagedAttention
+    from lowbit.quantized_models.attention import causal_attention
+
+    torch.manual_seed(0)
+    hq, hkv, d, bs = 4, 2, 8, 4
+    cache = KVCache(1, 16, bs, hkv, d, "cpu", torch.float32)
+    lens = {"a": 6, "b": 9, "c": 3}  # history already cached (a, c decode one token; b prefills 5 more)
+    blocks = {"a": [0, 1], "b": [2, 3, 4, 5], "c": [6]}
+    hist = {s: (torch.randn(n, hkv, d), torch.randn(n, hkv, d)) for s, n in lens.items()}
+    for s, (k, v) in hist.items():
+        idx = torch.tensor(cache.slots(blocks[s], 0, lens[s]))
+        cache.k[0].view(-1, hkv, d).index_copy_(0, idx, k)
+        cache.v[0].view(-1, hkv, d).index_copy_(0, idx, v)
+    order = [("a", 1), ("b", 5), ("c", 1)]
+    spans, slots, start = [], [], 0
+    for s, nq in order:
+        spans.append((start, nq, lens[s] + nq, blocks[s]))
+        slots += cache.slots(blocks[s], lens[s], lens[s] + nq)
+        start += nq
+    q, k, v = torch.randn(start, hq, d), torch.randn(start, hkv, d), torch.randn(start, hkv, d)
+    ctx = PagedAttention(cache, torch.tensor(slots), spans, d ** -0.5)
+    assert not ctx.decode_only and ctx.decode_rows.tolist() == [0, 6]
+    out = ctx.attend(0, q, k, v)
+    for (s, nq), (st, *_rest) in zip(order, spans, strict=True):
+        keys = torch.cat([hist[s][0], k[st:st + nq]]).transpose(0, 1)[None]
+        vals = torch.cat([hist[s][1], v[st:st + nq]]).transpose(0, 1)[None]
+        want = causal_attention(q[st:st + nq].transpose(0, 1)[None], keys, vals, offset=lens[s])[0].transpose(0, 1)
+        assert torch.allclose(out[st:st + nq], want, atol=1e-5), s
