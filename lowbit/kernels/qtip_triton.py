@@ -877,7 +877,7 @@ def tune(layer, x2: torch.Tensor, cands=None) -> tuple[QTIPConfig, list]:
 
 def choose_config(layer, x2: torch.Tensor) -> QTIPConfig:
     return choose(_TUNED, tune_key(layer, x2.shape[0], x2.dtype), x2, lambda: tune(layer, x2)[0],
-                  lambda: heuristic_config(layer, x2.shape[0], x2.device))
+                  lambda: heuristic_config(layer, x2.shape[0], x2.device), QTIPConfig)
 
 
 def qtip_forward(layer, x: torch.Tensor, config: QTIPConfig | None = None) -> torch.Tensor:

@@ -8,11 +8,17 @@ graph of writes alone, is subtracted).
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import logging
 import os
 import statistics
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
+
+log = logging.getLogger("lowbit")
 
 _FLUSH: dict[torch.device, torch.Tensor] = {}
 
@@ -95,13 +101,73 @@ def batch_bucket(batch: int) -> int:
     return 1 << max(0, batch - 1).bit_length() if batch <= 64 else 128
 
 
-def choose(cache: dict, key: tuple, x: torch.Tensor, tune: Callable[[], object], heuristic: Callable[[], object]):
-    """The cached configuration for `key`; else tune() where timing is possible (it caches its
-    pick), else the heuristic's."""
+def tuned_file() -> Path:
+    """Where picks persist across runs (a server start re-tunes nothing it has seen)."""
+    return Path(os.environ.get("LOWBIT_CACHE", Path.home() / ".cache" / "lowbit")) / "tuned_kernels.json"
+
+
+_DISK: dict[str, dict] | None = None
+
+
+def _disk() -> dict[str, dict]:
+    global _DISK
+    if _DISK is None:
+        try:
+            _DISK = json.loads(tuned_file().read_text())
+        except (OSError, ValueError):
+            _DISK = {}
+    return _DISK
+
+
+def _disk_key(key: tuple, device: torch.device) -> str:
+    """The pick is only valid for the same GPU model and Triton version."""
+    import triton
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    return f"{name} | triton {triton.__version__} | {key!r}"
+
+
+def load_pick(key: tuple, device: torch.device, cls: type):
+    entry = _disk().get(_disk_key(key, device))
+    if entry is None:
+        return None
+    try:
+        return cls(**entry)
+    except TypeError:  # written by another version of the config class
+        return None
+
+
+def save_pick(key: tuple, device: torch.device, cfg) -> None:
+    _disk()[_disk_key(key, device)] = dataclasses.asdict(cfg)
+    path = tuned_file()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(_disk(), indent=0, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError as e:  # a read-only home only costs re-tuning next time
+        log.debug("could not save tuned kernel configs to %s: %s", path, e)
+
+
+def choose(cache: dict, key: tuple, x: torch.Tensor, tune: Callable[[], object], heuristic: Callable[[], object],
+           cls: type | None = None):
+    """The configuration for `key`: cached in this process, else saved by an earlier run (`cls`
+    rebuilds it), else tune() where timing is possible (it caches its pick here; the pick is saved
+    for later runs), else the heuristic's."""
     cfg = cache.get(key)
     if cfg is not None:
         return cfg
-    return tune() if autotune_enabled(x) else heuristic()
+    if not autotune_enabled(x):
+        return heuristic()
+    if cls is not None:
+        cfg = load_pick(key, x.device, cls)
+        if cfg is not None:
+            cache[key] = cfg
+            return cfg
+    cfg = tune()
+    if cls is not None:
+        save_pick(key, x.device, cfg)
+    return cfg
 
 
 def as_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Size]:

@@ -1,0 +1,61 @@
+"""The tuner front shared by the fused kernels: picks are cached in-process and on disk."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import torch
+
+from lowbit.kernels import tuning
+
+
+@dataclass(frozen=True)
+class Cfg:
+    kind: str
+    split_k: int = 1
+
+
+def test_batch_buckets():
+    assert [tuning.batch_bucket(b) for b in (1, 2, 3, 5, 16, 17, 64, 65, 4096)] == [1, 2, 4, 8, 16, 32, 64, 128, 128]
+
+
+def test_picks_persist_across_processes(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path))
+    monkeypatch.setattr(tuning, "_DISK", None)
+    monkeypatch.setattr(tuning, "autotune_enabled", lambda x: True)
+    x = torch.zeros(2, 8)
+    tuned = []
+
+    def tune():
+        tuned.append(1)
+        return Cfg("gemv", 4)
+
+    key = ("layer", 4096, 4096, 2)
+    cache: dict = {}
+    assert tuning.choose(cache, key, x, tune, lambda: Cfg("heuristic"), Cfg) == Cfg("gemv", 4)
+    saved = json.loads(tuning.tuned_file().read_text())
+    assert list(saved.values()) == [{"kind": "gemv", "split_k": 4}] and "triton" in next(iter(saved))
+    # a new process: nothing in memory, the saved pick is used without tuning
+    monkeypatch.setattr(tuning, "_DISK", None)
+    assert tuning.choose({}, key, x, tune, lambda: Cfg("heuristic"), Cfg) == Cfg("gemv", 4) and len(tuned) == 1
+    # without timing (CPU, inside a graph capture) the heuristic is used and nothing is saved
+    monkeypatch.setattr(tuning, "autotune_enabled", lambda x: False)
+    assert tuning.choose({}, ("other",), x, tune, lambda: Cfg("heuristic"), Cfg) == Cfg("heuristic")
+    assert len(json.loads(tuning.tuned_file().read_text())) == 1
+
+
+def test_unreadable_or_stale_cache_means_tuning_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path))
+    tuning.tuned_file().write_text("{not json")
+    monkeypatch.setattr(tuning, "_DISK", None)
+    assert tuning.load_pick(("k",), torch.device("cpu"), Cfg) is None
+    tuning.save_pick(("k",), torch.device("cpu"), Cfg("mma"))
+    monkeypatch.setattr(tuning, "_DISK", None)
+    assert tuning.load_pick(("k",), torch.device("cpu"), Cfg) == Cfg("mma")
+
+    @dataclass(frozen=True)
+    class Renamed:
+        other: int = 0
+
+    assert tuning.load_pick(("k",), torch.device("cpu"), Renamed) is None
