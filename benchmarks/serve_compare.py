@@ -67,20 +67,7 @@ def serve_and_load(model: str, args, out_dir: Path) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | clients | ok | failed | output tok/s | TTFT p50 ms | TTFT p90 ms | ITL p50 ms | ITL p90 ms "
-             "| ITL p50 / 1-stream |", "|---|---|---|---|---|---|---|---|---|---|"]
-    solo = {r["model"]: r["itl_s"].get("p50") for r in rows if r["clients"] == 1 and r["itl_s"].get("n")}
-    for r in rows:
-        t, i = r["ttft_s"], r["itl_s"]
-
-        def ms(p, k):
-            return f"{p[k] * 1e3:.1f}" if p.get("n") else "-"
-
-        ratio = f"{i['p50'] / solo[r['model']]:.2f}" if i.get("n") and solo.get(r["model"]) else "-"
-        lines.append(f"| {r['model']} | {r['clients']} | {r['requests']['ok']} | {r['requests']['failed']} | "
-                     f"{r['throughput']['output_tok_s']:.0f} | {ms(t, 'p50')} | {ms(t, 'p90')} | {ms(i, 'p50')} | "
-                     f"{ms(i, 'p90')} | {ratio} |")
-    return "\n".join(lines)
+    return loadgen.sweep_table(rows, model_column=True)
 
 
 def main(argv=None) -> int:

@@ -317,19 +317,25 @@ def _levels(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {text!r}") from None
 
 
-def sweep_table(reports: list[dict]) -> str:
-    """One row per concurrency level: what `lowbit bench serve` reports for a list of levels."""
-    lines = ["| clients | requests ok | failed | output tok/s | TTFT p50 ms | TTFT p90 ms | ITL p50 ms | ITL p90 ms |",
-             "|---|---|---|---|---|---|---|---|"]
+def sweep_table(reports: list[dict], model_column: bool = False) -> str:
+    """One row per (model,) concurrency level: what `lowbit bench serve` reports for a list of
+    levels, with each level's ITL p50 over the same model's single-stream ITL p50 where measured."""
+    head = ["model"] if model_column else []
+    head += ["clients", "requests ok", "failed", "output tok/s", "TTFT p50 ms", "TTFT p90 ms", "ITL p50 ms",
+             "ITL p90 ms", "ITL p50 / 1-stream"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    solo = {r["model"]: r["itl_s"]["p50"] for r in reports if r["clients"] == 1 and r["itl_s"].get("n")}
+
+    def ms(p, k):
+        return f"{p[k] * 1e3:.1f}" if p.get("n") else "-"
+
     for r in reports:
         t, i = r["ttft_s"], r["itl_s"]
-
-        def ms(p, k):
-            return f"{p[k] * 1e3:.1f}" if p.get("n") else "-"
-
-        lines.append(f"| {r['clients']} | {r['requests']['ok']} | {r['requests']['failed']} | "
-                     f"{r['throughput']['output_tok_s']:.1f} | {ms(t, 'p50')} | {ms(t, 'p90')} | {ms(i, 'p50')} | "
-                     f"{ms(i, 'p90')} |")
+        ratio = f"{i['p50'] / solo[r['model']]:.2f}" if i.get("n") and solo.get(r["model"]) else "-"
+        cells = [r["model"]] if model_column else []
+        cells += [r["clients"], r["requests"]["ok"], r["requests"]["failed"], f"{r['throughput']['output_tok_s']:.1f}",
+                  ms(t, "p50"), ms(t, "p90"), ms(i, "p50"), ms(i, "p90"), ratio]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines)
 
 

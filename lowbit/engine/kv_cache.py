@@ -100,9 +100,8 @@ class PagedAttention(AttentionContext):
             self.block_tables = torch.tensor([b + [0] * (width - len(b)) for *_, b in decodes], dtype=torch.int32,
                                              device=dev)
             self.context_lens = torch.tensor([c for _, c, _ in decodes], dtype=torch.int32, device=dev)
-            rows = [start for start, _, _ in decodes]
-            if rows != list(range(len(rows))) or not self.decode_only:
-                self.decode_rows = torch.tensor(rows, device=dev)
+            if not self.decode_only:  # else the decodes are all the rows, in order
+                self.decode_rows = torch.tensor([start for start, _, _ in decodes], device=dev)
 
     def _decode(self, q, kc, vc):
         from ..kernels.attention import paged_decode_attention, paged_decode_attention_reference
@@ -115,7 +114,7 @@ class PagedAttention(AttentionContext):
         hkv, d = kc.shape[-2], kc.shape[-1]
         kc.view(-1, hkv, d).index_copy_(0, self.slot_mapping, k)
         vc.view(-1, hkv, d).index_copy_(0, self.slot_mapping, v)
-        if self.decode_only and self.decode_rows is None:
+        if self.decode_only:
             return self._decode(q, kc, vc)
         out = torch.empty_like(q)
         if self.decode_rows is not None:

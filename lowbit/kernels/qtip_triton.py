@@ -807,7 +807,7 @@ def heuristic_config(layer, batch: int, device) -> QTIPConfig:
         return QTIPConfig("dequant")
     hyb = _hyb(layer.params)
     if hyb and batch <= 2:
-        ctas = triton.cdiv(m, 16) * triton.cdiv(batch, batch)
+        ctas = triton.cdiv(m, 16)  # one program covers all (≤ 2) rows of x
         return QTIPConfig("flat", 16, 512, batch, _split_for(ctas, n // 512, sms))
     if batch <= 4:
         rows, cols = (16, 256) if hyb else (32, 64)
@@ -829,7 +829,7 @@ def candidate_configs(layer, batch: int, device) -> list[QTIPConfig]:
     cands: list[QTIPConfig] = []
     if hyb and batch <= 2:
         for rows, cols, warps in ((16, 256, 4), (16, 512, 4), (32, 512, 4), (16, 1024, 8)):
-            ctas = triton.cdiv(m, rows) * triton.cdiv(batch, batch)
+            ctas = triton.cdiv(m, rows)
             s0 = _split_for(ctas, n // cols, sms)
             # up to ~12 programs per SM: the kernel is latency-bound at ~4 (Nsight: 24% occupancy)
             for s in sorted({max(1, s0 // 2), s0, 2 * s0, 4 * s0}):

@@ -90,7 +90,7 @@ def default_dtype(device: torch.device, cfg: ModelConfig) -> torch.dtype:
     return torch.bfloat16 if cfg.torch_dtype == "bfloat16" else torch.float16
 
 
-def _tokenizer_from(tokenizer: str | os.PathLike | None):
+def load_tokenizer(tokenizer: str | os.PathLike | None):
     """A tokenizer from a directory / Hub id, or the default model's when None."""
     if tokenizer is not None:
         from transformers import AutoTokenizer
@@ -105,7 +105,7 @@ def _load_tokenizer(ckpt: Checkpoint, tokenizer: str | os.PathLike | None):
     from transformers import AutoTokenizer
 
     if tokenizer is not None:
-        return _tokenizer_from(tokenizer)
+        return load_tokenizer(tokenizer)
     if hasattr(ckpt, "tokenizer"):
         return ckpt.tokenizer()
     if any((ckpt.directory / f).exists() for f in _TOKENIZER_FILES):
@@ -126,16 +126,14 @@ def load_model(
         from .default_model import default_model_path
 
         path_or_id = default_model_path()
-    if str(path_or_id).startswith("random:"):
-        from .synthetic import load_random_model
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from .synthetic import RANDOM_PREFIX, load_random_model
 
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        return load_random_model(str(path_or_id), device,
-                                 dtype or (torch.float16 if device.type == "cuda" else torch.float32), tokenizer)
+    if str(path_or_id).startswith(RANDOM_PREFIX):
+        return load_random_model(str(path_or_id), device, dtype, tokenizer)
     path = resolve(path_or_id)
     ckpt = open_checkpoint(path)
     cfg = ModelConfig.from_hf(ckpt.hf_config)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or default_dtype(device, cfg)
     fmt = detect_format(ckpt.hf_config)
     names = ckpt.names()

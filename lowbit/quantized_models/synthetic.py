@@ -154,7 +154,7 @@ def random_model(shape: str | ModelConfig, variant: str = "fp16", device: str | 
 RANDOM_PREFIX = "random:"
 
 
-def load_random_model(spec: str, device: torch.device, dtype: torch.dtype, tokenizer=None) -> CausalLM:
+def load_random_model(spec: str, device: torch.device, dtype: torch.dtype | None = None, tokenizer=None) -> CausalLM:
     """`random:<shape>:<variant>` (e.g. random:llama-2-7b:qtip2) as a servable model: the named shape
     in the given format with random valid weights, its vocabulary resized to a real tokenizer's
     (`tokenizer`, default SmolLM2's) so `lowbit serve` and the load generator can drive it. Its
@@ -163,12 +163,12 @@ def load_random_model(spec: str, device: torch.device, dtype: torch.dtype, token
     if len(parts) != 2 or parts[0] not in SHAPES or parts[1] not in VARIANTS:
         raise ValueError(f"expected random:<shape>:<variant> with shape in {', '.join(SHAPES)} and variant in "
                          f"{', '.join(VARIANTS)}; got {spec!r}")
-    from .loader import _tokenizer_from
+    from .loader import default_dtype, load_tokenizer
 
-    tok = _tokenizer_from(tokenizer)
+    tok = load_tokenizer(tokenizer)
     cfg = dataclasses.replace(shape_config(parts[0]), vocab_size=len(tok),
                               eos_token_ids=(tok.eos_token_id,) if tok.eos_token_id is not None else ())
-    model = random_model(cfg, parts[1], device=device, dtype=dtype)
+    model = random_model(cfg, parts[1], device=device, dtype=dtype or default_dtype(device, cfg))
     model.tokenizer = tok
     model.name = spec
     return model
