@@ -1,7 +1,8 @@
 """QTIP Triton kernels and the Triton Hadamard transform equal the plain-PyTorch references.
 
 CPU (default suite): Triton's interpreter on small random layers, every decode mode and K = 2, 3, 4,
-batches 1, 3 and 8, every kernel kind (decode-GEMV, tensor-core GEMM, dequant + matmul), split-K,
+batches 1, 3 and 8, every kernel kind (fragment kernel with its PTX emulated, decode-GEMV,
+tensor-core GEMM, dequant + matmul), split-K,
 outputs NaN-poisoned first; the official golden fixtures through the decode kernel (exact) and a
 full forward. GPU (`-m gpu`): Llama projection shapes, the tuned dispatch through QTIPLinear, fp16
 and bf16, all golden fixtures.
@@ -118,6 +119,11 @@ def test_hadamard_transform_plain_and_cast():
 
 # (K, m, n, batch, config): every kind and batch the issue names; odd tile counts exercise masks
 HYB_CASES = [
+    (2, 64, 256, 1, qt.QTIPConfig("frag", 32, 64, 8, 2, 4)),
+    (3, 96, 160, 3, qt.QTIPConfig("frag", 32, 32, 8, 1, 2)),
+    (4, 96, 64, 8, qt.QTIPConfig("frag", 64, 32, 8, 2, 2)),
+    (4, 64, 64, 2, qt.QTIPConfig("frag", 16, 32, 8, 1, 2)),
+    (2, 32, 128, 5, qt.QTIPConfig("frag", 16, 64, 8, 1, 4)),
     (2, 64, 256, 1, qt.QTIPConfig("flat", 16, 64, 1, 2)),
     (3, 96, 160, 1, qt.QTIPConfig("flat", 32, 64, 1, 1)),
     (4, 64, 96, 1, qt.QTIPConfig("flat", 16, 32, 1, 3, lut_smem=False)),
@@ -208,6 +214,9 @@ def test_golden_fixture_forward_cpu(name):
 # Llama-2-7B projections, Llama-3-8B's k=28 MLP dimension, a tensor-parallel split; (config, batch)
 GPU_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096)]
 GPU_RUNS = [
+    (qt.QTIPConfig("frag", 64, 128, 8, 4, 8), 1),
+    (qt.QTIPConfig("frag", 32, 64, 8, 1, 4, table_copies=16), 3),
+    (qt.QTIPConfig("frag", 16, 64, 8, 2, 4), 8),
     (qt.QTIPConfig("flat", 16, 512, 1, 2), 1),
     (qt.QTIPConfig("flat", 32, 512, 2, 1), 2),
     (qt.QTIPConfig("gemv", 16, 256, 1, 1), 1),

@@ -6,6 +6,8 @@ three launches: the input transform (`hadamard_triton`, SU and 1/32 fused), one 
 producing y_raw = xh @ Ŵᵀ in float32, and the output transform (SV·32, bias and the cast fused).
 
 Decode kernels, chosen per (shape, batch) by a cached tuner:
+* `qtip_frag_triton._hyb_frag_kernel` (kind "frag", batch 1–8, HYB): tiles decoded lane by lane
+  straight into `mma.sync` fragments, the table replicated per bank in shared memory.
 * `_hyb_gemv_kernel` (batch 1–4, CUDA cores): the published HYB layout (`quantlut_sym`, L=16, V=2,
   16×16 tiles, K=2/3/4). A thread owns a *unit* = 16 weight pairs of one tile that share the tile
   rows r8 and r8+8 (t = 16·r8 + 4·q4 + 2·a + b puts state t in row 8b+r8, column pair 4a+q4), whose
@@ -31,6 +33,8 @@ import torch
 
 from .hadamard_triton import hadamard_transform
 from .qtip import QTIPParams
+from .qtip_frag_triton import MAX_BATCH as FRAG_MAX_BATCH
+from .qtip_frag_triton import frag_matmul
 from .tuning import as_rows, batch_bucket, choose, interpreting, time_candidates
 
 try:
@@ -663,9 +667,10 @@ if triton is not None:
 
 @dataclass(frozen=True)
 class QTIPConfig:
-    """One launch choice. kind: "flat" (HYB, CUDA cores, ≤ 2 rows of x, one layout throughout),
-    "gemv" (CUDA cores, ≤ 4 rows of x per program), "mma" (tensor
-    cores, bb ≥ 16 rows) or "dequant" (decode Ŵ to fp16, then cuBLAS).
+    """One launch choice. kind: "frag" (HYB, ≤ 8 rows of x, tiles decoded straight into mma
+    fragments, `qtip_frag_triton`; cols = 16 · num_warps, a tile column per warp), "flat" (HYB,
+    CUDA cores, ≤ 2 rows of x, one layout throughout), "gemv" (CUDA cores, ≤ 4 rows of x per
+    program), "mma" (tensor cores, bb ≥ 16 rows) or "dequant" (decode Ŵ to fp16, then cuBLAS).
 
     rows × cols: weights a program covers per step (multiples of 16: whole trellis tiles for HYB),
     split_k: programs along the input, lut_smem: HYB table in shared memory (else read via L1)."""
@@ -676,11 +681,14 @@ class QTIPConfig:
     split_k: int = 1
     num_warps: int = 4
     lut_smem: bool = True
+    table_copies: int = 32  # frag: copies of the HYB table in shared memory (16 or 32)
 
     def __str__(self) -> str:
         if self.kind == "dequant":
             return "dequant+cuBLAS"
         lut = "" if self.lut_smem else " lut=L1"
+        if self.kind == "frag" and self.table_copies != 32:
+            lut = f" t{self.table_copies}"
         return f"{self.kind} {self.rows}x{self.cols} bb={self.bb} s{self.split_k} w{self.num_warps}{lut}"
 
 
@@ -722,7 +730,10 @@ def decode_matmul(layer, xh: torch.Tensor, cfg: QTIPConfig, out: torch.Tensor) -
     bb = cfg.bb
     grid_b = triton.cdiv(B, bb)
     common = dict(num_warps=cfg.num_warps, ATOMIC=atomic)
-    if _hyb(p):
+    if cfg.kind == "frag":
+        frag_matmul(layer.codes, _lut32(layer), p.K, xh, out, cfg.rows // 16, cfg.num_warps, per, atomic,
+                    cfg.table_copies)
+    elif _hyb(p):
         bi, bj = cfg.rows // 16, cfg.cols // 16
         grid = (triton.cdiv(m // 16, bi), split, grid_b)
         kern = {"gemv": _hyb_gemv_kernel, "flat": _hyb_flat_kernel, "mma": _hyb_mma_kernel}[cfg.kind]
@@ -773,8 +784,10 @@ def run_config(layer, x2: torch.Tensor, cfg: QTIPConfig, out: torch.Tensor | Non
     else:
         atomic = _steps(layer, cfg)[1] > 1
         y_raw = torch.empty(B, m, dtype=torch.float32, device=x2.device)
+        # the tensor-core kernels take x in fp16 (the frag kernel reads it as fp16 pairs)
+        xdt = torch.float16 if cfg.kind == "frag" else torch.float32
         xh = hadamard_transform(x2, transpose=True, chunks=_chunks(layer, 1), pre=layer.SU, alpha=1 / 32,
-                                out_dtype=torch.float32, zero=y_raw if atomic else None)
+                                out_dtype=xdt, zero=y_raw if atomic else None)
         decode_matmul(layer, xh, cfg, y_raw)
     return hadamard_transform(y_raw, transpose=False, chunks=_chunks(layer, 2), post=layer.SV, alpha=32.0,
                               bias=layer.bias, out=out)
@@ -799,13 +812,18 @@ def _shape_of(layer) -> tuple[int, int, int]:
     return layer.out_features, layer.in_features, 16 if _hyb(layer.params) else 1
 
 
-def heuristic_config(layer, batch: int, device) -> QTIPConfig:
-    """A reasonable launch without timing (CPU interpreter, first use inside graph capture)."""
+def heuristic_config(layer, batch: int, device, dtype: torch.dtype = torch.float16) -> QTIPConfig:
+    """A reasonable launch without timing (CPU interpreter, first use inside graph capture).
+    float32 activations keep the float32 CUDA-core paths (the frag kernel rounds x to fp16)."""
     m, n, _ = _shape_of(layer)
     sms = _num_sms(device)
     if batch > 64:
         return QTIPConfig("dequant")
     hyb = _hyb(layer.params)
+    if hyb and 2 < batch <= FRAG_MAX_BATCH and dtype != torch.float32 and not interpreting():
+        ctas = triton.cdiv(m, 32)
+        return QTIPConfig("frag", 32, 128, FRAG_MAX_BATCH, _split_for(ctas, n // 128, sms, want=2), 8,
+                          table_copies=16)
     if hyb and batch <= 2:
         ctas = triton.cdiv(m, 16)  # one program covers all (≤ 2) rows of x
         return QTIPConfig("flat", 16, 512, batch, _split_for(ctas, n // 512, sms))
@@ -827,6 +845,15 @@ def candidate_configs(layer, batch: int, device) -> list[QTIPConfig]:
     sms = _num_sms(device)
     hyb = _hyb(layer.params)
     cands: list[QTIPConfig] = []
+    if hyb and batch <= FRAG_MAX_BATCH:
+        # measured on the H100 (RESULTS.md): 16 table copies beat 32 (twice the programs per SM)
+        for rt, warps, copies in ((2, 8, 16), (4, 8, 16), (4, 4, 16), (2, 16, 16), (4, 8, 32)):
+            ctas = triton.cdiv(m // 16, rt)
+            s0 = _split_for(ctas, n // (16 * warps), sms, want=2)
+            for s in sorted({max(1, s0 // 2), s0, 2 * s0}):
+                if s == 1 or n // (16 * warps) >= 2 * s:
+                    cands.append(QTIPConfig("frag", 16 * rt, 16 * warps, FRAG_MAX_BATCH, s, warps,
+                                            table_copies=copies))
     if hyb and batch <= 2:
         for rows, cols, warps in ((16, 256, 4), (16, 512, 4), (32, 512, 4), (16, 1024, 8)):
             ctas = triton.cdiv(m, rows)
@@ -877,7 +904,7 @@ def tune(layer, x2: torch.Tensor, cands=None) -> tuple[QTIPConfig, list]:
 
 def choose_config(layer, x2: torch.Tensor) -> QTIPConfig:
     return choose(_TUNED, tune_key(layer, x2.shape[0], x2.dtype), x2, lambda: tune(layer, x2)[0],
-                  lambda: heuristic_config(layer, x2.shape[0], x2.device), QTIPConfig)
+                  lambda: heuristic_config(layer, x2.shape[0], x2.device, x2.dtype), QTIPConfig)
 
 
 def qtip_forward(layer, x: torch.Tensor, config: QTIPConfig | None = None) -> torch.Tensor:

@@ -1,0 +1,384 @@
+"""QTIP HYB decode-GEMV on tensor cores for batch 1–8, every value born in the register the mma reads.
+
+Why this layout works: the published HYB tile order *is* the A-fragment order of
+`mma.sync.m16n8k16` (../shared/specs/qtip.md). Lane l = 4g + q of a warp owns trellis states
+4l .. 4l+3 of a 16×16 tile, and those are exactly its four A registers (rows g, g+8 × column pairs
+q, q+4), their bits a 28–40-bit window starting at stream bit 8K·l. So a warp decodes a whole tile
+without moving data between lanes, and one mma multiplies it by up to 8 rows of x (the B fragment:
+batch rows are the mma's n axis), accumulating in float32. Per weight pair a lane spends one shift,
+one IMAD (h = s·s + s), two address ops, one shared load and one XOR; the FMAs are the tensor
+core's. The CUDA-core kernels (`qtip_triton._hyb_flat_kernel`) also spend two fp16→fp32
+conversions and two FFMAs per pair, and their one-copy table costs ~3.3-way bank conflicts.
+
+The 512-entry table is replicated 32 times in shared memory (entry e for lane l at word 32e + l),
+so the lanes of a lookup always hit 32 different banks. Plain Triton has no shared buffer with a
+chosen layout, so:
+1. a `tl.gather` over a 64 KiB tensor inside a branch that never runs (`TM < 0`) makes Triton
+   allocate ≥ 64 KiB of dynamic shared memory (checked after compiling: `metadata.shared`);
+2. the prologue writes the replicated table at the start of that memory with `st.shared`;
+3. the loop reads it with `ld.shared`. Nothing between the prologue and the epilogue uses Triton's
+   shared memory (no gathers, reductions or layout conversions in the loop, num_stages=1), so the
+   table stays intact until the cross-warp sum after the loop.
+Lane numbers come from `%laneid`. Tensors are [RT, 32·NW] (RT row tiles in each thread's
+registers, one column per thread, Triton's default layout), so an elementwise inline-asm call runs
+all 32 lanes of a warp together, as `mma.sync` requires.
+
+Under TRITON_INTERPRET the PTX pieces are emulated with plain Triton ops (the table read from global
+memory, the mma computed from its fragment definition over [.., 8, 4] reshapes), so the CPU tests
+check the same lane bookkeeping; the GPU tests check the PTX.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .tuning import interpreting
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+    tl = None
+
+COPIES = (16, 32)  # table copies the kernel can keep: 32 is conflict-free, 16 halves the memory
+
+if triton is not None:
+
+    @triton.jit
+    def _lane_ids(col, EMULATE: tl.constexpr):
+        """Lane (0..31) of the thread holding each column."""
+        if EMULATE:
+            lane = col % 32
+        else:
+            lane = tl.inline_asm_elementwise("mov.u32 $0, %laneid;", "=r,r", [col], dtype=tl.int32,
+                                             is_pure=True, pack=1)
+        return lane
+
+    @triton.jit
+    def _smem_base(col):
+        """Shared-window address of Triton's dynamic shared memory."""
+        return tl.inline_asm_elementwise("mov.u32 $0, global_smem;", "=r,r", [col], dtype=tl.int32,
+                                         is_pure=True, pack=1)
+
+    @triton.jit
+    def _write_table(lut_ptr, REP: tl.constexpr):
+        """Table at global_smem with REP copies of each entry (entry e, copy c at word REP·e + c):
+        16-byte stores of 4 copies each. One 1-D tensor, so consecutive lanes store consecutive
+        slots (conflict-free; a 2-D shape let Triton 3.6 lay lanes down a column: 32-way
+        conflicts, ~2 µs a program), and all loads are issued before the first store (a store
+        asm orders later loads after it)."""
+        q = tl.arange(0, 128 * REP)  # 16-byte slot: entry q // (REP / 4)
+        v = tl.load(lut_ptr + q // (REP // 4))
+        tl.inline_asm_elementwise("st.shared.v4.b32 [$1], {$2, $2, $2, $2};\n\tmov.u32 $0, 0;", "=r,r,r",
+                                  [_smem_base(q) + q * 16, v], dtype=tl.int32, is_pure=False, pack=1)
+        tl.debug_barrier()
+
+    @triton.jit
+    def _be(d):
+        """Little-endian int32 of two 16-bit stream words -> the big-endian 32 stream bits."""
+        u = d.to(tl.uint32, bitcast=True)
+        return (u << 16) | (u >> 16)
+
+    @triton.jit
+    def _word_offsets(lane, K: tl.constexpr):
+        """Per lane: offset (int32 words) of its first code word in a tile and the distance to the
+        second (the next word; the tile's first after its last). The lane's window starts at
+        stream bit 8K·lane, 16·(lane % 2) bits into the first word for K = 2."""
+        nwords: tl.constexpr = 8 * K
+        first = (K * lane) // 4
+        nxt = tl.where(first + 1 == nwords, 0, first + 1)
+        return first, nxt - first
+
+    @triton.jit
+    def _load_words(ptr, delta, msk, lane, K: tl.constexpr):
+        """The lane's two raw code words (K = 2: the second only for odd lanes), kept raw until
+        the step that decodes them: any use right after the load would make the warp wait there."""
+        r0 = tl.load(ptr, mask=msk, other=0)
+        if K == 2:
+            r1 = tl.load(ptr + delta, mask=msk & ((lane & 1) == 1), other=0)
+        else:
+            r1 = tl.load(ptr + delta, mask=msk, other=0)
+        return r0, r1
+
+    @triton.jit
+    def _prmt(a, b, sel, EMULATE: tl.constexpr):
+        """PTX prmt: bytes of b:a picked by the nibbles of sel (only the selectors used here are
+        emulated: 0x1032 swaps a's halves, 0x3254 is a's high half over b's low half)."""
+        if EMULATE:
+            ua = a.to(tl.uint32, bitcast=True)
+            ub = b.to(tl.uint32, bitcast=True)
+            r = tl.where(sel == 0x1032, (ua << 16) | (ua >> 16), (ua & 0xFFFF0000) | (ub & 0xFFFF))
+        else:
+            r = tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, sel], dtype=tl.uint32,
+                                          is_pure=True, pack=1)
+        return r
+
+    @triton.jit
+    def _window(r0, r1, lane, sel, K: tl.constexpr, EMULATE: tl.constexpr):
+        """Stream bits of the lane's 4 states as (hi, lo) uint32 words from its two raw code words
+        (int32 holding two 16-bit stream words, the first in the low half): state m is the 16 bits
+        at bit 2K·m of hi:lo (K = 2: lo unused)."""
+        if K == 2:  # one byte permute: the words' halves in stream order, from bit 16·(lane % 2)
+            hi = _prmt(r0, r1, sel, EMULATE)
+            lo = hi
+        else:
+            w0 = _be(r0)
+            w1 = _be(r1)
+            if K == 4:
+                hi = w0
+                lo = w1
+            else:  # K = 3: the lane's window starts 8·((3·lane) % 4) bits into w0
+                pair = (w0.to(tl.uint64) << 32) | w1.to(tl.uint64)
+                pair = pair << (8 * ((K * lane) % 4)).to(tl.uint64)
+                hi = (pair >> 32).to(tl.uint32)
+                lo = pair.to(tl.uint32)
+        return hi, lo
+
+    @triton.jit
+    def _state(hi, lo, m: tl.constexpr, K: tl.constexpr):
+        """State m (16 bits at bit 2K·m, bits above the low 16 left in: h below only reads them)."""
+        sh: tl.constexpr = 16 - 2 * K * m
+        if K == 2:
+            s = hi >> sh
+        elif sh >= 0:
+            s = hi >> sh
+        else:
+            s = (hi << (-sh)) | (lo >> (32 + sh))
+        return s
+
+    @triton.jit
+    def _lookup(s, lut_ptr, lane_addr, REP: tl.constexpr, EMULATE: tl.constexpr):
+        """Table word of state s, bit 15 of h = s·(s+1) flipping the first value's sign. On the GPU
+        one asm block: entry (bits 6..14 of h) · 4·REP bytes + this lane's copy (lane_addr),
+        a shared load, the sign XOR (Triton's own arithmetic spends an extra shift)."""
+        if EMULATE:
+            h = s * s + s
+            pk = tl.load(lut_ptr + ((h >> 6) & 511).to(tl.int32)) ^ (h & 0x8000).to(tl.int32)
+        elif REP == 16:  # entry · 64 bytes is h & 0x7FC0 itself
+            pk = tl.inline_asm_elementwise(
+                "{ .reg .b32 h, a, v;\n\t"
+                "mad.lo.u32 h, $1, $1, $1;\n\t"
+                "and.b32 a, h, 32704;\n\t"
+                "add.u32 a, a, $2;\n\t"
+                "ld.shared.b32 v, [a];\n\t"
+                "and.b32 h, h, 32768;\n\t"
+                "xor.b32 $0, v, h; }",
+                "=r,r,r", [s, lane_addr], dtype=tl.int32, is_pure=True, pack=1)
+        else:
+            pk = tl.inline_asm_elementwise(
+                "{ .reg .b32 h, a, v;\n\t"
+                "mad.lo.u32 h, $1, $1, $1;\n\t"
+                "and.b32 a, h, 32704;\n\t"
+                "shl.b32 a, a, 1;\n\t"
+                "add.u32 a, a, $2;\n\t"
+                "ld.shared.b32 v, [a];\n\t"
+                "and.b32 h, h, 32768;\n\t"
+                "xor.b32 $0, v, h; }",
+                "=r,r,r", [s, lane_addr], dtype=tl.int32, is_pure=True, pack=1)
+        return pk
+
+    @triton.jit
+    def _f16(r, shift: tl.constexpr):
+        return ((r >> shift) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+
+    @triton.jit
+    def _frag_dot(a, b, R: tl.constexpr):
+        """[R, 8 (g), 8 (n)]: Σ over the 4 lanes t of a group of lo·lo + hi·hi of the A register a
+        (lane (g, t)) and the B register b (lane (n, t)), both [R, 8, 4]."""
+        alo = _f16(a, 0)
+        ahi = _f16(a, 16)
+        blo = _f16(b, 0)
+        bhi = _f16(b, 16)
+        p = alo[:, :, None, :] * blo[:, None, :, :] + ahi[:, :, None, :] * bhi[:, None, :, :]
+        return tl.sum(p, 3)
+
+    @triton.jit
+    def _mma(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, NW: tl.constexpr, EMULATE: tl.constexpr):
+        """D = A·B + C: one m16n8k16 per warp (fp16 in, fp32 accumulate), operands [32·NW]."""
+        if EMULATE:
+            shp: tl.constexpr = [NW, 8, 4]
+            top = _frag_dot(tl.reshape(a0, shp), tl.reshape(b0, shp), NW) + \
+                _frag_dot(tl.reshape(a2, shp), tl.reshape(b1, shp), NW)  # rows g, columns n
+            bot = _frag_dot(tl.reshape(a1, shp), tl.reshape(b0, shp), NW) + \
+                _frag_dot(tl.reshape(a3, shp), tl.reshape(b1, shp), NW)  # rows g + 8
+            t0, t1 = tl.split(tl.reshape(top, [NW, 8, 4, 2]))
+            u0, u1 = tl.split(tl.reshape(bot, [NW, 8, 4, 2]))
+            d0 = c0 + tl.reshape(t0, a0.shape)
+            d1 = c1 + tl.reshape(t1, a0.shape)
+            d2 = c2 + tl.reshape(u0, a0.shape)
+            d3 = c3 + tl.reshape(u1, a0.shape)
+        else:
+            d0, d1, d2, d3 = tl.inline_asm_elementwise(
+                "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+                "{$0, $1, $2, $3}, {$4, $5, $6, $7}, {$8, $9}, {$10, $11, $12, $13};",
+                "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f", [a0, a1, a2, a3, b0, b1, c0, c1, c2, c3],
+                dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True, pack=1)
+        return d0, d1, d2, d3
+
+    @triton.jit
+    def _tile(u, v, b0, b1, c0, c1, c2, c3, lane, sel, lut_ptr, lane_addr, K: tl.constexpr, NW: tl.constexpr,
+              REP: tl.constexpr, EMULATE: tl.constexpr):
+        """One 16×16 tile per warp from the lanes' raw code words: decode into A, multiply, add."""
+        hi, lo = _window(u, v, lane, sel, K, EMULATE)
+        a0 = _lookup(_state(hi, lo, 0, K), lut_ptr, lane_addr, REP, EMULATE)
+        a1 = _lookup(_state(hi, lo, 1, K), lut_ptr, lane_addr, REP, EMULATE)
+        a2 = _lookup(_state(hi, lo, 2, K), lut_ptr, lane_addr, REP, EMULATE)
+        a3 = _lookup(_state(hi, lo, 3, K), lut_ptr, lane_addr, REP, EMULATE)
+        return _mma(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, NW, EMULATE)
+
+    @triton.jit
+    def _out(y_ptr, acc, rows, n, B, TM, stride_yb, NW: tl.constexpr, ATOMIC: tl.constexpr):
+        """Sum the warps' partials of one accumulator register [32·NW] and add/store them."""
+        v = tl.sum(tl.reshape(acc, [NW, 32]), 0)
+        msk = (rows < TM * 16) & (n < B)
+        if ATOMIC:
+            tl.atomic_add(y_ptr + n * stride_yb + rows, v, mask=msk, sem="relaxed")
+        else:
+            tl.store(y_ptr + n * stride_yb + rows, v, mask=msk)
+
+    @triton.jit
+    def _out_tile(y_ptr, c0, c1, c2, c3, row0, B, TM, stride_yb, NW: tl.constexpr, ATOMIC: tl.constexpr):
+        """Lane (g, t) holds c0/c1 = y[n = 2t, 2t + 1][row0 + g] and c2/c3 for row0 + g + 8."""
+        ln = tl.arange(0, 32)
+        rows = row0 + (ln >> 2)
+        n = 2 * (ln & 3)
+        _out(y_ptr, c0, rows, n, B, TM, stride_yb, NW, ATOMIC)
+        _out(y_ptr, c1, rows, n + 1, B, TM, stride_yb, NW, ATOMIC)
+        _out(y_ptr, c2, rows + 8, n, B, TM, stride_yb, NW, ATOMIC)
+        _out(y_ptr, c3, rows + 8, n + 1, B, TM, stride_yb, NW, ATOMIC)
+
+    @triton.jit(do_not_specialize=["TM", "TN", "B", "tiles_per_split"])
+    def _hyb_frag_kernel(
+        x_ptr, codes_ptr, lut_ptr, y_ptr,
+        TM, TN, B, stride_xb, stride_yb, tiles_per_split,
+        K: tl.constexpr, RT: tl.constexpr, NW: tl.constexpr, REP: tl.constexpr, ATOMIC: tl.constexpr,
+        EMULATE: tl.constexpr,
+    ):
+        """y[:B, rows] (+)= xh[:B] · Ŵ[rows]ᵀ for RT ∈ {1, 2, 4} row tiles (program axis 0) and the
+        tile columns of split program_id(1); warp w takes columns t0 + w, t0 + w + NW, ... Every
+        tensor is [32·NW], one element per thread (the row tiles are unrolled, not a tensor axis:
+        a 2-D shape lets Triton pick layouts that break the lane ↔ fragment mapping). x is fp16
+        read as int32 pairs (stride_xb in pairs), y float32."""
+        pid_m = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        NTH: tl.constexpr = 32 * NW
+        col = tl.arange(0, NTH)
+        lane = _lane_ids(col, EMULATE)
+        wid = col // 32
+        if not EMULATE:
+            if TM < 0:  # never runs: reserves Triton shared memory for the replicated table
+                big = tl.load(lut_ptr + tl.arange(0, 512 * REP) // REP)  # the table's bytes
+                tl.store(y_ptr + col, tl.gather(big, col, 0))
+            _write_table(lut_ptr, REP)
+            lane_addr = _smem_base(col) + (lane % REP) * 4
+        else:
+            lane_addr = lane * 4
+        sel = tl.where((lane & 1) == 1, 0x3254, 0x1032)
+        i0 = pid_m * RT
+        ok0 = (i0 + 0 * col) < TM  # row tiles present (vectors: the interpreter wants tensor masks)
+        ok1 = (i0 + 1 + 0 * col) < TM
+        ok2 = (i0 + 2 + 0 * col) < TM
+        ok3 = (i0 + 3 + 0 * col) < TM
+        # B fragment: lane (n, t) holds x[n, 16j + 2t + {0,1}] and x[n, 16j + 8 + 2t + {0,1}]
+        xn = lane >> 2
+        xmask = xn < B
+        t0 = pid_k * tiles_per_split
+        t1 = tl.minimum(t0 + tiles_per_split, TN)
+        # Pointers advance by NW tiles a step (no per-step 64-bit index math); code words and x
+        # are requested one step ahead of the step that uses them.
+        first, delta = _word_offsets(lane, K)
+        TW: tl.constexpr = 8 * K  # int32 code words per tile
+        RS = TN * TW  # words between row tiles
+        j = t0 + wid
+        cp = codes_ptr + (i0 * TN + j) * TW + first
+        xp = x_ptr + xn * stride_xb + (lane & 3) + 8 * j
+        jm = j < t1
+        x0 = tl.load(xp, mask=xmask & jm, other=0)
+        x1 = tl.load(xp + 4, mask=xmask & jm, other=0)
+        u0, v0 = _load_words(cp, delta, jm & ok0, lane, K)
+        u1, v1 = u0, v0
+        u2, v2 = u0, v0
+        u3, v3 = u0, v0
+        if RT > 1:
+            u1, v1 = _load_words(cp + RS, delta, jm & ok1, lane, K)
+        if RT > 2:
+            u2, v2 = _load_words(cp + 2 * RS, delta, jm & ok2, lane, K)
+            u3, v3 = _load_words(cp + 3 * RS, delta, jm & ok3, lane, K)
+        z = tl.zeros([NTH], tl.float32)
+        c00, c01, c02, c03 = z, z, z, z
+        c10, c11, c12, c13 = z, z, z, z
+        c20, c21, c22, c23 = z, z, z, z
+        c30, c31, c32, c33 = z, z, z, z
+        for j0 in range(t0, t1, NW):
+            jn = j0 + wid + NW
+            nm = jn < t1
+            b0, b1 = x0, x1
+            cp += NW * TW
+            xp += 8 * NW
+            x0 = tl.load(xp, mask=xmask & nm, other=0)
+            x1 = tl.load(xp + 4, mask=xmask & nm, other=0)
+            n0, m0 = _load_words(cp, delta, nm & ok0, lane, K)
+            n1, m1 = n0, m0
+            n2, m2 = n0, m0
+            n3, m3 = n0, m0
+            if RT > 1:
+                n1, m1 = _load_words(cp + RS, delta, nm & ok1, lane, K)
+            if RT > 2:
+                n2, m2 = _load_words(cp + 2 * RS, delta, nm & ok2, lane, K)
+                n3, m3 = _load_words(cp + 3 * RS, delta, nm & ok3, lane, K)
+            c00, c01, c02, c03 = _tile(u0, v0, b0, b1, c00, c01, c02, c03, lane, sel, lut_ptr, lane_addr, K, NW,
+                                       REP, EMULATE)
+            if RT > 1:
+                c10, c11, c12, c13 = _tile(u1, v1, b0, b1, c10, c11, c12, c13, lane, sel, lut_ptr, lane_addr, K,
+                                           NW, REP, EMULATE)
+            if RT > 2:
+                c20, c21, c22, c23 = _tile(u2, v2, b0, b1, c20, c21, c22, c23, lane, sel, lut_ptr, lane_addr, K,
+                                           NW, REP, EMULATE)
+                c30, c31, c32, c33 = _tile(u3, v3, b0, b1, c30, c31, c32, c33, lane, sel, lut_ptr, lane_addr, K,
+                                           NW, REP, EMULATE)
+            u0, v0, u1, v1, u2, v2, u3, v3 = n0, m0, n1, m1, n2, m2, n3, m3
+        tl.debug_barrier()  # every warp is done with the table before the epilogue's reductions reuse it
+        _out_tile(y_ptr, c00, c01, c02, c03, i0 * 16, B, TM, stride_yb, NW, ATOMIC)
+        if RT > 1:
+            _out_tile(y_ptr, c10, c11, c12, c13, i0 * 16 + 16, B, TM, stride_yb, NW, ATOMIC)
+        if RT > 2:
+            _out_tile(y_ptr, c20, c21, c22, c23, i0 * 16 + 32, B, TM, stride_yb, NW, ATOMIC)
+            _out_tile(y_ptr, c30, c31, c32, c33, i0 * 16 + 48, B, TM, stride_yb, NW, ATOMIC)
+
+
+MAX_BATCH = 8  # the mma's n
+_CHECKED: set = set()
+
+
+def frag_matmul(codes: torch.Tensor, lut32: torch.Tensor, K: int, xh: torch.Tensor, out: torch.Tensor,
+                row_tiles: int, num_warps: int, tiles_per_split: int, atomic: bool, copies: int = 32) -> torch.Tensor:
+    """out [B ≤ 8, m] (+)= xh [B, n] (fp16) @ Ŵᵀ from HYB codes [m/16, n/16, 16K] (int16, read as
+    int32) and the table as 512 int32, kept in `copies` copies per program (32: lanes never share
+    a bank; 16: 32 KiB instead of 64, twice the programs per SM, lanes l and l + 16 can collide).
+    With `atomic` the splits add into out (which must hold zeros)."""
+    B, n = xh.shape
+    m = out.shape[1]
+    if row_tiles not in (1, 2, 4) or copies not in COPIES:
+        raise ValueError(f"frag kernel: row tiles must be 1, 2 or 4 and table copies one of {COPIES}, "
+                         f"got {row_tiles} and {copies}")
+    if B > MAX_BATCH or xh.dtype != torch.float16 or xh.stride(1) != 1 or xh.stride(0) % 2:
+        raise ValueError(f"frag kernel takes ≤ {MAX_BATCH} contiguous fp16 rows, got {tuple(xh.shape)} {xh.dtype}")
+    tm, tn = m // 16, n // 16
+    split = triton.cdiv(tn, tiles_per_split)
+    words = codes.view(torch.int32)
+    grid = (triton.cdiv(tm, row_tiles), split)
+    emulate = interpreting()
+    kern = _hyb_frag_kernel[grid](
+        xh.view(torch.int32), words, lut32, out, tm, tn, B, xh.stride(0) // 2, out.stride(0), tiles_per_split,
+        K=K, RT=row_tiles, NW=num_warps, REP=copies, ATOMIC=atomic, EMULATE=emulate, num_warps=num_warps,
+        num_stages=1)
+    if not emulate:
+        key = (K, row_tiles, num_warps, copies, atomic)
+        if key not in _CHECKED:  # the reservation trick is Triton's allocator's doing: verify it once
+            shared = getattr(getattr(kern, "metadata", None), "shared", None)
+            if shared is not None and shared < 2048 * copies:
+                raise RuntimeError(f"Triton gave the QTIP frag kernel {shared} bytes of shared memory, "
+                                   f"its table needs {2048 * copies}")
+            _CHECKED.add(key)
+    return out
