@@ -102,6 +102,20 @@ if triton is not None:
         return r0, r1
 
     @triton.jit
+    def _step_words(cp, RS, delta, jm, ok0, ok1, ok2, ok3, lane, K: tl.constexpr, RT: tl.constexpr):
+        """Raw code words of one step for row tiles 0..RT-1 (unused tiles repeat tile 0's)."""
+        u0, v0 = _load_words(cp, delta, jm & ok0, lane, K)
+        u1, v1 = u0, v0
+        u2, v2 = u0, v0
+        u3, v3 = u0, v0
+        if RT > 1:
+            u1, v1 = _load_words(cp + RS, delta, jm & ok1, lane, K)
+        if RT > 2:
+            u2, v2 = _load_words(cp + 2 * RS, delta, jm & ok2, lane, K)
+            u3, v3 = _load_words(cp + 3 * RS, delta, jm & ok3, lane, K)
+        return u0, v0, u1, v1, u2, v2, u3, v3
+
+    @triton.jit
     def _prmt(a, b, sel, EMULATE: tl.constexpr):
         """PTX prmt: bytes of b:a picked by the nibbles of sel (only the selectors used here are
         emulated: 0x1032 swaps a's halves, 0x3254 is a's high half over b's low half)."""
@@ -294,17 +308,8 @@ if triton is not None:
         cp = codes_ptr + (i0 * TN + j) * TW + first
         xp = x_ptr + xn * stride_xb + (lane & 3) + 8 * j
         jm = j < t1
-        x0 = tl.load(xp, mask=xmask & jm, other=0)
-        x1 = tl.load(xp + 4, mask=xmask & jm, other=0)
-        u0, v0 = _load_words(cp, delta, jm & ok0, lane, K)
-        u1, v1 = u0, v0
-        u2, v2 = u0, v0
-        u3, v3 = u0, v0
-        if RT > 1:
-            u1, v1 = _load_words(cp + RS, delta, jm & ok1, lane, K)
-        if RT > 2:
-            u2, v2 = _load_words(cp + 2 * RS, delta, jm & ok2, lane, K)
-            u3, v3 = _load_words(cp + 3 * RS, delta, jm & ok3, lane, K)
+        x0, x1 = tl.load(xp, mask=xmask & jm, other=0), tl.load(xp + 4, mask=xmask & jm, other=0)
+        u0, v0, u1, v1, u2, v2, u3, v3 = _step_words(cp, RS, delta, jm, ok0, ok1, ok2, ok3, lane, K, RT)
         z = tl.zeros([NTH], tl.float32)
         c00, c01, c02, c03 = z, z, z, z
         c10, c11, c12, c13 = z, z, z, z
@@ -316,17 +321,8 @@ if triton is not None:
             b0, b1 = x0, x1
             cp += NW * TW
             xp += 8 * NW
-            x0 = tl.load(xp, mask=xmask & nm, other=0)
-            x1 = tl.load(xp + 4, mask=xmask & nm, other=0)
-            n0, m0 = _load_words(cp, delta, nm & ok0, lane, K)
-            n1, m1 = n0, m0
-            n2, m2 = n0, m0
-            n3, m3 = n0, m0
-            if RT > 1:
-                n1, m1 = _load_words(cp + RS, delta, nm & ok1, lane, K)
-            if RT > 2:
-                n2, m2 = _load_words(cp + 2 * RS, delta, nm & ok2, lane, K)
-                n3, m3 = _load_words(cp + 3 * RS, delta, nm & ok3, lane, K)
+            x0, x1 = tl.load(xp, mask=xmask & nm, other=0), tl.load(xp + 4, mask=xmask & nm, other=0)
+            n0, m0, n1, m1, n2, m2, n3, m3 = _step_words(cp, RS, delta, nm, ok0, ok1, ok2, ok3, lane, K, RT)
             c00, c01, c02, c03 = _tile(u0, v0, b0, b1, c00, c01, c02, c03, lane, sel, lut_ptr, lane_addr, K, NW,
                                        REP, EMULATE)
             if RT > 1:
