@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import torch
 
+from .qtip_shared_triton import _be, _put
 from .tuning import interpreting
 
 try:
@@ -43,7 +44,25 @@ except ImportError:  # pragma: no cover
 
 COPIES = (16, 32)  # table copies the kernel can keep: 32 is conflict-free, 16 halves the memory
 
+
+
+def _lookup_asm(copies: int) -> str:
+    """PTX of one table lookup ($1 = state s, $2 = this lane's copy address): h = s·s + s; the
+    entry (bits 6..14 of h) times 4·copies bytes, i.e. (h & 0x7FC0) shifted left by log2(copies/16);
+    a shared load; the sign XOR. Hand-written because Triton's own arithmetic spends an extra shift."""
+    shift = {16: "", 32: "shl.b32 a, a, 1;\n\t"}[copies]
+    return ("{ .reg .b32 h, a, v;\n\t"
+            "mad.lo.u32 h, $1, $1, $1;\n\t"
+            "and.b32 a, h, 32704;\n\t" + shift
+            + "add.u32 a, a, $2;\n\t"
+            "ld.shared.b32 v, [a];\n\t"
+            "and.b32 h, h, 32768;\n\t"
+            "xor.b32 $0, v, h; }")
+
+
 if triton is not None:
+    _LOOKUP_ASM_16 = tl.constexpr(_lookup_asm(16))
+    _LOOKUP_ASM_32 = tl.constexpr(_lookup_asm(32))
 
     @triton.jit
     def _lane_ids(col, EMULATE: tl.constexpr):
@@ -73,12 +92,6 @@ if triton is not None:
         tl.inline_asm_elementwise("st.shared.v4.b32 [$1], {$2, $2, $2, $2};\n\tmov.u32 $0, 0;", "=r,r,r",
                                   [_smem_base(q) + q * 16, v], dtype=tl.int32, is_pure=False, pack=1)
         tl.debug_barrier()
-
-    @triton.jit
-    def _be(d):
-        """Little-endian int32 of two 16-bit stream words -> the big-endian 32 stream bits."""
-        u = d.to(tl.uint32, bitcast=True)
-        return (u << 16) | (u >> 16)
 
     @triton.jit
     def _word_offsets(lane, K: tl.constexpr):
@@ -163,33 +176,17 @@ if triton is not None:
 
     @triton.jit
     def _lookup(s, lut_ptr, lane_addr, REP: tl.constexpr, EMULATE: tl.constexpr):
-        """Table word of state s, bit 15 of h = s·(s+1) flipping the first value's sign. On the GPU
-        one asm block: entry (bits 6..14 of h) · 4·REP bytes + this lane's copy (lane_addr),
-        a shared load, the sign XOR (Triton's own arithmetic spends an extra shift)."""
+        """Table word of state s, bit 15 of h = s·(s+1) flipping the first value's sign (on the GPU
+        one asm block, `_lookup_asm`)."""
         if EMULATE:
             h = s * s + s
             pk = tl.load(lut_ptr + ((h >> 6) & 511).to(tl.int32)) ^ (h & 0x8000).to(tl.int32)
-        elif REP == 16:  # entry · 64 bytes is h & 0x7FC0 itself
-            pk = tl.inline_asm_elementwise(
-                "{ .reg .b32 h, a, v;\n\t"
-                "mad.lo.u32 h, $1, $1, $1;\n\t"
-                "and.b32 a, h, 32704;\n\t"
-                "add.u32 a, a, $2;\n\t"
-                "ld.shared.b32 v, [a];\n\t"
-                "and.b32 h, h, 32768;\n\t"
-                "xor.b32 $0, v, h; }",
-                "=r,r,r", [s, lane_addr], dtype=tl.int32, is_pure=True, pack=1)
         else:
-            pk = tl.inline_asm_elementwise(
-                "{ .reg .b32 h, a, v;\n\t"
-                "mad.lo.u32 h, $1, $1, $1;\n\t"
-                "and.b32 a, h, 32704;\n\t"
-                "shl.b32 a, a, 1;\n\t"
-                "add.u32 a, a, $2;\n\t"
-                "ld.shared.b32 v, [a];\n\t"
-                "and.b32 h, h, 32768;\n\t"
-                "xor.b32 $0, v, h; }",
-                "=r,r,r", [s, lane_addr], dtype=tl.int32, is_pure=True, pack=1)
+            if REP == 16:
+                asm: tl.constexpr = _LOOKUP_ASM_16
+            else:
+                asm: tl.constexpr = _LOOKUP_ASM_32
+            pk = tl.inline_asm_elementwise(asm, "=r,r,r", [s, lane_addr], dtype=tl.int32, is_pure=True, pack=1)
         return pk
 
     @triton.jit
@@ -245,11 +242,7 @@ if triton is not None:
     def _out(y_ptr, acc, rows, n, B, TM, stride_yb, NW: tl.constexpr, ATOMIC: tl.constexpr):
         """Sum the warps' partials of one accumulator register [32·NW] and add/store them."""
         v = tl.sum(tl.reshape(acc, [NW, 32]), 0)
-        msk = (rows < TM * 16) & (n < B)
-        if ATOMIC:
-            tl.atomic_add(y_ptr + n * stride_yb + rows, v, mask=msk, sem="relaxed")
-        else:
-            tl.store(y_ptr + n * stride_yb + rows, v, mask=msk)
+        _put(y_ptr, n * stride_yb + rows, v, (rows < TM * 16) & (n < B), ATOMIC)
 
     @triton.jit
     def _out_tile(y_ptr, c0, c1, c2, c3, row0, B, TM, stride_yb, NW: tl.constexpr, ATOMIC: tl.constexpr):

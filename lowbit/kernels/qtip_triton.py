@@ -35,6 +35,7 @@ from .hadamard_triton import hadamard_transform
 from .qtip import QTIPParams
 from .qtip_frag_triton import MAX_BATCH as FRAG_MAX_BATCH
 from .qtip_frag_triton import frag_matmul
+from .qtip_shared_triton import _be, _put
 from .tuning import as_rows, batch_bucket, choose, interpreting, time_candidates
 
 try:
@@ -102,12 +103,6 @@ if triton is not None:
                  _hyb_state(w0, w1, w2, w3, w4, 12, K), _hyb_state(w0, w1, w2, w3, w4, 13, K),
                  _hyb_state(w0, w1, w2, w3, w4, 14, K), _hyb_state(w0, w1, w2, w3, w4, 15, K))
         return tl.permute(tl.join(r0, r1), (0, 1, 2, 6, 3, 4, 5))
-
-    @triton.jit
-    def _be(d):
-        """Little-endian int32 (two 16-bit words, the first in the low half) -> big-endian uint32."""
-        u = d.to(tl.uint32, bitcast=True)
-        return (u << 16) | (u >> 16)
 
     @triton.jit
     def _hyb_unit_words(codes_ptr, unit, r8, msk, K: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr):
@@ -195,13 +190,6 @@ if triton is not None:
         """acc [BI, BJ, 8, 2, 2, 2, 2] -> per-row sums [BI·16] in row order 16·i + 8·b + r8."""
         y = tl.sum(tl.sum(tl.sum(tl.sum(acc, 6), 5), 4), 1)  # [BI, 8 (r8), 2 (b)]
         return tl.reshape(tl.permute(y, (0, 2, 1)), [BI * 16])
-
-    @triton.jit
-    def _put(y_ptr, off, val, msk, ATOMIC: tl.constexpr):
-        if ATOMIC:
-            tl.atomic_add(y_ptr + off, val, mask=msk, sem="relaxed")
-        else:
-            tl.store(y_ptr + off, val, mask=msk)
 
     @triton.jit(do_not_specialize=["TM", "TN", "B", "tiles_per_split"])
     def _hyb_gemv_kernel(
@@ -771,6 +759,12 @@ def _chunks(layer, side: int) -> int:
     return layer.tp_rank if layer.rcp == side else 1
 
 
+def xh_dtype(cfg: QTIPConfig) -> torch.dtype:
+    """dtype of the transformed input xh a decode kernel reads: the frag kernel reads fp16 pairs
+    (and the dequant path feeds cuBLAS fp16), the others float32."""
+    return torch.float16 if cfg.kind in ("frag", "dequant") else torch.float32
+
+
 def run_config(layer, x2: torch.Tensor, cfg: QTIPConfig, out: torch.Tensor | None = None) -> torch.Tensor:
     """y = layer(x2) for x2 [B, n]: input transform, decode kernel(s), output transform."""
     m = layer.out_features
@@ -779,15 +773,13 @@ def run_config(layer, x2: torch.Tensor, cfg: QTIPConfig, out: torch.Tensor | Non
         out = torch.empty(B, m, dtype=x2.dtype, device=x2.device)
     if cfg.kind == "dequant":
         xh = hadamard_transform(x2, transpose=True, chunks=_chunks(layer, 1), pre=layer.SU, alpha=1 / 32,
-                                out_dtype=torch.float16)
+                                out_dtype=xh_dtype(cfg))
         y_raw = torch.matmul(xh, dequantize_codes(layer, torch.float16).T)
     else:
         atomic = _steps(layer, cfg)[1] > 1
         y_raw = torch.empty(B, m, dtype=torch.float32, device=x2.device)
-        # the tensor-core kernels take x in fp16 (the frag kernel reads it as fp16 pairs)
-        xdt = torch.float16 if cfg.kind == "frag" else torch.float32
         xh = hadamard_transform(x2, transpose=True, chunks=_chunks(layer, 1), pre=layer.SU, alpha=1 / 32,
-                                out_dtype=xdt, zero=y_raw if atomic else None)
+                                out_dtype=xh_dtype(cfg), zero=y_raw if atomic else None)
         decode_matmul(layer, xh, cfg, y_raw)
     return hadamard_transform(y_raw, transpose=False, chunks=_chunks(layer, 2), post=layer.SV, alpha=32.0,
                               bias=layer.bias, out=out)
@@ -805,6 +797,11 @@ def _split_for(ctas: int, steps: int, sms: int, want: int = 3) -> int:
     while ctas * split < want * sms and steps // (split * 2) >= 2:
         split *= 2
     return split
+
+
+def _splits_around(s0: int, steps: int, factors) -> list[int]:
+    """Splits s0·f for the factors, each split keeping ≥ 2 steps (split 1 always allowed)."""
+    return sorted(s for s in {max(1, int(s0 * f)) for f in factors} if s == 1 or steps >= 2 * s)
 
 
 def _shape_of(layer) -> tuple[int, int, int]:
@@ -849,19 +846,15 @@ def candidate_configs(layer, batch: int, device) -> list[QTIPConfig]:
         # measured on the H100 (RESULTS.md): 16 table copies beat 32 (twice the programs per SM)
         for rt, warps, copies in ((2, 8, 16), (4, 8, 16), (4, 4, 16), (2, 16, 16), (4, 8, 32)):
             ctas = triton.cdiv(m // 16, rt)
-            s0 = _split_for(ctas, n // (16 * warps), sms, want=2)
-            for s in sorted({max(1, s0 // 2), s0, 2 * s0}):
-                if s == 1 or n // (16 * warps) >= 2 * s:
-                    cands.append(QTIPConfig("frag", 16 * rt, 16 * warps, FRAG_MAX_BATCH, s, warps,
-                                            table_copies=copies))
+            steps = n // (16 * warps)
+            for s in _splits_around(_split_for(ctas, steps, sms, want=2), steps, (0.5, 1, 2)):
+                cands.append(QTIPConfig("frag", 16 * rt, 16 * warps, FRAG_MAX_BATCH, s, warps, table_copies=copies))
     if hyb and batch <= 2:
         for rows, cols, warps in ((16, 256, 4), (16, 512, 4), (32, 512, 4), (16, 1024, 8)):
             ctas = triton.cdiv(m, rows)
-            s0 = _split_for(ctas, n // cols, sms)
             # up to ~12 programs per SM: the kernel is latency-bound at ~4 (Nsight: 24% occupancy)
-            for s in sorted({max(1, s0 // 2), s0, 2 * s0, 4 * s0}):
-                if s == 1 or n // cols >= 2 * s:
-                    cands.append(QTIPConfig("flat", rows, cols, batch, s, warps))
+            for s in _splits_around(_split_for(ctas, n // cols, sms), n // cols, (0.5, 1, 2, 4)):
+                cands.append(QTIPConfig("flat", rows, cols, batch, s, warps))
     if batch <= 4:
         bb = 1 if batch == 1 else (2 if batch == 2 else 4)
         tiles = [(16, 256, 4, True), (32, 256, 4, True), (16, 512, 8, True)] if hyb else [(32, 64, 4, True)]
