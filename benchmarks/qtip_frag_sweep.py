@@ -28,7 +28,7 @@ def _launch(lin, xh, y, rt, nw, rep, split, empty=False):
     grid = (triton.cdiv(tm, rt), triton.cdiv(tn, per))
     return lambda: f._hyb_frag_kernel[grid](
         xh.view(torch.int32), lin.codes.view(torch.int32), qt._lut32(lin), y, tm, 0 if empty else tn, 1, n // 2,
-        m, per, K=2, RT=rt, NW=nw, REP=rep, ATOMIC=True, EMULATE=False, num_warps=nw, num_stages=1)
+        m, per, K=2, RT=rt, NB=1, NW=nw, REP=rep, ATOMIC=True, EMULATE=False, num_warps=nw, num_stages=1)
 
 
 def _flat(lin, xf, y, split):

@@ -124,6 +124,8 @@ HYB_CASES = [
     (4, 96, 64, 8, qt.QTIPConfig("frag", 64, 32, 8, 2, 2)),
     (4, 64, 64, 2, qt.QTIPConfig("frag", 16, 32, 8, 1, 2)),
     (2, 32, 128, 5, qt.QTIPConfig("frag", 16, 64, 8, 1, 4)),
+    (3, 64, 96, 12, qt.QTIPConfig("frag", 32, 32, 8, 2, 2, table_copies=16)),  # 2 n-blocks
+    (2, 96, 64, 37, qt.QTIPConfig("frag", 64, 64, 8, 1, 4)),  # 8 n-blocks (5 used), ragged rows
     (2, 64, 256, 1, qt.QTIPConfig("flat", 16, 64, 1, 2)),
     (3, 96, 160, 1, qt.QTIPConfig("flat", 32, 64, 1, 1)),
     (4, 64, 96, 1, qt.QTIPConfig("flat", 16, 32, 1, 3, lut_smem=False)),
@@ -182,6 +184,19 @@ def test_dequantize_codes_is_exact_cpu(cfg_dict):
 
 
 @pytest.mark.skipif(not CPU, reason="CPU interpreter test")
+@pytest.mark.parametrize("K,m,n,launch", [
+    (2, 96, 160, dict(row_tiles=4, num_warps=2, steps=2, copies=16)),  # ragged row group and split
+    (3, 32, 96, dict(row_tiles=2, num_warps=4, steps=2, copies=32)),
+    (4, 64, 64, dict(row_tiles=1, num_warps=2, steps=1, copies=16)),
+])
+def test_frag_dequant_is_exact_for_any_launch_cpu(K, m, n, launch):
+    lin = layer(hyb_params(K), m, n, seed=K)
+    w = torch.full((m, n), float("nan"), dtype=torch.float16)
+    qt.frag_dequant(lin.codes, lin.tlut.view(torch.int32).reshape(-1), K, w, **launch)
+    assert torch.equal(w.float(), lin.decoded_codes())
+
+
+@pytest.mark.skipif(not CPU, reason="CPU interpreter test")
 def test_heuristic_dispatch_and_leading_dims_cpu():
     lin = layer(hyb_params(2), 32, 64, seed=5, rcp=2, tp=2)  # output Hadamard split in two blocks
     x = torch.randn(2, 3, 64).half()
@@ -217,6 +232,8 @@ GPU_RUNS = [
     (qt.QTIPConfig("frag", 64, 128, 8, 4, 8), 1),
     (qt.QTIPConfig("frag", 32, 64, 8, 1, 4, table_copies=16), 3),
     (qt.QTIPConfig("frag", 16, 64, 8, 2, 4), 8),
+    (qt.QTIPConfig("frag", 32, 128, 8, 2, 8, table_copies=16), 16),
+    (qt.QTIPConfig("frag", 16, 128, 8, 1, 8, table_copies=16), 50),
     (qt.QTIPConfig("flat", 16, 512, 1, 2), 1),
     (qt.QTIPConfig("flat", 32, 512, 2, 1), 2),
     (qt.QTIPConfig("gemv", 16, 256, 1, 1), 1),
@@ -239,6 +256,16 @@ def test_hyb_kernels_match_reference_gpu(K, shape):
     for cfg, batch in GPU_RUNS:
         x = torch.randn(batch, n, device="cuda").half()
         check(lin, x, cfg, 2e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("K", [2, 3, 4])
+def test_frag_dequant_matches_reference_gpu(K):
+    if CPU:
+        pytest.skip("needs CUDA")
+    lin = gpu_layer(K, 11008, 4096, seed=K)
+    w = qt.dequantize_codes(lin, torch.float16)
+    assert torch.equal(w.float().cpu(), lin.cpu().decoded_codes())
 
 
 @pytest.mark.gpu

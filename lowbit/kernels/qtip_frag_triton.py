@@ -1,11 +1,13 @@
-"""QTIP HYB decode-GEMV on tensor cores for batch 1–8, every value born in the register the mma reads.
+"""QTIP HYB decode-GEMV/GEMM on tensor cores for batch 1–64, every value born in the register the mma reads.
 
 Why this layout works: the published HYB tile order *is* the A-fragment order of
 `mma.sync.m16n8k16` (../shared/specs/qtip.md). Lane l = 4g + q of a warp owns trellis states
 4l .. 4l+3 of a 16×16 tile, and those are exactly its four A registers (rows g, g+8 × column pairs
 q, q+4), their bits a 28–40-bit window starting at stream bit 8K·l. So a warp decodes a whole tile
 without moving data between lanes, and one mma multiplies it by up to 8 rows of x (the B fragment:
-batch rows are the mma's n axis), accumulating in float32. Per weight pair a lane spends one shift,
+batch rows are the mma's n axis), accumulating in float32; past 8 rows the same decoded tile meets
+each 8-row block of x (NB ≤ 8 mmas). The prefill path's dequantization (`frag_dequant`) is the same
+decode with the A registers stored to Ŵ instead of multiplied. Per weight pair a lane spends one shift,
 one IMAD (h = s·s + s), two address ops, one shared load and one XOR; the FMAs are the tensor
 core's. The CUDA-core kernels (`qtip_triton._hyb_flat_kernel`) also spend two fp16→fp32
 conversions and two FFMAs per pair, and their one-copy table costs ~3.3-way bank conflicts.
@@ -19,9 +21,9 @@ chosen layout, so:
 3. the loop reads it with `ld.shared`. Nothing between the prologue and the epilogue uses Triton's
    shared memory (no gathers, reductions or layout conversions in the loop, num_stages=1), so the
    table stays intact until the cross-warp sum after the loop.
-Lane numbers come from `%laneid`. Tensors are [RT, 32·NW] (RT row tiles in each thread's
-registers, one column per thread, Triton's default layout), so an elementwise inline-asm call runs
-all 32 lanes of a warp together, as `mma.sync` requires.
+Lane numbers come from `%laneid`. Every tensor is [32·NW], one element per thread; row tiles and
+n-blocks are tuples unrolled at compile time, so an elementwise inline-asm call runs all 32 lanes
+of a warp together, as `mma.sync` requires, and Triton has no layout to choose.
 
 Under TRITON_INTERPRET the PTX pieces are emulated with plain Triton ops (the table read from global
 memory, the mma computed from its fragment definition over [.., 8, 4] reshapes), so the CPU tests
@@ -94,6 +96,21 @@ if triton is not None:
         tl.debug_barrier()
 
     @triton.jit
+    def _table(lut_ptr, scratch_ptr, col, lane, TM, REP: tl.constexpr, EMULATE: tl.constexpr):
+        """Write the replicated table; return this lane's copy address (the table's global
+        address in the emulation). The `TM < 0` branch never runs: its gather over a
+        512·REP-entry tensor only makes Triton reserve that much shared memory."""
+        if not EMULATE:
+            if TM < 0:
+                big = tl.load(lut_ptr + tl.arange(0, 512 * REP) // REP)  # the table's bytes
+                tl.store(scratch_ptr + col, tl.gather(big, col, 0))
+            _write_table(lut_ptr, REP)
+            lane_addr = _smem_base(col) + (lane % REP) * 4
+        else:
+            lane_addr = lane * 4
+        return lane_addr
+
+    @triton.jit
     def _word_offsets(lane, K: tl.constexpr):
         """Per lane: offset (int32 words) of its first code word in a tile and the distance to the
         second (the next word; the tile's first after its last). The lane's window starts at
@@ -115,18 +132,30 @@ if triton is not None:
         return r0, r1
 
     @triton.jit
-    def _step_words(cp, RS, delta, jm, ok0, ok1, ok2, ok3, lane, K: tl.constexpr, RT: tl.constexpr):
-        """Raw code words of one step for row tiles 0..RT-1 (unused tiles repeat tile 0's)."""
-        u0, v0 = _load_words(cp, delta, jm & ok0, lane, K)
-        u1, v1 = u0, v0
-        u2, v2 = u0, v0
-        u3, v3 = u0, v0
-        if RT > 1:
-            u1, v1 = _load_words(cp + RS, delta, jm & ok1, lane, K)
-        if RT > 2:
-            u2, v2 = _load_words(cp + 2 * RS, delta, jm & ok2, lane, K)
-            u3, v3 = _load_words(cp + 3 * RS, delta, jm & ok3, lane, K)
-        return u0, v0, u1, v1, u2, v2, u3, v3
+    def _row_tiles_present(i0, col, TM, RT: tl.constexpr):
+        """Per row tile of the program: is it inside the matrix (vectors: the interpreter wants
+        tensor masks)."""
+        ok = ()
+        for r in tl.static_range(RT):
+            ok = ok + ((i0 + r + 0 * col) < TM,)
+        return ok
+
+    @triton.jit
+    def _step_words(cp, RS, delta, jm, ok, lane, K: tl.constexpr, RT: tl.constexpr):
+        """Raw code words (u, v) of one step, one pair per row tile."""
+        w = ()
+        for r in tl.static_range(RT):
+            w = w + (_load_words(cp + r * RS, delta, jm & ok[r], lane, K),)
+        return w
+
+    @triton.jit
+    def _step_x(xp, XS, jm, xok, NB: tl.constexpr):
+        """B fragments (two int32 fp16 pairs) of one step, one per n-block of 8 batch rows."""
+        xs = ()
+        for b in tl.static_range(NB):
+            m = jm & xok[b]
+            xs = xs + ((tl.load(xp + b * XS, mask=m, other=0), tl.load(xp + b * XS + 4, mask=m, other=0)),)
+        return xs
 
     @triton.jit
     def _prmt(a, b, sel, EMULATE: tl.constexpr):
@@ -205,8 +234,12 @@ if triton is not None:
         return tl.sum(p, 3)
 
     @triton.jit
-    def _mma(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, NW: tl.constexpr, EMULATE: tl.constexpr):
-        """D = A·B + C: one m16n8k16 per warp (fp16 in, fp32 accumulate), operands [32·NW]."""
+    def _mma(a, b, c, NW: tl.constexpr, EMULATE: tl.constexpr):
+        """D = A·B + C: one m16n8k16 per warp (fp16 in, fp32 accumulate); a, b, c are the lanes'
+        4, 2 and 4 registers, each [32·NW]."""
+        a0, a1, a2, a3 = a
+        b0, b1 = b
+        c0, c1, c2, c3 = c
         if EMULATE:
             shp: tl.constexpr = [NW, 8, 4]
             top = _frag_dot(tl.reshape(a0, shp), tl.reshape(b0, shp), NW) + \
@@ -225,18 +258,18 @@ if triton is not None:
                 "{$0, $1, $2, $3}, {$4, $5, $6, $7}, {$8, $9}, {$10, $11, $12, $13};",
                 "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f", [a0, a1, a2, a3, b0, b1, c0, c1, c2, c3],
                 dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True, pack=1)
-        return d0, d1, d2, d3
+        return (d0, d1, d2, d3)
 
     @triton.jit
-    def _tile(u, v, b0, b1, c0, c1, c2, c3, lane, sel, lut_ptr, lane_addr, K: tl.constexpr, NW: tl.constexpr,
-              REP: tl.constexpr, EMULATE: tl.constexpr):
-        """One 16×16 tile per warp from the lanes' raw code words: decode into A, multiply, add."""
+    def _decode_a(u, v, lane, sel, lut_ptr, lane_addr, K: tl.constexpr, REP: tl.constexpr, EMULATE: tl.constexpr):
+        """A registers of one 16×16 tile from the lanes' raw code words: lane (g, q) gets
+        Ŵ[g, 2q..2q+1], Ŵ[g+8, 2q..], Ŵ[g, 8+2q..], Ŵ[g+8, 8+2q..] as fp16 pairs."""
         hi, lo = _window(u, v, lane, sel, K, EMULATE)
         a0 = _lookup(_state(hi, lo, 0, K), lut_ptr, lane_addr, REP, EMULATE)
         a1 = _lookup(_state(hi, lo, 1, K), lut_ptr, lane_addr, REP, EMULATE)
         a2 = _lookup(_state(hi, lo, 2, K), lut_ptr, lane_addr, REP, EMULATE)
         a3 = _lookup(_state(hi, lo, 3, K), lut_ptr, lane_addr, REP, EMULATE)
-        return _mma(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, NW, EMULATE)
+        return (a0, a1, a2, a3)
 
     @triton.jit
     def _out(y_ptr, acc, rows, n, B, TM, stride_yb, NW: tl.constexpr, ATOMIC: tl.constexpr):
@@ -245,11 +278,12 @@ if triton is not None:
         _put(y_ptr, n * stride_yb + rows, v, (rows < TM * 16) & (n < B), ATOMIC)
 
     @triton.jit
-    def _out_tile(y_ptr, c0, c1, c2, c3, row0, B, TM, stride_yb, NW: tl.constexpr, ATOMIC: tl.constexpr):
-        """Lane (g, t) holds c0/c1 = y[n = 2t, 2t + 1][row0 + g] and c2/c3 for row0 + g + 8."""
+    def _out_tile(y_ptr, c, row0, n0, B, TM, stride_yb, NW: tl.constexpr, ATOMIC: tl.constexpr):
+        """Lane (g, t) holds c0/c1 = y[n0 + 2t, n0 + 2t + 1][row0 + g] and c2/c3 for row0 + g + 8."""
+        c0, c1, c2, c3 = c
         ln = tl.arange(0, 32)
         rows = row0 + (ln >> 2)
-        n = 2 * (ln & 3)
+        n = n0 + 2 * (ln & 3)
         _out(y_ptr, c0, rows, n, B, TM, stride_yb, NW, ATOMIC)
         _out(y_ptr, c1, rows, n + 1, B, TM, stride_yb, NW, ATOMIC)
         _out(y_ptr, c2, rows + 8, n, B, TM, stride_yb, NW, ATOMIC)
@@ -259,37 +293,31 @@ if triton is not None:
     def _hyb_frag_kernel(
         x_ptr, codes_ptr, lut_ptr, y_ptr,
         TM, TN, B, stride_xb, stride_yb, tiles_per_split,
-        K: tl.constexpr, RT: tl.constexpr, NW: tl.constexpr, REP: tl.constexpr, ATOMIC: tl.constexpr,
-        EMULATE: tl.constexpr,
+        K: tl.constexpr, RT: tl.constexpr, NB: tl.constexpr, NW: tl.constexpr, REP: tl.constexpr,
+        ATOMIC: tl.constexpr, EMULATE: tl.constexpr,
     ):
-        """y[:B, rows] (+)= xh[:B] · Ŵ[rows]ᵀ for RT ∈ {1, 2, 4} row tiles (program axis 0) and the
-        tile columns of split program_id(1); warp w takes columns t0 + w, t0 + w + NW, ... Every
-        tensor is [32·NW], one element per thread (the row tiles are unrolled, not a tensor axis:
-        a 2-D shape lets Triton pick layouts that break the lane ↔ fragment mapping). x is fp16
-        read as int32 pairs (stride_xb in pairs), y float32."""
+        """y[:B, rows] (+)= xh[:B] · Ŵ[rows]ᵀ for RT row tiles (program axis 0), B ≤ 8·NB rows of x
+        in NB n-blocks, and the tile columns of split program_id(1); warp w takes columns t0 + w,
+        t0 + w + NW, ... A tile is decoded once and multiplied by every n-block. Every tensor is
+        [32·NW], one element per thread; row tiles and n-blocks are tuples unrolled at compile
+        time (a tensor axis would let Triton pick layouts that break the lane ↔ fragment
+        mapping). x is fp16 read as int32 pairs (stride_xb in pairs), y float32."""
         pid_m = tl.program_id(0)
         pid_k = tl.program_id(1)
         NTH: tl.constexpr = 32 * NW
         col = tl.arange(0, NTH)
         lane = _lane_ids(col, EMULATE)
         wid = col // 32
-        if not EMULATE:
-            if TM < 0:  # never runs: reserves Triton shared memory for the replicated table
-                big = tl.load(lut_ptr + tl.arange(0, 512 * REP) // REP)  # the table's bytes
-                tl.store(y_ptr + col, tl.gather(big, col, 0))
-            _write_table(lut_ptr, REP)
-            lane_addr = _smem_base(col) + (lane % REP) * 4
-        else:
-            lane_addr = lane * 4
+        lane_addr = _table(lut_ptr, y_ptr, col, lane, TM, REP, EMULATE)
         sel = tl.where((lane & 1) == 1, 0x3254, 0x1032)
         i0 = pid_m * RT
-        ok0 = (i0 + 0 * col) < TM  # row tiles present (vectors: the interpreter wants tensor masks)
-        ok1 = (i0 + 1 + 0 * col) < TM
-        ok2 = (i0 + 2 + 0 * col) < TM
-        ok3 = (i0 + 3 + 0 * col) < TM
-        # B fragment: lane (n, t) holds x[n, 16j + 2t + {0,1}] and x[n, 16j + 8 + 2t + {0,1}]
+        ok = _row_tiles_present(i0, col, TM, RT)
+        # B fragment of n-block b: lane (n, t) holds x[8b + n, 16j + 2t + {0,1}] and x[.., 16j + 8 + 2t + {0,1}]
         xn = lane >> 2
-        xmask = xn < B
+        xok = ()
+        for b in tl.static_range(NB):
+            xok = xok + (xn + 8 * b < B,)
+        XS = 8 * stride_xb
         t0 = pid_k * tiles_per_split
         t1 = tl.minimum(t0 + tiles_per_split, TN)
         # Pointers advance by NW tiles a step (no per-step 64-bit index math); code words and x
@@ -301,55 +329,105 @@ if triton is not None:
         cp = codes_ptr + (i0 * TN + j) * TW + first
         xp = x_ptr + xn * stride_xb + (lane & 3) + 8 * j
         jm = j < t1
-        x0, x1 = tl.load(xp, mask=xmask & jm, other=0), tl.load(xp + 4, mask=xmask & jm, other=0)
-        u0, v0, u1, v1, u2, v2, u3, v3 = _step_words(cp, RS, delta, jm, ok0, ok1, ok2, ok3, lane, K, RT)
+        xs = _step_x(xp, XS, jm, xok, NB)
+        words = _step_words(cp, RS, delta, jm, ok, lane, K, RT)
         z = tl.zeros([NTH], tl.float32)
-        c00, c01, c02, c03 = z, z, z, z
-        c10, c11, c12, c13 = z, z, z, z
-        c20, c21, c22, c23 = z, z, z, z
-        c30, c31, c32, c33 = z, z, z, z
+        acc = ()
+        for _r in tl.static_range(RT):
+            row = ()
+            for _b in tl.static_range(NB):
+                row = row + ((z, z, z, z),)
+            acc = acc + (row,)
         for j0 in range(t0, t1, NW):
-            jn = j0 + wid + NW
-            nm = jn < t1
-            b0, b1 = x0, x1
+            nm = j0 + wid + NW < t1
             cp += NW * TW
             xp += 8 * NW
-            x0, x1 = tl.load(xp, mask=xmask & nm, other=0), tl.load(xp + 4, mask=xmask & nm, other=0)
-            n0, m0, n1, m1, n2, m2, n3, m3 = _step_words(cp, RS, delta, nm, ok0, ok1, ok2, ok3, lane, K, RT)
-            c00, c01, c02, c03 = _tile(u0, v0, b0, b1, c00, c01, c02, c03, lane, sel, lut_ptr, lane_addr, K, NW,
-                                       REP, EMULATE)
-            if RT > 1:
-                c10, c11, c12, c13 = _tile(u1, v1, b0, b1, c10, c11, c12, c13, lane, sel, lut_ptr, lane_addr, K,
-                                           NW, REP, EMULATE)
-            if RT > 2:
-                c20, c21, c22, c23 = _tile(u2, v2, b0, b1, c20, c21, c22, c23, lane, sel, lut_ptr, lane_addr, K,
-                                           NW, REP, EMULATE)
-                c30, c31, c32, c33 = _tile(u3, v3, b0, b1, c30, c31, c32, c33, lane, sel, lut_ptr, lane_addr, K,
-                                           NW, REP, EMULATE)
-            u0, v0, u1, v1, u2, v2, u3, v3 = n0, m0, n1, m1, n2, m2, n3, m3
+            xs_next = _step_x(xp, XS, nm, xok, NB)
+            words_next = _step_words(cp, RS, delta, nm, ok, lane, K, RT)
+            new = ()
+            for r in tl.static_range(RT):
+                a = _decode_a(words[r][0], words[r][1], lane, sel, lut_ptr, lane_addr, K, REP, EMULATE)
+                row = ()
+                for b in tl.static_range(NB):
+                    row = row + (_mma(a, xs[b], acc[r][b], NW, EMULATE),)
+                new = new + (row,)
+            acc = new
+            xs = xs_next
+            words = words_next
         tl.debug_barrier()  # every warp is done with the table before the epilogue's reductions reuse it
-        _out_tile(y_ptr, c00, c01, c02, c03, i0 * 16, B, TM, stride_yb, NW, ATOMIC)
-        if RT > 1:
-            _out_tile(y_ptr, c10, c11, c12, c13, i0 * 16 + 16, B, TM, stride_yb, NW, ATOMIC)
-        if RT > 2:
-            _out_tile(y_ptr, c20, c21, c22, c23, i0 * 16 + 32, B, TM, stride_yb, NW, ATOMIC)
-            _out_tile(y_ptr, c30, c31, c32, c33, i0 * 16 + 48, B, TM, stride_yb, NW, ATOMIC)
+        for r in tl.static_range(RT):
+            for b in tl.static_range(NB):
+                _out_tile(y_ptr, acc[r][b], (i0 + r) * 16, 8 * b, B, TM, stride_yb, NW, ATOMIC)
 
+    @triton.jit
+    def _store_tile(wp, u, v, msk, stride_w, lane, sel, lut_ptr, lane_addr, K: tl.constexpr, REP: tl.constexpr,
+                    EMULATE: tl.constexpr):
+        """Decode one tile and store it: wp points at this lane's pair Ŵ[g, 2q..2q+1] (int32 view)."""
+        a0, a1, a2, a3 = _decode_a(u, v, lane, sel, lut_ptr, lane_addr, K, REP, EMULATE)
+        tl.store(wp, a0, mask=msk)
+        tl.store(wp + 8 * stride_w, a1, mask=msk)
+        tl.store(wp + 4, a2, mask=msk)
+        tl.store(wp + 8 * stride_w + 4, a3, mask=msk)
 
-MAX_BATCH = 8  # the mma's n
+    @triton.jit(do_not_specialize=["TM", "TN", "stride_w", "tiles_per_split"])
+    def _hyb_frag_dequant_kernel(
+        codes_ptr, lut_ptr, w_ptr, TM, TN, stride_w, tiles_per_split,
+        K: tl.constexpr, RT: tl.constexpr, NW: tl.constexpr, REP: tl.constexpr, EMULATE: tl.constexpr,
+    ):
+        """Ŵ [16·TM, 16·TN] as fp16 pairs (w_ptr int32, stride_w in pairs): the fragment kernel's
+        decode with stores in place of the mma, for the prefill path (decode once, then cuBLAS).
+        Same grid and warp walk as `_hyb_frag_kernel`."""
+        pid_m = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        col = tl.arange(0, 32 * NW)
+        lane = _lane_ids(col, EMULATE)
+        wid = col // 32
+        lane_addr = _table(lut_ptr, w_ptr, col, lane, TM, REP, EMULATE)
+        sel = tl.where((lane & 1) == 1, 0x3254, 0x1032)
+        i0 = pid_m * RT
+        ok = _row_tiles_present(i0, col, TM, RT)
+        t0 = pid_k * tiles_per_split
+        t1 = tl.minimum(t0 + tiles_per_split, TN)
+        first, delta = _word_offsets(lane, K)
+        TW: tl.constexpr = 8 * K
+        RS = TN * TW
+        WS = 16 * stride_w  # pairs between row tiles of Ŵ
+        j = t0 + wid
+        cp = codes_ptr + (i0 * TN + j) * TW + first
+        wp = w_ptr + (16 * i0 + (lane >> 2)) * stride_w + 8 * j + (lane & 3)
+        jm = j < t1
+        words = _step_words(cp, RS, delta, jm, ok, lane, K, RT)
+        for j0 in range(t0, t1, NW):
+            nm = j0 + wid + NW < t1
+            cp += NW * TW
+            words_next = _step_words(cp, RS, delta, nm, ok, lane, K, RT)
+            for r in tl.static_range(RT):
+                _store_tile(wp + r * WS, words[r][0], words[r][1], jm & ok[r], stride_w, lane, sel, lut_ptr,
+                            lane_addr, K, REP, EMULATE)
+            words = words_next
+            wp += 8 * NW
+            jm = nm
+
+MAX_BATCH = 64  # 8 n-blocks of the mma's n = 8
 _CHECKED: set = set()
+
+
+def n_blocks(batch: int) -> int:
+    """n-blocks of 8 rows the kernel is compiled for: a power of two, so batch buckets share variants."""
+    return triton.next_power_of_2(triton.cdiv(batch, 8))
 
 
 def frag_matmul(codes: torch.Tensor, lut32: torch.Tensor, K: int, xh: torch.Tensor, out: torch.Tensor,
                 row_tiles: int, num_warps: int, tiles_per_split: int, atomic: bool, copies: int = 32) -> torch.Tensor:
-    """out [B ≤ 8, m] (+)= xh [B, n] (fp16) @ Ŵᵀ from HYB codes [m/16, n/16, 16K] (int16, read as
+    """out [B ≤ 64, m] (+)= xh [B, n] (fp16) @ Ŵᵀ from HYB codes [m/16, n/16, 16K] (int16, read as
     int32) and the table as 512 int32, kept in `copies` copies per program (32: lanes never share
     a bank; 16: 32 KiB instead of 64, twice the programs per SM, lanes l and l + 16 can collide).
-    With `atomic` the splits add into out (which must hold zeros)."""
+    Each decoded tile meets every 8-row block of x. With `atomic` the splits add into out (which
+    must hold zeros)."""
     B, n = xh.shape
     m = out.shape[1]
-    if row_tiles not in (1, 2, 4) or copies not in COPIES:
-        raise ValueError(f"frag kernel: row tiles must be 1, 2 or 4 and table copies one of {COPIES}, "
+    if not 1 <= row_tiles <= 4 or copies not in COPIES:
+        raise ValueError(f"frag kernel: row tiles must be 1..4 and table copies one of {COPIES}, "
                          f"got {row_tiles} and {copies}")
     if B > MAX_BATCH or xh.dtype != torch.float16 or xh.stride(1) != 1 or xh.stride(0) % 2:
         raise ValueError(f"frag kernel takes ≤ {MAX_BATCH} contiguous fp16 rows, got {tuple(xh.shape)} {xh.dtype}")
@@ -358,16 +436,44 @@ def frag_matmul(codes: torch.Tensor, lut32: torch.Tensor, K: int, xh: torch.Tens
     words = codes.view(torch.int32)
     grid = (triton.cdiv(tm, row_tiles), split)
     emulate = interpreting()
+    nb = n_blocks(B)
     kern = _hyb_frag_kernel[grid](
         xh.view(torch.int32), words, lut32, out, tm, tn, B, xh.stride(0) // 2, out.stride(0), tiles_per_split,
-        K=K, RT=row_tiles, NW=num_warps, REP=copies, ATOMIC=atomic, EMULATE=emulate, num_warps=num_warps,
+        K=K, RT=row_tiles, NB=nb, NW=num_warps, REP=copies, ATOMIC=atomic, EMULATE=emulate, num_warps=num_warps,
         num_stages=1)
     if not emulate:
-        key = (K, row_tiles, num_warps, copies, atomic)
-        if key not in _CHECKED:  # the reservation trick is Triton's allocator's doing: verify it once
-            shared = getattr(getattr(kern, "metadata", None), "shared", None)
-            if shared is not None and shared < 2048 * copies:
-                raise RuntimeError(f"Triton gave the QTIP frag kernel {shared} bytes of shared memory, "
-                                   f"its table needs {2048 * copies}")
-            _CHECKED.add(key)
+        _check_shared(kern, (K, row_tiles, nb, num_warps, copies, atomic), copies)
+    return out
+
+
+def _check_shared(kern, key, copies: int) -> None:
+    """The reservation trick is Triton's allocator's doing: verify it once per compiled variant."""
+    if key in _CHECKED:
+        return
+    shared = getattr(getattr(kern, "metadata", None), "shared", None)
+    if shared is not None and shared < 2048 * copies:
+        raise RuntimeError(f"Triton gave the QTIP frag kernel {shared} bytes of shared memory, "
+                           f"its table needs {2048 * copies}")
+    _CHECKED.add(key)
+
+
+def frag_dequant(codes: torch.Tensor, lut32: torch.Tensor, K: int, out: torch.Tensor, row_tiles: int = 2,
+                 num_warps: int = 4, steps: int = 16, copies: int = 32) -> torch.Tensor:
+    """out [m, n] fp16 = Ŵ decoded from HYB codes [m/16, n/16, 16K]; each program takes
+    `row_tiles` row tiles × `steps` steps of `num_warps` tile columns (defaults: the best of
+    `benchmarks/qtip_dequant.py --sweep` on the H100 at the Llama-2-7B MLP shapes)."""
+    m, n = out.shape
+    if out.dtype != torch.float16 or out.stride(1) != 1 or out.stride(0) % 2:
+        raise ValueError(f"frag dequant writes contiguous fp16 rows, got {out.dtype} strides {out.stride()}")
+    if not 1 <= row_tiles <= 4 or copies not in COPIES:
+        raise ValueError(f"frag dequant: row tiles must be 1..4 and table copies one of {COPIES}")
+    tm, tn = m // 16, n // 16
+    per = steps * num_warps
+    grid = (triton.cdiv(tm, row_tiles), triton.cdiv(tn, per))
+    emulate = interpreting()
+    kern = _hyb_frag_dequant_kernel[grid](
+        codes.view(torch.int32), lut32, out.view(torch.int32), tm, tn, out.stride(0) // 2, per,
+        K=K, RT=row_tiles, NW=num_warps, REP=copies, EMULATE=emulate, num_warps=num_warps, num_stages=1)
+    if not emulate:
+        _check_shared(kern, ("dequant", K, row_tiles, num_warps, copies), copies)
     return out

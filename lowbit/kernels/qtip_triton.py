@@ -6,8 +6,9 @@ three launches: the input transform (`hadamard_triton`, SU and 1/32 fused), one 
 producing y_raw = xh @ Ŵᵀ in float32, and the output transform (SV·32, bias and the cast fused).
 
 Decode kernels, chosen per (shape, batch) by a cached tuner:
-* `qtip_frag_triton._hyb_frag_kernel` (kind "frag", batch 1–8, HYB): tiles decoded lane by lane
-  straight into `mma.sync` fragments, the table replicated per bank in shared memory.
+* `qtip_frag_triton._hyb_frag_kernel` (kind "frag", batch 1–64, HYB): tiles decoded lane by lane
+  straight into `mma.sync` fragments (one decode for every 8-row block of x), the table
+  replicated per bank in shared memory.
 * `_hyb_gemv_kernel` (batch 1–4, CUDA cores): the published HYB layout (`quantlut_sym`, L=16, V=2,
   16×16 tiles, K=2/3/4). A thread owns a *unit* = 16 weight pairs of one tile that share the tile
   rows r8 and r8+8 (t = 16·r8 + 4·q4 + 2·a + b puts state t in row 8b+r8, column pair 4a+q4), whose
@@ -18,7 +19,8 @@ Decode kernels, chosen per (shape, batch) by a cached tuner:
   rows reuse each decoded pair.
 * `_hyb_mma_kernel` (batch 5–64): the same decode into an fp16 Wᵀ tile in registers, multiplied
   on tensor cores (`tl.dot`) with 16–64 rows of x.
-* `_hyb_dequant_kernel` + cuBLAS: decode Ŵ once to fp16 and `torch.matmul` (prefill sizes).
+* dequant + cuBLAS (prefill sizes): decode Ŵ once to fp16 (`qtip_frag_triton.frag_dequant`, the
+  fragment decode with stores) and `torch.matmul`.
 * `_gen_*`: every other configuration (1MAD, 3INST, quantlut, lut; any L, V, tile shape): states
   read with two word loads each, the same three strategies.
 Split-K programs add their partial sums into y_raw with float atomics (the input transform zeroes
@@ -33,8 +35,7 @@ import torch
 
 from .hadamard_triton import hadamard_transform
 from .qtip import QTIPParams
-from .qtip_frag_triton import MAX_BATCH as FRAG_MAX_BATCH
-from .qtip_frag_triton import frag_matmul
+from .qtip_frag_triton import frag_dequant, frag_matmul
 from .qtip_shared_triton import _be, _put
 from .tuning import as_rows, batch_bucket, choose, interpreting, time_candidates
 
@@ -44,6 +45,10 @@ try:
 except ImportError:  # pragma: no cover
     triton = None
     tl = None
+
+# The frag kernel takes up to 64 rows; at 64 the tensor-core `mma` kernel won every measured shape
+# (H100, RESULTS.md), so the tuner only tries frag up to 32 rows (fewer compiles at startup).
+FRAG_TUNED_BATCH = 32
 
 _MODE_ID = {"quantlut_sym": 0, "quantlut": 1, "lut": 2, "1mad": 3, "3inst": 4}
 
@@ -430,16 +435,10 @@ if triton is not None:
             _put(y_ptr, (b0 + 1) * stride_yb + rows + 8, _flat_rows(hi1, BI, BJ), m1, ATOMIC)
 
     @triton.jit
-    def _hyb_values16(codes_ptr, lut, lut_ptr, unit, r8, msk, K: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr,
-                      LUT_SMEM: tl.constexpr):
-        """The units' values as fp16 [BI, BJ, 8, 2 (b), 2, 2, 2 (pc), 2 (c)] (no float32 detour)."""
-        w0, w1, w2, w3, w4 = _hyb_unit_words(codes_ptr, unit, r8, msk, K, BI, BJ)
-        return _hyb_words_values16(lut, lut_ptr, w0, w1, w2, w3, w4, K, BI, BJ, LUT_SMEM)
-
-    @triton.jit
     def _hyb_words_values16(lut, lut_ptr, w0, w1, w2, w3, w4, K: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr,
                             LUT_SMEM: tl.constexpr):
-        """`_hyb_values16` from already loaded unit words."""
+        """The units' values as fp16 [BI, BJ, 8, 2 (b), 2, 2, 2 (pc), 2 (c)] from their loaded words
+        (no float32 detour)."""
         s = _hyb_states(w0, w1, w2, w3, w4, K)
         h = s * s + s
         idx = ((h >> 6) & 511).to(tl.int32)
@@ -490,26 +489,6 @@ if triton is not None:
             acc = tl.dot(xt.to(tl.float16), wt, acc)
         rows = pid_m * BI * 16 + tl.arange(0, BI * 16)
         _put(y_ptr, bv[:, None] * stride_yb + rows[None, :], acc, bmask[:, None] & (rows < TM * 16)[None, :], ATOMIC)
-
-    @triton.jit(do_not_specialize=["TM", "TN"])
-    def _hyb_dequant_kernel(codes_ptr, lut_ptr, w_ptr, TM, TN, stride_w,
-                            K: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr):
-        """Ŵ [16·TM, 16·TN] in w_ptr's dtype, BI×BJ tiles per program."""
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        i = pid_m * BI + tl.arange(0, BI)
-        j = pid_n * BJ + tl.arange(0, BJ)
-        r8 = tl.arange(0, 8)
-        lut = tl.load(lut_ptr + tl.arange(0, 512))
-        tile = i[:, None] * TN + j[None, :]
-        unit = tile[:, :, None] * 8 + r8[None, None, :]
-        msk = (i < TM)[:, None, None] & (j < TN)[None, :, None] & (r8 < 8)[None, None, :]
-        w = _hyb_values16(codes_ptr, lut, lut_ptr, unit, r8[None, None, :] + unit * 0, msk, K, BI, BJ, True)
-        w = tl.reshape(tl.permute(w, (0, 3, 2, 1, 4, 5, 6, 7)), [BI * 16, BJ * 16])
-        rows = pid_m * BI * 16 + tl.arange(0, BI * 16)
-        cols = pid_n * BJ * 16 + tl.arange(0, BJ * 16)
-        tl.store(w_ptr + rows[:, None] * stride_w + cols[None, :], w.to(w_ptr.dtype.element_ty),
-                 mask=(rows < TM * 16)[:, None] & (cols < TN * 16)[None, :])
 
     # ------------------------------------------------------------------------------------------
     # Generic layout: any (L, K, V, td_x, td_y, tlut_bits, decode mode)
@@ -655,8 +634,9 @@ if triton is not None:
 
 @dataclass(frozen=True)
 class QTIPConfig:
-    """One launch choice. kind: "frag" (HYB, ≤ 8 rows of x, tiles decoded straight into mma
-    fragments, `qtip_frag_triton`; cols = 16 · num_warps, a tile column per warp), "flat" (HYB,
+    """One launch choice. kind: "frag" (HYB, ≤ 64 rows of x, tiles decoded straight into mma
+    fragments and multiplied by each 8-row block of x, `qtip_frag_triton`; cols = 16 · num_warps,
+    a tile column per warp, bb = 8), "flat" (HYB,
     CUDA cores, ≤ 2 rows of x, one layout throughout), "gemv" (CUDA cores, ≤ 4 rows of x per
     program), "mma" (tensor cores, bb ≥ 16 rows) or "dequant" (decode Ŵ to fp16, then cuBLAS).
 
@@ -743,10 +723,12 @@ def dequantize_codes(layer, dtype=torch.float16, out: torch.Tensor | None = None
     if out is None:
         out = torch.empty(m, n, dtype=dtype, device=layer.codes.device)
     big = interpreting()  # the interpreter pays per program, not per element
-    if _hyb(p):
-        bi, bj = (8, 8) if big else (2, 4)
-        _hyb_dequant_kernel[(triton.cdiv(m // 16, bi), triton.cdiv(n // 16, bj))](
-            layer.codes.view(torch.int32), _lut32(layer), out, m // 16, n // 16, out.stride(0), K=p.K, BI=bi, BJ=bj)
+    if _hyb(p):  # the fragment kernel's decode, stored (fp16: the table's values are fp16)
+        w16 = out if out.dtype == torch.float16 and out.is_contiguous() else torch.empty(
+            m, n, dtype=torch.float16, device=layer.codes.device)
+        frag_dequant(layer.codes, _lut32(layer), p.K, w16)
+        if w16 is not out:
+            out.copy_(w16)
     else:
         bm, bk = (128, 128) if big else (32, 64)
         tlut = layer.tlut if layer.tlut is not None else layer.codes
@@ -817,9 +799,9 @@ def heuristic_config(layer, batch: int, device, dtype: torch.dtype = torch.float
     if batch > 64:
         return QTIPConfig("dequant")
     hyb = _hyb(layer.params)
-    if hyb and 2 < batch <= FRAG_MAX_BATCH and dtype != torch.float32 and not interpreting():
+    if hyb and 2 < batch <= FRAG_TUNED_BATCH and dtype != torch.float32 and not interpreting():
         ctas = triton.cdiv(m, 32)
-        return QTIPConfig("frag", 32, 128, FRAG_MAX_BATCH, _split_for(ctas, n // 128, sms, want=2), 8,
+        return QTIPConfig("frag", 32, 128, 8, _split_for(ctas, n // 128, sms, want=2), 8,
                           table_copies=16)
     if hyb and batch <= 2:
         ctas = triton.cdiv(m, 16)  # one program covers all (≤ 2) rows of x
@@ -842,13 +824,18 @@ def candidate_configs(layer, batch: int, device) -> list[QTIPConfig]:
     sms = _num_sms(device)
     hyb = _hyb(layer.params)
     cands: list[QTIPConfig] = []
-    if hyb and batch <= FRAG_MAX_BATCH:
-        # measured on the H100 (RESULTS.md): 16 table copies beat 32 (twice the programs per SM)
-        for rt, warps, copies in ((2, 8, 16), (4, 8, 16), (4, 4, 16), (2, 16, 16), (4, 8, 32)):
+    if hyb and batch <= FRAG_TUNED_BATCH:
+        # measured on the H100 (RESULTS.md): 16 table copies beat 32 (twice the programs per SM);
+        # past 8 rows every row tile holds 4 accumulators per n-block, so fewer row tiles
+        if batch <= 8:
+            launches = ((2, 8, 16), (4, 8, 16), (4, 4, 16), (2, 16, 16), (4, 8, 32))
+        else:
+            launches = ((1, 8, 16), (2, 8, 16), (2, 4, 16), (1, 16, 16))
+        for rt, warps, copies in launches:
             ctas = triton.cdiv(m // 16, rt)
             steps = n // (16 * warps)
             for s in _splits_around(_split_for(ctas, steps, sms, want=2), steps, (0.5, 1, 2)):
-                cands.append(QTIPConfig("frag", 16 * rt, 16 * warps, FRAG_MAX_BATCH, s, warps, table_copies=copies))
+                cands.append(QTIPConfig("frag", 16 * rt, 16 * warps, 8, s, warps, table_copies=copies))
     if hyb and batch <= 2:
         for rows, cols, warps in ((16, 256, 4), (16, 512, 4), (32, 512, 4), (16, 1024, 8)):
             ctas = triton.cdiv(m, rows)
