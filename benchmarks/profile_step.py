@@ -1,0 +1,109 @@
+"""Where a prefill and a decode step spend their time, kernel by kernel (torch.profiler):
+
+    python -m benchmarks.profile_step --shape llama-2-7b --formats fp16,qtip2 --prompt 1000 --steps 10
+
+For each format: a random-weight model of the shape (`lowbit.quantized_models.synthetic`), one
+eager prefill of `--prompt` tokens (what TTFT measures in `lowbit bench decode`) and `--steps`
+eager decode steps at batch 1, each profiled after a warm-up. Prints the wall time, the summed
+device time and the top kernels by device time (per prefill / per step). Eager, so the decode
+kernel times are those a CUDA-graph replay runs, without the host gaps. On a machine without a
+GPU it profiles CPU operators instead (useful only at `--shape tiny`, to check the script).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from lowbit.bench import PrefillContext
+from lowbit.engine.cuda_graphs import GraphDecodeContext
+from lowbit.quantized_models.synthetic import random_model
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def top_kernels(prof, per: int, top: int, cuda: bool) -> tuple[float, list[str]]:
+    """Summed self time (µs per run) and the `top` lines, heaviest first."""
+    kind = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
+    ev = [e for e in prof.key_averages() if e.device_type == kind]
+    t = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+    total = sum(t(e) for e in ev) / per
+    lines = [f"  {t(e) / per / 1e3:8.3f} ms {e.count / per:6.1f}x  {e.key[:100]}"
+             for e in sorted(ev, key=t, reverse=True)[:top]]
+    return total, lines
+
+
+@torch.inference_mode()
+def profile_format(shape: str, variant: str, prompt_len: int, steps: int, dev: torch.device, top: int) -> list[str]:
+    model = random_model(shape, variant, device=dev, max_position_embeddings=prompt_len + steps + 64)
+    cfg = model.config
+    bs = 16
+    nblk = -(-(prompt_len + steps + 8) // bs)
+    shp = (cfg.num_layers, nblk, bs, cfg.num_kv_heads, cfg.head_dim)
+    kc = torch.zeros(shp, dtype=model.dtype, device=dev)
+    vc = torch.zeros_like(kc)
+    tables = torch.arange(nblk, dtype=torch.int32, device=dev).view(1, -1)
+    prompt = torch.randint(0, cfg.vocab_size, (prompt_len,), device=dev)
+    pos = torch.arange(prompt_len, device=dev)
+
+    def prefill():
+        h = model(prompt, pos, PrefillContext(kc, vc, pos.clone(), 1, prompt_len))
+        return model.compute_logits(h[-1:]).argmax(-1)
+
+    def step(i: int):
+        p = torch.tensor([prompt_len + i], device=dev)
+        ctx = GraphDecodeContext(kc, vc, p.clone(), tables, (p + 1).to(torch.int32), cfg.head_dim ** -0.5)
+        return model.compute_logits(model(torch.ones(1, dtype=torch.long, device=dev), p, ctx)).argmax(-1)
+
+    def decode():
+        for i in range(steps):
+            step(i)
+
+    prefill()
+    step(0)  # warm-up: compiles and tunes for both shapes
+    _sync(dev)
+    cuda = dev.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    out = []
+    for name, fn, per in (("prefill", prefill, 1), ("decode step", decode, steps)):
+        t0 = time.perf_counter()
+        fn()
+        _sync(dev)
+        wall = (time.perf_counter() - t0) / per
+        with profile(activities=acts) as prof:
+            fn()
+            _sync(dev)
+        total, lines = top_kernels(prof, per, top, cuda)
+        out.append(f"== {variant} {name} ({prompt_len} tokens)" if name == "prefill" else f"== {variant} {name}")
+        out.append(f"  wall {wall * 1e3:.2f} ms, {'device' if cuda else 'CPU operator'} time {total / 1e3:.2f} ms")
+        out.extend(lines)
+    del model
+    if cuda:
+        torch.cuda.empty_cache()
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", default="llama-2-7b")
+    ap.add_argument("--formats", default="fp16,qtip2")
+    ap.add_argument("--prompt", type=int, default=1000)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--top", type=int, default=14)
+    args = ap.parse_args(argv)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    name = torch.cuda.get_device_name() if dev.type == "cuda" else "CPU"
+    print(f"# {name}, torch {torch.__version__}, shape {args.shape}", flush=True)
+    for variant in args.formats.split(","):
+        print("\n".join(profile_format(args.shape, variant, args.prompt, args.steps, dev, args.top)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
