@@ -86,6 +86,8 @@ HADAMARD_CASES = [
     (20 * 16, 2, 3, True),  # k = 20 per chunk of 160
     (28 * 32, 1, 1, True),  # k = 28 (Llama-3), column blocks
     (172, 1, 1, False),  # k = 172 (Llama-2), 11 row blocks of A
+    (172 * 64, 1, 2, True),  # Llama-2's 11008: 2 column blocks (U [256, 32] per product)
+    (172 * 16, 1, 64, False),  # prefill rows: 32 rows of A_172 a program
     (1, 1, 2, False),
 ]
 

@@ -13,8 +13,8 @@ y's dtype, so each side of a QTIP layer is one launch.
 How a program computes it (exact float32 throughout):
 * S_P: a butterfly over the row, log2(P) passes of (a+b, a-b), all in registers (Triton moves
   elements between threads with shuffles or shared memory where a pass crosses them).
-* A_k (k > 1): a program owns 16 rows of A_k's output for one row of x and forms them with tensor
-  cores, X split as hi + lo (hi = X with the low 13 mantissa bits cleared), so two tf32 products
+* A_k (k > 1): a program owns 16 or 32 rows of A_k's output for one row of x and forms them with tensor
+  cores in one product over all k rows of X (its column block), X split as hi + lo (hi = X with the low 13 mantissa bits cleared), so two tf32 products
   with the exactly representable ±1 entries of A_k give float32 accuracy. It is applied first
   (A_k and S_P act on different axes and commute), so the butterfly runs on the program's rows only.
 
@@ -119,17 +119,17 @@ if triton is not None:
             pos2 = base + c1 * P2 + cols[None, :] + rows[:, None] * 0
             yoff = rows[:, None] * stride_yb + pos2
         else:
-            # one row of x; 16 rows of A_k's output: z = A[r_out] @ U, U in 16-row slices of the k rows
+            # one row of x; 16 rows of A_k's output: z = A[r_out] @ U over all k rows at once (one
+            # operand staging for the tensor cores; a loop over 16-row slices of U paid one per slice,
+            # 69 barriers a program at k = 172 on sm_90)
             b = pid_b
             r_out = pid_i * IB + tl.arange(0, IB)
-            z = tl.zeros([IB, PP2], tl.float32)
-            for i0 in tl.static_range(0, KS, 16):
-                i = i0 + tl.arange(0, 16)
-                u = _signed_blocks(x_ptr, pre_ptr, b * stride_xb, base + i[:, None] * P,
-                                   (i < KS)[:, None] & (i[:, None] * 0 + b < B), cols[None, :], cmask[None, :], c1,
-                                   P1, P2, HAS_PRE)
-                a = tl.load(a_ptr + r_out[:, None] * KP + i[None, :])
-                z = _dot_exact(a, u, z)
+            i = tl.arange(0, KP)
+            u = _signed_blocks(x_ptr, pre_ptr, b * stride_xb, base + i[:, None] * P,
+                               (i < KS)[:, None] & (i[:, None] * 0 + b < B), cols[None, :], cmask[None, :], c1,
+                               P1, P2, HAS_PRE)
+            a = tl.load(a_ptr + r_out[:, None] * KP + i[None, :])
+            z = _dot_exact(a, u, tl.zeros([IB, PP2], tl.float32))
             z = _fwht_rows(z, IB, PP2, LOGP2)
             rmask = (r_out < KS) & (r_out * 0 + b < B)
             msk = rmask[:, None] & cmask[None, :]
@@ -169,20 +169,27 @@ def plan(ch: int, rows: int) -> dict:
     k = hadamard_factor(ch)
     p = ch // k
     kp = 1 if k == 1 else max(16, triton.next_power_of_2(k))
-    # Column blocks: about 16 programs per row for one row, none extra from 16 rows on.
+    # Column blocks: about 16 programs per row for one row, none extra from 16 rows on; for k > 1
+    # also as many as keep U [kp, P/P1] (one tensor-core operand) within 8192 elements.
     p1 = 1
     while p1 * 2 * max(rows, 1) <= 16 and p // (p1 * 2) >= 64:
         p1 *= 2
+    while k > 1 and kp * (p // p1) > 8192 and p // (p1 * 2) >= 16:
+        p1 *= 2
     p2 = p // p1
     pp2 = p2 if k == 1 else max(16, p2)
+    # Rows of A_k's output per program: 16 (shortest program: decode latency), but every program
+    # reads its row's whole chunk, so many rows (prefill) of a large k take 32 (k = 172: 12
+    # programs a row read the chunk 12 times, not 22).
+    ib = 1 if k == 1 else (32 if k > 64 and rows >= 64 else 16)
     if k == 1:
         br = max(1, min(triton.next_power_of_2(max(rows, 1)), _WIDE // max(p2, 1)))
         elems = br * p2 * max(1, min(p1, 4))
     else:
         br = 1
-        elems = 16 * pp2 * 2
+        elems = kp * pp2
     warps = 4 if elems <= _WIDE else (8 if elems <= 4 * _WIDE else 16)
-    return dict(KS=k, KP=kp, P=p, P1=p1, PP2=pp2, LOGP2=int(math.log2(p2)), BR=br, IB=16 if k > 1 else 1,
+    return dict(KS=k, KP=kp, P=p, P1=p1, PP2=pp2, LOGP2=int(math.log2(p2)), BR=br, IB=ib,
                 num_warps=warps)
 
 
