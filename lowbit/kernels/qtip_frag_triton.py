@@ -289,6 +289,25 @@ if triton is not None:
         _out(y_ptr, c2, rows + 8, n, B, TM, stride_yb, NW, ATOMIC)
         _out(y_ptr, c3, rows + 8, n + 1, B, TM, stride_yb, NW, ATOMIC)
 
+    @triton.jit
+    def _walk_start(codes_ptr, lut_ptr, scratch_ptr, TM, TN, tiles_per_split, K: tl.constexpr, RT: tl.constexpr,
+                    NW: tl.constexpr, REP: tl.constexpr, EMULATE: tl.constexpr):
+        """What both kernels set up first: the table, each thread's lane and byte selector, the
+        program's row tiles (first i0, present ok) and tile columns [t0, t1), this warp's first
+        column j, the pointer to its lanes' code words, and the distance to their second word."""
+        col = tl.arange(0, 32 * NW)
+        lane = _lane_ids(col, EMULATE)
+        lane_addr = _table(lut_ptr, scratch_ptr, col, lane, TM, REP, EMULATE)
+        sel = tl.where((lane & 1) == 1, 0x3254, 0x1032)
+        i0 = tl.program_id(0) * RT
+        ok = _row_tiles_present(i0, col, TM, RT)
+        t0 = tl.program_id(1) * tiles_per_split
+        t1 = tl.minimum(t0 + tiles_per_split, TN)
+        first, delta = _word_offsets(lane, K)
+        j = t0 + col // 32
+        cp = codes_ptr + (i0 * TN + j) * (8 * K) + first
+        return col, lane, lane_addr, sel, i0, ok, t0, t1, j, cp, delta
+
     @triton.jit(do_not_specialize=["TM", "TN", "B", "tiles_per_split"])
     def _hyb_frag_kernel(
         x_ptr, codes_ptr, lut_ptr, y_ptr,
@@ -302,36 +321,24 @@ if triton is not None:
         [32·NW], one element per thread; row tiles and n-blocks are tuples unrolled at compile
         time (a tensor axis would let Triton pick layouts that break the lane ↔ fragment
         mapping). x is fp16 read as int32 pairs (stride_xb in pairs), y float32."""
-        pid_m = tl.program_id(0)
-        pid_k = tl.program_id(1)
-        NTH: tl.constexpr = 32 * NW
-        col = tl.arange(0, NTH)
-        lane = _lane_ids(col, EMULATE)
+        col, lane, lane_addr, sel, i0, ok, t0, t1, j, cp, delta = _walk_start(
+            codes_ptr, lut_ptr, y_ptr, TM, TN, tiles_per_split, K, RT, NW, REP, EMULATE)
         wid = col // 32
-        lane_addr = _table(lut_ptr, y_ptr, col, lane, TM, REP, EMULATE)
-        sel = tl.where((lane & 1) == 1, 0x3254, 0x1032)
-        i0 = pid_m * RT
-        ok = _row_tiles_present(i0, col, TM, RT)
         # B fragment of n-block b: lane (n, t) holds x[8b + n, 16j + 2t + {0,1}] and x[.., 16j + 8 + 2t + {0,1}]
         xn = lane >> 2
         xok = ()
         for b in tl.static_range(NB):
             xok = xok + (xn + 8 * b < B,)
         XS = 8 * stride_xb
-        t0 = pid_k * tiles_per_split
-        t1 = tl.minimum(t0 + tiles_per_split, TN)
         # Pointers advance by NW tiles a step (no per-step 64-bit index math); code words and x
         # are requested one step ahead of the step that uses them.
-        first, delta = _word_offsets(lane, K)
         TW: tl.constexpr = 8 * K  # int32 code words per tile
         RS = TN * TW  # words between row tiles
-        j = t0 + wid
-        cp = codes_ptr + (i0 * TN + j) * TW + first
         xp = x_ptr + xn * stride_xb + (lane & 3) + 8 * j
         jm = j < t1
         xs = _step_x(xp, XS, jm, xok, NB)
         words = _step_words(cp, RS, delta, jm, ok, lane, K, RT)
-        z = tl.zeros([NTH], tl.float32)
+        z = tl.zeros([32 * NW], tl.float32)
         acc = ()
         for _r in tl.static_range(RT):
             row = ()
@@ -377,23 +384,12 @@ if triton is not None:
         """Ŵ [16·TM, 16·TN] as fp16 pairs (w_ptr int32, stride_w in pairs): the fragment kernel's
         decode with stores in place of the mma, for the prefill path (decode once, then cuBLAS).
         Same grid and warp walk as `_hyb_frag_kernel`."""
-        pid_m = tl.program_id(0)
-        pid_k = tl.program_id(1)
-        col = tl.arange(0, 32 * NW)
-        lane = _lane_ids(col, EMULATE)
+        col, lane, lane_addr, sel, i0, ok, t0, t1, j, cp, delta = _walk_start(
+            codes_ptr, lut_ptr, w_ptr, TM, TN, tiles_per_split, K, RT, NW, REP, EMULATE)
         wid = col // 32
-        lane_addr = _table(lut_ptr, w_ptr, col, lane, TM, REP, EMULATE)
-        sel = tl.where((lane & 1) == 1, 0x3254, 0x1032)
-        i0 = pid_m * RT
-        ok = _row_tiles_present(i0, col, TM, RT)
-        t0 = pid_k * tiles_per_split
-        t1 = tl.minimum(t0 + tiles_per_split, TN)
-        first, delta = _word_offsets(lane, K)
         TW: tl.constexpr = 8 * K
         RS = TN * TW
         WS = 16 * stride_w  # pairs between row tiles of Ŵ
-        j = t0 + wid
-        cp = codes_ptr + (i0 * TN + j) * TW + first
         wp = w_ptr + (16 * i0 + (lane >> 2)) * stride_w + 8 * j + (lane & 3)
         jm = j < t1
         words = _step_words(cp, RS, delta, jm, ok, lane, K, RT)
