@@ -59,3 +59,26 @@ def test_unreadable_or_stale_cache_means_tuning_again(tmp_path, monkeypatch):
         other: int = 0
 
     assert tuning.load_pick(("k",), torch.device("cpu"), Renamed) is None
+
+
+def test_a_pick_made_among_other_candidates_is_tuned_again(tmp_path, monkeypatch):
+    """A lowbit with new kernels or launch shapes must not reuse a pick made without them."""
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path))
+    monkeypatch.setattr(tuning, "_DISK", None)
+    monkeypatch.setattr(tuning, "autotune_enabled", lambda x: True)
+    x = torch.zeros(16, 8)
+    tuned = []
+
+    def tune(pick):
+        return lambda: tuned.append(pick) or pick
+
+    old = [Cfg("mma", 1), Cfg("mma", 2)]
+    new = old + [Cfg("frag", 4)]
+    key = ("layer", 4096, 4096, 16)
+    assert tuning.choose({}, key, x, tune(Cfg("mma", 2)), lambda: Cfg("h"), Cfg, lambda: old) == Cfg("mma", 2)
+    monkeypatch.setattr(tuning, "_DISK", None)  # a new process, same candidates: the saved pick
+    assert tuning.choose({}, key, x, tune(Cfg("x")), lambda: Cfg("h"), Cfg, lambda: list(old)) == Cfg("mma", 2)
+    monkeypatch.setattr(tuning, "_DISK", None)  # a new process with a frag candidate: tuned again
+    assert tuning.choose({}, key, x, tune(Cfg("frag", 4)), lambda: Cfg("h"), Cfg, lambda: new) == Cfg("frag", 4)
+    assert tuned == [Cfg("mma", 2), Cfg("frag", 4)]
+    assert len(json.loads(tuning.tuned_file().read_text())) == 2

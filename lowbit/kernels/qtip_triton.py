@@ -884,7 +884,8 @@ def tune(layer, x2: torch.Tensor, cands=None) -> tuple[QTIPConfig, list]:
 
 def choose_config(layer, x2: torch.Tensor) -> QTIPConfig:
     return choose(_TUNED, tune_key(layer, x2.shape[0], x2.dtype), x2, lambda: tune(layer, x2)[0],
-                  lambda: heuristic_config(layer, x2.shape[0], x2.device, x2.dtype), QTIPConfig)
+                  lambda: heuristic_config(layer, x2.shape[0], x2.device, x2.dtype), QTIPConfig,
+                  lambda: candidate_configs(layer, x2.shape[0], x2.device))
 
 
 def qtip_forward(layer, x: torch.Tensor, config: QTIPConfig | None = None) -> torch.Tensor:

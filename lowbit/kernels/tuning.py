@@ -9,6 +9,7 @@ graph of writes alone, is subtracted).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -119,16 +120,23 @@ def _disk() -> dict[str, dict]:
     return _DISK
 
 
-def _disk_key(key: tuple, device: torch.device) -> str:
-    """The pick is only valid for the same GPU model and Triton version."""
+def _disk_key(key: tuple, device: torch.device, among: str = "") -> str:
+    """The pick is only valid for the same GPU model, Triton version and candidate list (`among`,
+    a digest: a lowbit with other kernels or launch shapes re-tunes instead of reusing a pick
+    made without them)."""
     import triton
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    return f"{name} | triton {triton.__version__} | {key!r}"
+    return f"{name} | triton {triton.__version__} | {key!r}" + (f" | among {among}" if among else "")
 
 
-def load_pick(key: tuple, device: torch.device, cls: type):
-    entry = _disk().get(_disk_key(key, device))
+def digest(candidates: list) -> str:
+    """A short fingerprint of a candidate list (for `among`)."""
+    return hashlib.sha1(repr(candidates).encode()).hexdigest()[:12]
+
+
+def load_pick(key: tuple, device: torch.device, cls: type, among: str = ""):
+    entry = _disk().get(_disk_key(key, device, among))
     if entry is None:
         return None
     try:
@@ -137,8 +145,8 @@ def load_pick(key: tuple, device: torch.device, cls: type):
         return None
 
 
-def save_pick(key: tuple, device: torch.device, cfg) -> None:
-    _disk()[_disk_key(key, device)] = dataclasses.asdict(cfg)
+def save_pick(key: tuple, device: torch.device, cfg, among: str = "") -> None:
+    _disk()[_disk_key(key, device, among)] = dataclasses.asdict(cfg)
     path = tuned_file()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -150,23 +158,24 @@ def save_pick(key: tuple, device: torch.device, cfg) -> None:
 
 
 def choose(cache: dict, key: tuple, x: torch.Tensor, tune: Callable[[], object], heuristic: Callable[[], object],
-           cls: type | None = None):
+           cls: type | None = None, candidates: Callable[[], list] | None = None):
     """The configuration for `key`: cached in this process, else saved by an earlier run (`cls`
-    rebuilds it), else tune() where timing is possible (it caches its pick here; the pick is saved
-    for later runs), else the heuristic's."""
+    rebuilds it) that tuned among the same `candidates()`, else tune() where timing is possible
+    (it caches its pick here; the pick is saved for later runs), else the heuristic's."""
     cfg = cache.get(key)
     if cfg is not None:
         return cfg
     if not autotune_enabled(x):
         return heuristic()
+    among = digest(candidates()) if candidates is not None else ""
     if cls is not None:
-        cfg = load_pick(key, x.device, cls)
+        cfg = load_pick(key, x.device, cls, among)
         if cfg is not None:
             cache[key] = cfg
             return cfg
     cfg = tune()
     if cls is not None:
-        save_pick(key, x.device, cfg)
+        save_pick(key, x.device, cfg, among)
     return cfg
 
 

@@ -812,7 +812,8 @@ def tune(x2, p: UniformPacked, bias=None, cands=None) -> tuple[UQConfig, list]:
 
 def choose_config(x2, p: UniformPacked, bias=None) -> UQConfig:
     return choose(_TUNED, tune_key(p, x2.shape[0], x2.dtype), x2, lambda: tune(x2, p, bias)[0],
-                  lambda: heuristic_config(p, x2.shape[0], x2.device), UQConfig)
+                  lambda: heuristic_config(p, x2.shape[0], x2.device), UQConfig,
+                  lambda: candidate_configs(p, x2.shape[0], x2.device))
 
 
 def uniform_matmul(x: torch.Tensor, p: UniformPacked, bias: torch.Tensor | None = None,

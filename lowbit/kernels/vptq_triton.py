@@ -721,7 +721,8 @@ def tune(x2, p: VptqPacked, bias=None, cands=None) -> tuple[VQConfig, list]:
 
 def choose_config(x2, p: VptqPacked, bias=None) -> VQConfig:
     return choose(_TUNED, tune_key(p, x2.shape[0], x2.dtype), x2, lambda: tune(x2, p, bias)[0],
-                  lambda: heuristic_config(p, x2.shape[0], x2.device), VQConfig)
+                  lambda: heuristic_config(p, x2.shape[0], x2.device), VQConfig,
+                  lambda: candidate_configs(p, x2.shape[0], x2.device))
 
 
 def vptq_matmul(x: torch.Tensor, p: VptqPacked, bias: torch.Tensor | None = None,
