@@ -199,6 +199,21 @@ def test_frag_dequant_is_exact_for_any_launch_cpu(K, m, n, launch):
 
 
 @pytest.mark.skipif(not CPU, reason="CPU interpreter test")
+def test_frag_launchers_reject_bad_launches_and_operands_cpu():
+    lin = layer(hyb_params(2), 32, 64, seed=1)
+    lut = lin.tlut.view(torch.int32).reshape(-1)
+    y = torch.zeros(1, 32)
+    with pytest.raises(ValueError, match="frag kernel: row tiles must be 1..4 and table copies one of .* got 5 and 32"):
+        qt.frag_matmul(lin.codes, lut, 2, torch.zeros(1, 64).half(), y, 5, 2, 2, False)
+    with pytest.raises(ValueError, match="≤ 64 contiguous fp16 rows, got \\(65, 64\\)"):
+        qt.frag_matmul(lin.codes, lut, 2, torch.zeros(65, 64).half(), torch.zeros(65, 32), 1, 2, 2, False)
+    with pytest.raises(ValueError, match="frag dequant: row tiles .* got 2 and 8"):
+        qt.frag_dequant(lin.codes, lut, 2, torch.zeros(32, 64).half(), copies=8)
+    with pytest.raises(ValueError, match="contiguous fp16 rows, got torch.float32"):
+        qt.frag_dequant(lin.codes, lut, 2, torch.zeros(32, 64))
+
+
+@pytest.mark.skipif(not CPU, reason="CPU interpreter test")
 def test_heuristic_dispatch_and_leading_dims_cpu():
     lin = layer(hyb_params(2), 32, 64, seed=5, rcp=2, tp=2)  # output Hadamard split in two blocks
     x = torch.randn(2, 3, 64).half()

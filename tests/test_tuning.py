@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+import pytest
 import torch
 
 from lowbit.kernels import tuning
@@ -20,10 +21,15 @@ def test_batch_buckets():
     assert [tuning.batch_bucket(b) for b in (1, 2, 3, 5, 16, 17, 64, 65, 4096)] == [1, 2, 4, 8, 16, 32, 64, 128, 128]
 
 
-def test_picks_persist_across_processes(tmp_path, monkeypatch):
+@pytest.fixture
+def timing_cache(tmp_path, monkeypatch):
+    """An empty on-disk pick cache in tmp_path, nothing loaded yet, timing allowed (as on a GPU)."""
     monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path))
     monkeypatch.setattr(tuning, "_DISK", None)
     monkeypatch.setattr(tuning, "autotune_enabled", lambda x: True)
+
+
+def test_picks_persist_across_processes(timing_cache, monkeypatch):
     x = torch.zeros(2, 8)
     tuned = []
 
@@ -61,11 +67,8 @@ def test_unreadable_or_stale_cache_means_tuning_again(tmp_path, monkeypatch):
     assert tuning.load_pick(("k",), torch.device("cpu"), Renamed) is None
 
 
-def test_a_pick_made_among_other_candidates_is_tuned_again(tmp_path, monkeypatch):
+def test_a_pick_made_among_other_candidates_is_tuned_again(timing_cache, monkeypatch):
     """A lowbit with new kernels or launch shapes must not reuse a pick made without them."""
-    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path))
-    monkeypatch.setattr(tuning, "_DISK", None)
-    monkeypatch.setattr(tuning, "autotune_enabled", lambda x: True)
     x = torch.zeros(16, 8)
     tuned = []
 

@@ -13,10 +13,11 @@ y's dtype, so each side of a QTIP layer is one launch.
 How a program computes it (exact float32 throughout):
 * S_P: a butterfly over the row, log2(P) passes of (a+b, a-b), all in registers (Triton moves
   elements between threads with shuffles or shared memory where a pass crosses them).
-* A_k (k > 1): a program owns 16 or 32 rows of A_k's output for one row of x and forms them with tensor
-  cores in one product over all k rows of X (its column block), X split as hi + lo (hi = X with the low 13 mantissa bits cleared), so two tf32 products
-  with the exactly representable ±1 entries of A_k give float32 accuracy. It is applied first
-  (A_k and S_P act on different axes and commute), so the butterfly runs on the program's rows only.
+* A_k (k > 1): a program owns 16 or 32 rows of A_k's output for one row of x and forms them with
+  tensor cores in one product over all k rows of X (its column block), X split as hi + lo (hi = X
+  with the low 13 mantissa bits cleared), so two tf32 products with the exactly representable ±1
+  entries of A_k give float32 accuracy. It is applied first (A_k and S_P act on different axes and
+  commute), so the butterfly runs on the program's rows only.
 
 It can also zero a buffer on the side (`zero`): QTIP's split-K GEMV accumulates into one with
 atomics, and this launch always runs before it.
@@ -119,7 +120,7 @@ if triton is not None:
             pos2 = base + c1 * P2 + cols[None, :] + rows[:, None] * 0
             yoff = rows[:, None] * stride_yb + pos2
         else:
-            # one row of x; 16 rows of A_k's output: z = A[r_out] @ U over all k rows at once (one
+            # one row of x; IB rows of A_k's output: z = A[r_out] @ U over all k rows at once (one
             # operand staging for the tensor cores; a loop over 16-row slices of U paid one per slice,
             # 69 barriers a program at k = 172 on sm_90)
             b = pid_b

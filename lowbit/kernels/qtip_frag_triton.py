@@ -404,6 +404,7 @@ if triton is not None:
             wp += 8 * NW
             jm = nm
 
+
 MAX_BATCH = 64  # 8 n-blocks of the mma's n = 8
 _CHECKED: set = set()
 
@@ -411,6 +412,25 @@ _CHECKED: set = set()
 def n_blocks(batch: int) -> int:
     """n-blocks of 8 rows the kernel is compiled for: a power of two, so batch buckets share variants."""
     return triton.next_power_of_2(triton.cdiv(batch, 8))
+
+
+def _launch(kernel, grid, args, what: str, row_tiles: int, num_warps: int, copies: int, **consts):
+    """Both kernels' launch: the launch-shape check, the PTX emulation under the interpreter and,
+    compiled, the shared-memory check (the reservation trick is Triton's allocator's doing:
+    verified once per compiled variant)."""
+    if not 1 <= row_tiles <= 4 or copies not in COPIES:
+        raise ValueError(f"{what}: row tiles must be 1..4 and table copies one of {COPIES}, "
+                         f"got {row_tiles} and {copies}")
+    emulate = interpreting()
+    kern = kernel[grid](*args, RT=row_tiles, NW=num_warps, REP=copies, EMULATE=emulate, num_warps=num_warps,
+                        num_stages=1, **consts)
+    key = (what, row_tiles, num_warps, copies, tuple(sorted(consts.items())))
+    if not emulate and key not in _CHECKED:
+        shared = getattr(getattr(kern, "metadata", None), "shared", None)
+        if shared is not None and shared < 2048 * copies:
+            raise RuntimeError(f"Triton gave the QTIP {what} {shared} bytes of shared memory, "
+                               f"its table needs {2048 * copies}")
+        _CHECKED.add(key)
 
 
 def frag_matmul(codes: torch.Tensor, lut32: torch.Tensor, K: int, xh: torch.Tensor, out: torch.Tensor,
@@ -422,35 +442,15 @@ def frag_matmul(codes: torch.Tensor, lut32: torch.Tensor, K: int, xh: torch.Tens
     must hold zeros)."""
     B, n = xh.shape
     m = out.shape[1]
-    if not 1 <= row_tiles <= 4 or copies not in COPIES:
-        raise ValueError(f"frag kernel: row tiles must be 1..4 and table copies one of {COPIES}, "
-                         f"got {row_tiles} and {copies}")
     if B > MAX_BATCH or xh.dtype != torch.float16 or xh.stride(1) != 1 or xh.stride(0) % 2:
         raise ValueError(f"frag kernel takes ≤ {MAX_BATCH} contiguous fp16 rows, got {tuple(xh.shape)} {xh.dtype}")
     tm, tn = m // 16, n // 16
-    split = triton.cdiv(tn, tiles_per_split)
-    words = codes.view(torch.int32)
-    grid = (triton.cdiv(tm, row_tiles), split)
-    emulate = interpreting()
-    nb = n_blocks(B)
-    kern = _hyb_frag_kernel[grid](
-        xh.view(torch.int32), words, lut32, out, tm, tn, B, xh.stride(0) // 2, out.stride(0), tiles_per_split,
-        K=K, RT=row_tiles, NB=nb, NW=num_warps, REP=copies, ATOMIC=atomic, EMULATE=emulate, num_warps=num_warps,
-        num_stages=1)
-    if not emulate:
-        _check_shared(kern, (K, row_tiles, nb, num_warps, copies, atomic), copies)
+    grid = (triton.cdiv(tm, row_tiles), triton.cdiv(tn, tiles_per_split))
+    args = (xh.view(torch.int32), codes.view(torch.int32), lut32, out, tm, tn, B, xh.stride(0) // 2, out.stride(0),
+            tiles_per_split)
+    _launch(_hyb_frag_kernel, grid, args, "frag kernel", row_tiles, num_warps, copies, K=K, NB=n_blocks(B),
+            ATOMIC=atomic)
     return out
-
-
-def _check_shared(kern, key, copies: int) -> None:
-    """The reservation trick is Triton's allocator's doing: verify it once per compiled variant."""
-    if key in _CHECKED:
-        return
-    shared = getattr(getattr(kern, "metadata", None), "shared", None)
-    if shared is not None and shared < 2048 * copies:
-        raise RuntimeError(f"Triton gave the QTIP frag kernel {shared} bytes of shared memory, "
-                           f"its table needs {2048 * copies}")
-    _CHECKED.add(key)
 
 
 def frag_dequant(codes: torch.Tensor, lut32: torch.Tensor, K: int, out: torch.Tensor, row_tiles: int = 2,
@@ -461,15 +461,9 @@ def frag_dequant(codes: torch.Tensor, lut32: torch.Tensor, K: int, out: torch.Te
     m, n = out.shape
     if out.dtype != torch.float16 or out.stride(1) != 1 or out.stride(0) % 2:
         raise ValueError(f"frag dequant writes contiguous fp16 rows, got {out.dtype} strides {out.stride()}")
-    if not 1 <= row_tiles <= 4 or copies not in COPIES:
-        raise ValueError(f"frag dequant: row tiles must be 1..4 and table copies one of {COPIES}")
     tm, tn = m // 16, n // 16
     per = steps * num_warps
     grid = (triton.cdiv(tm, row_tiles), triton.cdiv(tn, per))
-    emulate = interpreting()
-    kern = _hyb_frag_dequant_kernel[grid](
-        codes.view(torch.int32), lut32, out.view(torch.int32), tm, tn, out.stride(0) // 2, per,
-        K=K, RT=row_tiles, NW=num_warps, REP=copies, EMULATE=emulate, num_warps=num_warps, num_stages=1)
-    if not emulate:
-        _check_shared(kern, ("dequant", K, row_tiles, num_warps, copies), copies)
+    args = (codes.view(torch.int32), lut32, out.view(torch.int32), tm, tn, out.stride(0) // 2, per)
+    _launch(_hyb_frag_dequant_kernel, grid, args, "frag dequant", row_tiles, num_warps, copies, K=K)
     return out

@@ -722,7 +722,6 @@ def dequantize_codes(layer, dtype=torch.float16, out: torch.Tensor | None = None
     m, n = layer.out_features, layer.in_features
     if out is None:
         out = torch.empty(m, n, dtype=dtype, device=layer.codes.device)
-    big = interpreting()  # the interpreter pays per program, not per element
     if _hyb(p):  # the fragment kernel's decode, stored (fp16: the table's values are fp16)
         w16 = out if out.dtype == torch.float16 and out.is_contiguous() else torch.empty(
             m, n, dtype=torch.float16, device=layer.codes.device)
@@ -730,7 +729,7 @@ def dequantize_codes(layer, dtype=torch.float16, out: torch.Tensor | None = None
         if w16 is not out:
             out.copy_(w16)
     else:
-        bm, bk = (128, 128) if big else (32, 64)
+        bm, bk = (128, 128) if interpreting() else (32, 64)  # the interpreter pays per program
         tlut = layer.tlut if layer.tlut is not None else layer.codes
         _gen_dequant_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bk))](
             layer.codes, tlut, out, m, n, n // p.td_y, out.stride(0), BM=bm, BK=bk, **_gen_consts(p))
