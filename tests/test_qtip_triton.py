@@ -108,6 +108,90 @@ def test_hadamard_transform_matches_reference(n, chunks, rows, transpose):
     assert torch.equal(zero, torch.zeros(50))
 
 
+# n, chunks, rows, dot_plan arguments: the product kernel (L = A_k ⊗ S, R = S_q by a product or a
+# butterfly), ragged L blocks (M = 172, 192, 344 rows of L), a tensor-parallel split
+HADAMARD_DOT_CASES = [
+    (4096, 1, 3, dict(q=64)),
+    (4096, 1, 2, dict(q=128, ib=32, r_dot=False)),
+    (12 * 1024, 1, 2, dict(q=64, ib=64, bk=32)),
+    (172 * 64, 1, 2, dict(q=64, ib=64, bk=16)),
+    (172 * 128, 1, 1, dict(q=64, ib=32, bk=32, num_warps=8)),
+    (172 * 128, 1, 1, dict(q=128, ib=64, bk=16, r_dot=False)),
+    (256, 4, 2, dict(q=16, ib=16, bk=16)),
+    (28 * 64, 2, 2, dict(q=32, ib=32, bk=16, r_dot=False)),
+]
+
+
+@pytest.mark.parametrize("n,chunks,rows,kw", HADAMARD_DOT_CASES)
+@pytest.mark.parametrize("transpose", [False, True])
+def test_hadamard_product_kernel_matches_reference(n, chunks, rows, kw, transpose):
+    g = torch.Generator().manual_seed(n + rows)
+    x = torch.randn(rows, n, generator=g)
+    pre, post, bias = (torch.randn(n, generator=g) for _ in range(3))
+    out = torch.full((rows, n), float("nan"))
+    zero = torch.full((70,), float("nan"))
+    ht.hadamard_transform(x, transpose=transpose, chunks=chunks, pre=pre, post=post, bias=bias, alpha=0.25,
+                          out=out, zero=zero, launch=ht.dot_plan(n // chunks, **kw))
+    ref = hadamard_reference(x.double() * pre.double(), transpose=transpose, chunks=chunks) * 0.25 * post.double()
+    ref = ref + bias.double()
+    assert not torch.isnan(out).any()
+    assert (out.double() - ref).abs().max() <= 1e-6 * ref.abs().max()
+    assert torch.equal(zero, torch.zeros(70))
+
+
+def test_hadamard_plan_takes_the_product_kernel_for_many_rows():
+    assert ht.plan(11008, 1)["kernel"] == "butterfly" and ht.plan(4096, 1000)["kernel"] == "butterfly"
+    assert ht.plan(11008, ht.DOT_ROWS)["kernel"] == "dot" and ht.plan(12288, 1000)["kernel"] == "dot"
+    x = torch.randn(ht.DOT_ROWS, 172 * 64)
+    ref = hadamard_reference(x.double(), transpose=True)
+    assert (ht.hadamard_transform(x, transpose=True).double() - ref).abs().max() <= 1e-6 * ref.abs().max()
+    with pytest.raises(ValueError, match="power of two"):
+        ht.dot_plan(172 * 64, 128)
+    with pytest.raises(ValueError, match="power of two"):
+        ht.dot_plan(4096, 48)
+
+
+def test_hadamard_product_kernel_half_precision_signs():
+    """fp16 x with a ±1 pre (pre_signs): one half-precision product, as exact as float32 (bf16: on the
+    GPU below; Triton's interpreter computes bf16 products wrongly)."""
+    dtype = torch.float16
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 172 * 32, generator=g).to(dtype)
+    signs = (torch.randint(0, 2, (172 * 32,), generator=g) * 2 - 1).to(dtype)
+    y = ht.hadamard_transform(x, transpose=True, pre=signs, alpha=0.5, out_dtype=torch.float32, pre_signs=True,
+                              launch=ht.dot_plan(172 * 32, 32, ib=32, bk=16))
+    ref = hadamard_reference(x.double() * signs.double(), transpose=True) * 0.5
+    assert (y.double() - ref).abs().max() <= 1e-6 * ref.abs().max()
+
+
+@pytest.mark.parametrize("su_scale", [1.0, 0.75])
+def test_layer_input_transform_exact_only_for_sign_su(su_scale):
+    """A layer whose SU holds scales, not signs, must not take the half-precision product (x · SU would
+    round): QTIPLinear reads that at load, and the forward matches the reference either way."""
+    t = random_layer(ONE_MAD, 64, 172 * 16, seed=4)
+    t["SU"] = t["SU"] * su_scale
+    lin = linear_from_checkpoint("qtip", ONE_MAD, t, 172 * 16, 64)
+    assert lin.su_signs == (su_scale == 1.0)
+    x = torch.randn(ht.DOT_ROWS, 172 * 16).half()
+    check(lin, x, qt.QTIPConfig("dequant"), 2e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [4096, 12288, 22016, 11008])
+@pytest.mark.parametrize("rows", [1, 16, 1000])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_hadamard_transform_real_lengths_gpu(n, rows, dtype):
+    """The launch `plan` picks at Llama-2-7B's lengths, activations and SU signs in x's dtype (the
+    exact half-precision products) or float32 (the split tf32 ones); float32 out."""
+    if CPU:
+        pytest.skip("needs CUDA")
+    x = torch.randn(rows, n, device="cuda").to(dtype)
+    signs = (torch.randint(0, 2, (n,), device="cuda") * 2 - 1).to(dtype)
+    y = ht.hadamard_transform(x, transpose=True, pre=signs, alpha=1 / 32, out_dtype=torch.float32, pre_signs=True)
+    ref = hadamard_reference(x.double() * signs.double(), transpose=True) / 32
+    assert (y.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
 def test_hadamard_transform_plain_and_cast():
     x = torch.randn(2, 3, 256).half()
     y = ht.hadamard_transform(x, out_dtype=torch.float32)

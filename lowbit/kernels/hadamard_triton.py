@@ -30,7 +30,7 @@ import math
 
 import torch
 
-from .hadamard import hadamard_factor, special_hadamard
+from .hadamard import fwht, hadamard_factor, special_hadamard
 
 try:
     import triton
@@ -41,7 +41,8 @@ except ImportError:  # pragma: no cover
 
 # Elements of the transformed block a program keeps in registers before it takes 8 warps.
 _WIDE = 4096
-_ZERO_BLOCK = 1024
+# Rows of x from which the product kernel runs for lengths with a special factor k > 1.
+DOT_ROWS = 8
 
 if triton is not None:
 
@@ -143,13 +144,76 @@ if triton is not None:
             y = y + tl.load(bias_ptr + pos2, mask=msk, other=0.0).to(tl.float32)
         tl.store(y_ptr + yoff, y.to(y_ptr.dtype.element_ty), mask=msk)
         if ZERO:
-            lin = (pid_b * tl.num_programs(1) + ch) * tl.num_programs(2) + tl.program_id(2)
-            z0 = lin * zero_per_prog
-            z1 = tl.minimum(z0 + zero_per_prog, zero_numel)
-            offs = tl.arange(0, 1024)
-            zs = tl.zeros([1024], zero_ptr.dtype.element_ty)
-            for o in range(z0, z1, 1024):
-                tl.store(zero_ptr + o + offs, zs, mask=o + offs < z1)
+            _zero_share(zero_ptr, zero_per_prog, zero_numel)
+
+    @triton.jit
+    def _zero_share(zero_ptr, zero_per_prog, zero_numel):
+        """This program's slice of the buffer to zero (programs numbered over the whole grid)."""
+        lin = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + tl.program_id(2)
+        z0 = lin * zero_per_prog
+        z1 = tl.minimum(z0 + zero_per_prog, zero_numel)
+        offs = tl.arange(0, 1024)
+        zs = tl.zeros([1024], zero_ptr.dtype.element_ty)
+        for o in range(z0, z1, 1024):
+            tl.store(zero_ptr + o + offs, zs, mask=o + offs < z1)
+
+    @triton.jit
+    def _dot_exact_left(a, b, acc):
+        """acc + a @ b in float32 accuracy for `b` exact in tf32 (±1): here `a` is split."""
+        hi = (a.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+        acc = tl.dot(hi, b, acc, input_precision="tf32")
+        return tl.dot(a - hi, b, acc, input_precision="tf32")
+
+    @triton.jit(do_not_specialize=["B", "zero_per_prog", "zero_numel"])
+    def _hadamard_dot_kernel(
+        x_ptr, pre_ptr, post_ptr, bias_ptr, l_ptr, r_ptr, y_ptr, zero_ptr,
+        B, stride_xb, stride_yb, alpha, zero_per_prog, zero_numel,
+        M: tl.constexpr, MP: tl.constexpr, Q: tl.constexpr, LOGQ: tl.constexpr, IB: tl.constexpr,
+        BK: tl.constexpr, R_DOT: tl.constexpr, EXACT16: tl.constexpr,
+        HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, HAS_BIAS: tl.constexpr, ZERO: tl.constexpr,
+    ):
+        """Program (row of x, chunk, block of IB rows of L) writes Y[rows, :] of Y = L X R for the
+        chunk viewed as X [M, Q]: L = A_k ⊗ S_(P/Q) [M, M] by a loop over column blocks of L (each
+        program reads its row's chunk once), then R = S_Q by a product (R_DOT) or a butterfly. With
+        EXACT16 the host vouches that x is fp16/bf16 and pre is ±1 (or absent), so pre ⊙ x is exact in
+        x's dtype and L's product takes one half-precision dot instead of two tf32 ones."""
+        b = tl.program_id(0)
+        base = tl.program_id(1) * (M * Q)
+        r_out = tl.program_id(2) * IB + tl.arange(0, IB)
+        kk = tl.arange(0, BK)
+        c = tl.arange(0, Q)
+        row = x_ptr + b * stride_xb + base
+        acc = tl.zeros([IB, Q], tl.float32)
+        for j0 in range(0, MP, BK):
+            j = j0 + kk
+            msk = (j < M)[:, None] & (c < Q)[None, :]
+            pos = j[:, None] * Q + c[None, :]
+            lt = tl.load(l_ptr + r_out[:, None] * MP + j[None, :])
+            if EXACT16:  # fp16/bf16 x times ±1: exact in x's dtype, one half-precision product
+                u = tl.load(row + pos, mask=msk, other=0.0)
+                if HAS_PRE:
+                    u = u * tl.load(pre_ptr + base + pos, mask=msk, other=0.0).to(u.dtype)
+                acc = tl.dot(lt.to(u.dtype), u, acc)
+            else:
+                u = tl.load(row + pos, mask=msk, other=0.0).to(tl.float32)
+                if HAS_PRE:
+                    u = u * tl.load(pre_ptr + base + pos, mask=msk, other=0.0).to(tl.float32)
+                acc = _dot_exact(lt.to(tl.float32), u, acc)
+        if R_DOT:
+            r = tl.load(r_ptr + c[:, None] * Q + c[None, :]).to(tl.float32)
+            acc = _dot_exact_left(acc, r, tl.zeros([IB, Q], tl.float32))
+        else:
+            acc = _fwht_rows(acc, IB, Q, LOGQ)
+        pos2 = base + r_out[:, None] * Q + c[None, :]
+        msk = (r_out < M)[:, None] & (c < Q)[None, :]
+        y = acc * alpha
+        if HAS_POST:
+            y = y * tl.load(post_ptr + pos2, mask=msk, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            y = y + tl.load(bias_ptr + pos2, mask=msk, other=0.0).to(tl.float32)
+        tl.store(y_ptr + b * stride_yb + pos2, y.to(y_ptr.dtype.element_ty), mask=msk)
+        if ZERO:
+            _zero_share(zero_ptr, zero_per_prog, zero_numel)
 
 
 @functools.cache
@@ -162,7 +226,22 @@ def _special_padded(k: int, kp: int, transpose: bool, device: torch.device) -> t
     return out.to(device)
 
 
-def plan(ch: int, rows: int) -> dict:
+@functools.cache
+def _dot_matrices(k: int, p: int, q: int, transpose: bool, rows: int, mp: int,
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """L = A_k ⊗ S_(p/q) (A_k^T with `transpose`; S alone for k = 1) as fp16 [rows, mp], zero-padded,
+    and R = S_q as fp16 [q, q]: the chunk X [k, p] viewed as X' [k·p/q, q] has H X = L X' R
+    (Sylvester S_p = S_(p/q) ⊗ S_q, index a·q + c). Entries are ±1, exact in fp16 and tf32."""
+    s1 = fwht(torch.eye(p // q))
+    a = special_hadamard(k).float() if k > 1 else torch.ones(1, 1)
+    left = torch.kron((a.T if transpose else a).contiguous(), s1)
+    m = left.shape[0]
+    lp = torch.zeros(rows, mp)
+    lp[:m, :m] = left
+    return lp.half().to(device), fwht(torch.eye(q)).half().to(device)
+
+
+def _butterfly_plan(ch: int, rows: int) -> dict:
     """Launch shape for chunks of length ch = k·P and `rows` rows of x: the special order k (1 for
     powers of two) and its padding, the split of P into P1 column blocks of P2 (a program per
     block: more programs for few rows, at the price of each reading its rows' whole chunk), rows
@@ -190,18 +269,48 @@ def plan(ch: int, rows: int) -> dict:
         br = 1
         elems = kp * pp2
     warps = 4 if elems <= _WIDE else (8 if elems <= 4 * _WIDE else 16)
-    return dict(KS=k, KP=kp, P=p, P1=p1, PP2=pp2, LOGP2=int(math.log2(p2)), BR=br, IB=ib,
+    return dict(kernel="butterfly", KS=k, KP=kp, P=p, P1=p1, PP2=pp2, LOGP2=int(math.log2(p2)), BR=br, IB=ib,
                 num_warps=warps)
+
+
+def dot_plan(ch: int, q: int, ib: int = 64, bk: int = 32, r_dot: bool = True, num_warps: int = 4) -> dict:
+    """Launch shape of the product kernel: the chunk as X' [M, q] (q a power of two dividing its
+    power-of-two part, M = ch/q), IB rows of L a program, L's columns BK at a time; R = S_q by a
+    product (r_dot) or a butterfly."""
+    k = hadamard_factor(ch)
+    if q < 16 or (ch // k) % q or q & (q - 1):
+        raise ValueError(f"q = {q} must be a power of two >= 16 dividing {ch // k} (chunk {ch} = {k}·{ch // k})")
+    m = ch // q
+    return dict(kernel="dot", KS=k, M=m, MP=triton.cdiv(m, bk) * bk, Q=q, LOGQ=int(math.log2(q)), IB=ib, BK=bk,
+                R_DOT=bool(r_dot), num_warps=num_warps)
+
+
+def plan(ch: int, rows: int) -> dict:
+    """The launch for chunks of length ch and `rows` rows of x, from the H100 sweep
+    (`benchmarks/hadamard.py --sweep`): for k > 1 (Llama-2's 11008 = 172·64) the product kernel from
+    DOT_ROWS rows on (each program reads its row's chunk once; the butterfly kernel's programs read
+    it once per column block and block of A_k's rows: 4x slower at 16 rows, 10x at 1000), the
+    butterfly kernel for fewer rows and for powers of two (best at every row count measured)."""
+    k = hadamard_factor(ch)
+    p = ch // k
+    if k > 1 and rows >= DOT_ROWS and p >= 16:
+        if rows < 256:  # more, shorter programs
+            return dot_plan(ch, min(p, 128), ib=32, bk=32, r_dot=False)
+        return dot_plan(ch, p if p <= 128 else 64, ib=64, bk=32, r_dot=False)
+    return _butterfly_plan(ch, rows)
 
 
 def hadamard_transform(x: torch.Tensor, transpose: bool = False, chunks: int = 1, pre: torch.Tensor | None = None,
                        post: torch.Tensor | None = None, bias: torch.Tensor | None = None, alpha: float = 1.0,
                        out: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
-                       zero: torch.Tensor | None = None) -> torch.Tensor:
+                       zero: torch.Tensor | None = None, launch: dict | None = None,
+                       pre_signs: bool = False) -> torch.Tensor:
     """y = post ⊙ (alpha · H(pre ⊙ x)) + bias over the last dim of x [..., N], per chunk of N/chunks
     (H^T with `transpose`), orthonormal H as in `hadamard_reference`; computed in float32 and
     written in `out` (or a new tensor of out_dtype, default x's dtype). `zero`, if given, is a
-    contiguous tensor this launch fills with zeros."""
+    contiguous tensor this launch fills with zeros. `launch` (from `plan`/`dot_plan`) overrides the
+    launch shape `plan` picks. `pre_signs`: pre holds only ±1 (QTIP's SU), which lets the product
+    kernel multiply fp16/bf16 x exactly in its own dtype."""
     n = x.shape[-1]
     if chunks < 1 or n % chunks:
         raise ValueError(f"cannot split length {n} into {chunks} chunks")
@@ -213,10 +322,15 @@ def hadamard_transform(x: torch.Tensor, transpose: bool = False, chunks: int = 1
         out = torch.empty(B, n, dtype=out_dtype or x.dtype, device=x.device)
     y2 = out.view(B, n)
     ch = n // chunks
-    pl = plan(ch, B)
-    k = pl["KS"]
-    grid = (triton.cdiv(B, pl["BR"]), chunks, triton.cdiv(k, pl["IB"]) * pl["P1"])
-    amat = _special_padded(k, pl["KP"], bool(transpose), x.device) if k > 1 else y2
+    pl = dict(launch or plan(ch, B))
+    kind = pl.pop("kernel")
+    k = pl.pop("KS") if kind == "dot" else pl["KS"]
+    if kind == "dot":
+        grid = (B, chunks, triton.cdiv(pl["M"], pl["IB"]))
+        lmat, rmat = _dot_matrices(k, ch // k, pl["Q"], bool(transpose), grid[2] * pl["IB"], pl["MP"], x.device)
+    else:
+        grid = (triton.cdiv(B, pl["BR"]), chunks, triton.cdiv(k, pl["IB"]) * pl["P1"])
+        lmat = _special_padded(k, pl["KP"], bool(transpose), x.device) if k > 1 else y2
     nprog = grid[0] * grid[1] * grid[2]
     if zero is not None:
         zn = zero.numel()
@@ -224,12 +338,12 @@ def hadamard_transform(x: torch.Tensor, transpose: bool = False, chunks: int = 1
         zt = zero
     else:
         zn, zper, zt = 0, 0, y2
-    dummy = y2
-    _hadamard_kernel[grid](
-        x2, pre if pre is not None else dummy, post if post is not None else dummy,
-        bias if bias is not None else dummy, amat, y2, zt,
-        B, x2.stride(0), y2.stride(0), float(alpha) / math.sqrt(ch), zper, zn,
-        HAS_PRE=pre is not None, HAS_POST=post is not None, HAS_BIAS=bias is not None,
-        ZERO=zero is not None, **pl,
-    )
+    ptrs = (x2, pre if pre is not None else y2, post if post is not None else y2, bias if bias is not None else y2)
+    flags = dict(HAS_PRE=pre is not None, HAS_POST=post is not None, HAS_BIAS=bias is not None, ZERO=zero is not None)
+    scalars = (B, x2.stride(0), y2.stride(0), float(alpha) / math.sqrt(ch), zper, zn)
+    if kind == "dot":
+        exact16 = x2.dtype in (torch.float16, torch.bfloat16) and (pre is None or pre_signs)
+        _hadamard_dot_kernel[grid](*ptrs, lmat, rmat, y2, zt, *scalars, EXACT16=exact16, **flags, **pl)
+    else:
+        _hadamard_kernel[grid](*ptrs, lmat, y2, zt, *scalars, **flags, **pl)
     return out.view(*x.shape[:-1], n)

@@ -754,13 +754,14 @@ def run_config(layer, x2: torch.Tensor, cfg: QTIPConfig, out: torch.Tensor | Non
         out = torch.empty(B, m, dtype=x2.dtype, device=x2.device)
     if cfg.kind == "dequant":
         xh = hadamard_transform(x2, transpose=True, chunks=_chunks(layer, 1), pre=layer.SU, alpha=1 / 32,
-                                out_dtype=xh_dtype(cfg))
+                                out_dtype=xh_dtype(cfg), pre_signs=layer.su_signs)
         y_raw = torch.matmul(xh, dequantize_codes(layer, torch.float16).T)
     else:
         atomic = _steps(layer, cfg)[1] > 1
         y_raw = torch.empty(B, m, dtype=torch.float32, device=x2.device)
         xh = hadamard_transform(x2, transpose=True, chunks=_chunks(layer, 1), pre=layer.SU, alpha=1 / 32,
-                                out_dtype=xh_dtype(cfg), zero=y_raw if atomic else None)
+                                out_dtype=xh_dtype(cfg), zero=y_raw if atomic else None,
+                                pre_signs=layer.su_signs)
         decode_matmul(layer, xh, cfg, y_raw)
     return hadamard_transform(y_raw, transpose=False, chunks=_chunks(layer, 2), post=layer.SV, alpha=32.0,
                               bias=layer.bias, out=out)

@@ -93,6 +93,9 @@ class QTIPLinear(QuantLinear):
         self.register_buffer("SV", SV)
         self.register_buffer("tlut", tlut)
         self.register_buffer("bias", bias)
+        # SU of ±1 only (published checkpoints): lets the Hadamard kernels take fp16 products exactly.
+        # Read here, at load, because a decode step may run inside a CUDA graph capture.
+        self.su_signs = bool((SU.abs() == 1).all())
         # W_hat decoded once per device by the reference path: a plain attribute, not a buffer, so it
         # never counts as storage and never reaches a state dict.
         self._hatw: torch.Tensor | None = None
