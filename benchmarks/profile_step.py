@@ -6,13 +6,18 @@ For each format: a random-weight model of the shape (`lowbit.quantized_models.sy
 eager prefill of `--prompt` tokens (what TTFT measures in `lowbit bench decode`) and `--steps`
 eager decode steps at batch 1, each profiled after a warm-up. Prints the wall time, the summed
 device time and the top kernels by device time (per prefill / per step). Eager, so the decode
-kernel times are those a CUDA-graph replay runs, without the host gaps. On a machine without a
-GPU it profiles CPU operators instead (useful only at `--shape tiny`, to check the script).
+kernel times are those a CUDA-graph replay runs, without the host gaps. `--host N` also runs N
+prefills under cProfile and prints the Python functions that take the host's time (a prefill
+whose wall time exceeds its device time is waiting on the host). On a machine without a GPU it
+profiles CPU operators instead (useful only at `--shape tiny`, to check the script).
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
+import pstats
 import time
 
 import torch
@@ -40,7 +45,23 @@ def top_kernels(prof, per: int, top: int, cuda: bool) -> tuple[float, list[str]]
 
 
 @torch.inference_mode()
-def profile_format(shape: str, variant: str, prompt_len: int, steps: int, dev: torch.device, top: int) -> list[str]:
+def host_profile(fn, runs: int, top: int) -> list[str]:
+    """The `top` Python functions by own time over `runs` calls of fn (ms per call)."""
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(runs):
+        fn()
+    prof.disable()
+    buf = io.StringIO()
+    stats = pstats.Stats(prof, stream=buf)
+    rows = sorted(stats.stats.items(), key=lambda kv: kv[1][2], reverse=True)[:top]  # (file, line, name): (cc, nc, tt, ct, callers)
+    return [f"  {tt / runs * 1e3:8.3f} ms own {ct / runs * 1e3:8.3f} ms total {nc / runs:7.1f}x  "
+            f"{name} ({file.rsplit('/', 2)[-1] if '/' in file else file}:{line})"
+            for (file, line, name), (_, nc, tt, ct, _) in rows]
+
+
+def profile_format(shape: str, variant: str, prompt_len: int, steps: int, dev: torch.device, top: int,
+                   host_runs: int = 0) -> list[str]:
     model = random_model(shape, variant, device=dev, max_position_embeddings=prompt_len + steps + 64)
     cfg = model.config
     bs = 16
@@ -83,6 +104,9 @@ def profile_format(shape: str, variant: str, prompt_len: int, steps: int, dev: t
         out.append(f"== {variant} {name} ({prompt_len} tokens)" if name == "prefill" else f"== {variant} {name}")
         out.append(f"  wall {wall * 1e3:.2f} ms, {'device' if cuda else 'CPU operator'} time {total / 1e3:.2f} ms")
         out.extend(lines)
+    if host_runs:
+        out.append(f"== {variant} prefill host time (cProfile, {host_runs} runs)")
+        out.extend(host_profile(lambda: (prefill(), _sync(dev)), host_runs, top))
     return out
 
 
@@ -93,12 +117,13 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt", type=int, default=1000)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--top", type=int, default=14)
+    ap.add_argument("--host", type=int, default=0, help="also profile the host side of this many prefills")
     args = ap.parse_args(argv)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name() if dev.type == "cuda" else "CPU"
     print(f"# {name}, torch {torch.__version__}, shape {args.shape}", flush=True)
     for variant in args.formats.split(","):
-        print("\n".join(profile_format(args.shape, variant, args.prompt, args.steps, dev, args.top)), flush=True)
+        print("\n".join(profile_format(args.shape, variant, args.prompt, args.steps, dev, args.top, args.host)), flush=True)
         if dev.type == "cuda":
             torch.cuda.empty_cache()  # the model went with profile_format's frame
     return 0

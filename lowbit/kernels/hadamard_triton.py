@@ -285,12 +285,14 @@ def dot_plan(ch: int, q: int, ib: int = 64, bk: int = 32, r_dot: bool = True, nu
                 R_DOT=bool(r_dot), num_warps=num_warps)
 
 
+@functools.lru_cache(maxsize=4096)
 def plan(ch: int, rows: int) -> dict:
     """The launch for chunks of length ch and `rows` rows of x, from the H100 sweep
     (`benchmarks/hadamard.py --sweep`): for k > 1 (Llama-2's 11008 = 172·64) the product kernel from
     DOT_ROWS rows on (each program reads its row's chunk once; the butterfly kernel's programs read
     it once per column block and block of A_k's rows: 4x slower at 16 rows, 10x at 1000), the
-    butterfly kernel for fewer rows and for powers of two (best at every row count measured)."""
+    butterfly kernel for fewer rows and for powers of two (best at every row count measured).
+    Cached (a prefill asks for the same few launches hundreds of times): callers must copy it."""
     k = hadamard_factor(ch)
     p = ch // k
     if k > 1 and rows >= DOT_ROWS and p >= 16:
