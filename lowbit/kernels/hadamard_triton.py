@@ -10,14 +10,19 @@ where H over a chunk of length CH = k·P (k a special order or 1, P a power of t
 A_k X S_P / sqrt(CH). `pre` is QTIP's SU sign vector, `post` is SV·32, and the output is cast to
 y's dtype, so each side of a QTIP layer is one launch.
 
-How a program computes it (exact float32 throughout):
-* S_P: a butterfly over the row, log2(P) passes of (a+b, a-b), all in registers (Triton moves
-  elements between threads with shuffles or shared memory where a pass crosses them).
-* A_k (k > 1): a program owns 16 or 32 rows of A_k's output for one row of x and forms them with
-  tensor cores in one product over all k rows of X (its column block), X split as hi + lo (hi = X
-  with the low 13 mantissa bits cleared), so two tf32 products with the exactly representable ±1
-  entries of A_k give float32 accuracy. It is applied first (A_k and S_P act on different axes and
-  commute), so the butterfly runs on the program's rows only.
+Two kernels, chosen by `plan` (exact float32 throughout):
+* The butterfly kernel (decode steps, powers of two). S_P: log2(P) passes of (a+b, a-b) in
+  registers (Triton moves elements between threads with shuffles or shared memory where a pass
+  crosses them); for few rows a program takes one column block of P, reading the blocks that mix
+  into it. A_k (k > 1): a program owns 16 or 32 rows of A_k's output for one row of x and forms them
+  with tensor cores in one product over all k rows of X, X split as hi + lo (hi = X with the low 13
+  mantissa bits cleared), so two tf32 products with the exactly representable ±1 entries of A_k
+  give float32 accuracy. It is applied first (A_k and S_P act on different axes and commute).
+* The product kernel (k > 1 from DOT_ROWS rows: prefill, batched decode). The chunk viewed as
+  X' [M, q] has H X = L X' S_q with L = A_k ⊗ S_(P/q) (±1, built on the host); a program owns
+  one row of x and IB rows of L, forms L X' by a loop over L's columns (the row's chunk read once,
+  where the butterfly kernel's programs each read all of it), then S_q by the butterfly. With
+  fp16/bf16 x and a sign-only `pre` the product takes x as it is (exact); otherwise the hi + lo split.
 
 It can also zero a buffer on the side (`zero`): QTIP's split-K GEMV accumulates into one with
 atomics, and this launch always runs before it.
