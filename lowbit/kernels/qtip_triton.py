@@ -290,22 +290,19 @@ if triton is not None:
         return a, b, c, d
 
     @triton.jit
-    def _flat_gather16(lut, lut_ptr, LUT_SMEM: tl.constexpr, i0, i1, i2, i3, i4, i5, i6, i7, i8, i9, i10, i11, i12,
-                       i13, i14, i15):
-        """lut[i] for 16 index vectors in ONE gather (or one L1 load): Triton's gather stores its
-        table to shared memory (and syncs) per call, so the 16 slots are joined in-thread first."""
-        n: tl.constexpr = i0.shape[0]
-        t = _j4(_j4(i0, i1, i2, i3), _j4(i4, i5, i6, i7), _j4(i8, i9, i10, i11), _j4(i12, i13, i14, i15))
+    def _flat_gather16(lut, lut_ptr, LUT_SMEM: tl.constexpr, ih):
+        """lut[i] for the 16 slots' (index, code) pairs `ih`, as a tuple, in ONE gather (or one L1
+        load): Triton's gather stores its table to shared memory (and syncs) per call, so the 16
+        slots are joined in-thread first."""
+        n: tl.constexpr = ih[0][0].shape[0]
+        t = _j4(_j4(ih[0][0], ih[1][0], ih[2][0], ih[3][0]), _j4(ih[4][0], ih[5][0], ih[6][0], ih[7][0]),
+                _j4(ih[8][0], ih[9][0], ih[10][0], ih[11][0]), _j4(ih[12][0], ih[13][0], ih[14][0], ih[15][0]))
         if LUT_SMEM:
             g = tl.reshape(tl.gather(lut, tl.reshape(t, [n * 16]), 0), [n, 2, 2, 2, 2])
         else:
             g = tl.load(lut_ptr + t)
         q0, q1, q2, q3 = _s4(g)
-        p0, p1, p2, p3 = _s4(q0)
-        p4, p5, p6, p7 = _s4(q1)
-        p8, p9, p10, p11 = _s4(q2)
-        p12, p13, p14, p15 = _s4(q3)
-        return p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, p10, p11, p12, p13, p14, p15
+        return _s4(q0) + _s4(q1) + _s4(q2) + _s4(q3)
 
     @triton.jit
     def _flat_vals(pk, h):
@@ -370,24 +367,10 @@ if triton is not None:
             jn = j + BJ
             mn = imask & (jn < t1)
             n0, n1, n2, n3, n4 = _flat_words(codes_ptr, (i * TN + jn) * 8 + r8, r8, mn, K)
-            i0, h0 = _flat_idx(w0, w1, w2, w3, w4, 0, K)
-            i1, h1 = _flat_idx(w0, w1, w2, w3, w4, 1, K)
-            i2, h2 = _flat_idx(w0, w1, w2, w3, w4, 2, K)
-            i3, h3 = _flat_idx(w0, w1, w2, w3, w4, 3, K)
-            i4, h4 = _flat_idx(w0, w1, w2, w3, w4, 4, K)
-            i5, h5 = _flat_idx(w0, w1, w2, w3, w4, 5, K)
-            i6, h6 = _flat_idx(w0, w1, w2, w3, w4, 6, K)
-            i7, h7 = _flat_idx(w0, w1, w2, w3, w4, 7, K)
-            i8, h8 = _flat_idx(w0, w1, w2, w3, w4, 8, K)
-            i9, h9 = _flat_idx(w0, w1, w2, w3, w4, 9, K)
-            i10, h10 = _flat_idx(w0, w1, w2, w3, w4, 10, K)
-            i11, h11 = _flat_idx(w0, w1, w2, w3, w4, 11, K)
-            i12, h12 = _flat_idx(w0, w1, w2, w3, w4, 12, K)
-            i13, h13 = _flat_idx(w0, w1, w2, w3, w4, 13, K)
-            i14, h14 = _flat_idx(w0, w1, w2, w3, w4, 14, K)
-            i15, h15 = _flat_idx(w0, w1, w2, w3, w4, 15, K)
-            p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, p10, p11, p12, p13, p14, p15 = _flat_gather16(
-                lut, lut_ptr, LUT_SMEM, i0, i1, i2, i3, i4, i5, i6, i7, i8, i9, i10, i11, i12, i13, i14, i15)
+            ih = ()
+            for v in tl.static_range(16):
+                ih = ih + (_flat_idx(w0, w1, w2, w3, w4, v, K),)
+            pk = _flat_gather16(lut, lut_ptr, LUT_SMEM, ih)
             xo = b0 * stride_xb + j * 16
             # slot pc and 8 + pc: rows r8 and 8 + r8, input columns 2pc and 2pc + 1
             for r in tl.static_range(BB):
@@ -395,30 +378,10 @@ if triton is not None:
                 xr = xo + r * stride_xb
                 lo = lo0 if r == 0 else lo1
                 hi = hi0 if r == 0 else hi1
-                x0, x1 = _flat_x(x_ptr, xr, xm)
-                lo = _flat_acc(lo, p0, h0, x0, x1)
-                hi = _flat_acc(hi, p8, h8, x0, x1)
-                x0, x1 = _flat_x(x_ptr, xr + 2, xm)
-                lo = _flat_acc(lo, p1, h1, x0, x1)
-                hi = _flat_acc(hi, p9, h9, x0, x1)
-                x0, x1 = _flat_x(x_ptr, xr + 4, xm)
-                lo = _flat_acc(lo, p2, h2, x0, x1)
-                hi = _flat_acc(hi, p10, h10, x0, x1)
-                x0, x1 = _flat_x(x_ptr, xr + 6, xm)
-                lo = _flat_acc(lo, p3, h3, x0, x1)
-                hi = _flat_acc(hi, p11, h11, x0, x1)
-                x0, x1 = _flat_x(x_ptr, xr + 8, xm)
-                lo = _flat_acc(lo, p4, h4, x0, x1)
-                hi = _flat_acc(hi, p12, h12, x0, x1)
-                x0, x1 = _flat_x(x_ptr, xr + 10, xm)
-                lo = _flat_acc(lo, p5, h5, x0, x1)
-                hi = _flat_acc(hi, p13, h13, x0, x1)
-                x0, x1 = _flat_x(x_ptr, xr + 12, xm)
-                lo = _flat_acc(lo, p6, h6, x0, x1)
-                hi = _flat_acc(hi, p14, h14, x0, x1)
-                x0, x1 = _flat_x(x_ptr, xr + 14, xm)
-                lo = _flat_acc(lo, p7, h7, x0, x1)
-                hi = _flat_acc(hi, p15, h15, x0, x1)
+                for pc in tl.static_range(8):
+                    x0, x1 = _flat_x(x_ptr, xr + 2 * pc, xm)
+                    lo = _flat_acc(lo, pk[pc], ih[pc][1], x0, x1)
+                    hi = _flat_acc(hi, pk[8 + pc], ih[8 + pc][1], x0, x1)
                 if r == 0:
                     lo0 = lo
                     hi0 = hi
