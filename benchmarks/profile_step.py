@@ -23,14 +23,9 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from lowbit.bench import PrefillContext
+from lowbit.bench import PrefillContext, sync_device
 from lowbit.engine.cuda_graphs import GraphDecodeContext
 from lowbit.quantized_models.synthetic import random_model
-
-
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def top_kernels(prof, per: int, top: int, cuda: bool) -> tuple[float, list[str]]:
@@ -88,25 +83,25 @@ def profile_format(shape: str, variant: str, prompt_len: int, steps: int, dev: t
 
     prefill()
     step(0)  # warm-up: compiles and tunes for both shapes
-    _sync(dev)
+    sync_device(dev)
     cuda = dev.type == "cuda"
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     out = []
     for name, fn, per in (("prefill", prefill, 1), ("decode step", decode, steps)):
         t0 = time.perf_counter()
         fn()
-        _sync(dev)
+        sync_device(dev)
         wall = (time.perf_counter() - t0) / per
         with profile(activities=acts) as prof:
             fn()
-            _sync(dev)
+            sync_device(dev)
         total, lines = top_kernels(prof, per, top, cuda)
         out.append(f"== {variant} {name} ({prompt_len} tokens)" if name == "prefill" else f"== {variant} {name}")
         out.append(f"  wall {wall * 1e3:.2f} ms, {'device' if cuda else 'CPU operator'} time {total / 1e3:.2f} ms")
         out.extend(lines)
     if host_runs:
         out.append(f"== {variant} prefill host time (cProfile, {host_runs} runs)")
-        out.extend(host_profile(lambda: (prefill(), _sync(dev)), host_runs, top))
+        out.extend(host_profile(lambda: (prefill(), sync_device(dev)), host_runs, top))
     return out
 
 

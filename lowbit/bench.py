@@ -65,7 +65,8 @@ def weight_bytes(model) -> int:
     return sum(m.storage_bytes for _, m in model.quant_linears()) + head * emb.element_size()
 
 
-def _sync(dev: torch.device) -> None:
+def sync_device(dev: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on CPU), before reading a host clock."""
     if dev.type == "cuda":
         torch.cuda.synchronize()
 
@@ -100,10 +101,10 @@ def bench_decode_model(model, batch: int, prompt_len: int, gen_len: int, use_gra
         return model.compute_logits(last).argmax(-1)
 
     prefill()  # warm-up: compiles kernels for this shape
-    _sync(dev)
+    sync_device(dev)
     t0 = time.perf_counter()
     nxt = prefill()
-    _sync(dev)
+    sync_device(dev)
     ttft = time.perf_counter() - t0
 
     graphs = None
@@ -123,11 +124,11 @@ def bench_decode_model(model, batch: int, prompt_len: int, gen_len: int, use_gra
     p = torch.full((batch,), prompt_len, device=dev)
     for _ in range(3):  # warm-up steps (positions rewritten below)
         step(nxt, p)
-    _sync(dev)
+    sync_device(dev)
     t0 = time.perf_counter()
     for i in range(gen_len):
         nxt = step(nxt, p + i)
-    _sync(dev)
+    sync_device(dev)
     dt = (time.perf_counter() - t0) / gen_len
     kv_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * model.dtype.itemsize * batch * (
         prompt_len + gen_len / 2)
@@ -155,10 +156,10 @@ def bench_engine(model, batch: int, prompt_len: int, gen_len: int) -> float:
                 for _ in range(batch)]
 
     eng.run(requests(4))  # warm-up: prefill shapes
-    _sync(model.device)
+    sync_device(model.device)
     t0 = time.perf_counter()
     eng.run(requests(gen_len))
-    _sync(model.device)
+    sync_device(model.device)
     return batch * gen_len / (time.perf_counter() - t0)
 
 

@@ -36,6 +36,7 @@ import math
 import torch
 
 from .hadamard import fwht, hadamard_factor, special_hadamard
+from .tuning import as_rows
 
 try:
     import triton
@@ -321,9 +322,7 @@ def hadamard_transform(x: torch.Tensor, transpose: bool = False, chunks: int = 1
     n = x.shape[-1]
     if chunks < 1 or n % chunks:
         raise ValueError(f"cannot split length {n} into {chunks} chunks")
-    x2 = x.reshape(-1, n)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2, lead = as_rows(x)
     B = x2.shape[0]
     if out is None:
         out = torch.empty(B, n, dtype=out_dtype or x.dtype, device=x.device)
@@ -353,4 +352,4 @@ def hadamard_transform(x: torch.Tensor, transpose: bool = False, chunks: int = 1
         _hadamard_dot_kernel[grid](*ptrs, lmat, rmat, y2, zt, *scalars, EXACT16=exact16, **flags, **pl)
     else:
         _hadamard_kernel[grid](*ptrs, lmat, y2, zt, *scalars, **flags, **pl)
-    return out.view(*x.shape[:-1], n)
+    return out.view(*lead, n)

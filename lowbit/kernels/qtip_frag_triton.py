@@ -47,7 +47,6 @@ except ImportError:  # pragma: no cover
 COPIES = (16, 32)  # table copies the kernel can keep: 32 is conflict-free, 16 halves the memory
 
 
-
 def _lookup_asm(copies: int) -> str:
     """PTX of one table lookup ($1 = state s, $2 = this lane's copy address): h = s·s + s; the
     entry (bits 6..14 of h) times 4·copies bytes, i.e. (h & 0x7FC0) shifted left by log2(copies/16);

@@ -150,7 +150,6 @@ def random_model(shape: str | ModelConfig, variant: str = "fp16", device: str | 
     return model.eval()
 
 
-
 RANDOM_PREFIX = "random:"
 
 
