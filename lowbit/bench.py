@@ -187,7 +187,7 @@ def cmd_decode(args) -> int:
         for batch in [int(b) for b in args.batch.split(",")]:
             r = bench_decode_model(model, batch, args.prompt, args.gen, use_graphs=not args.eager)
             r.update(variant=variant, roofline_tok_s=batch * bw / r["bytes_per_step"])
-            if not args.eager:
+            if not args.eager and not args.no_engine:
                 r["engine_tok_s"] = bench_engine(model, batch, args.prompt, args.gen)
             r["roofline_frac"] = r["tok_s"] / r["roofline_tok_s"]
             if args.ttft_prompt and batch == 1:
@@ -245,6 +245,7 @@ def add_parser(sub) -> None:
     d.add_argument("--gen", type=int, default=256)
     d.add_argument("--ttft-prompt", type=int, default=1000, help="also time prefill of one prompt this long (0: skip)")
     d.add_argument("--eager", action="store_true", help="no CUDA graphs (shows launch overhead)")
+    d.add_argument("--no-engine", action="store_true", help="skip the serving engine's own tok/s (its graph captures)")
     d.set_defaults(func=cmd_decode)
     k = bsub.add_parser("kernels", help="the kernel suite (benchmarks/kernels.py); extra args pass through")
     k.add_argument("rest", nargs=argparse.REMAINDER)

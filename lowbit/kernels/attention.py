@@ -25,6 +25,7 @@ import math
 
 import torch
 
+from .pdl import launch_options, wait_prior
 from .tuning import interpreting
 
 try:  # Triton is absent on some CPU-only installs; the reference still works there.
@@ -103,8 +104,9 @@ if triton is not None:
         SPLITS: tl.constexpr,
         G: tl.constexpr, BLOCK_G: tl.constexpr,
         D: tl.constexpr, BLOCK_D: tl.constexpr,
-        PAGE: tl.constexpr, BLOCK_N: tl.constexpr, LOOP_WHILE: tl.constexpr,
+        PAGE: tl.constexpr, BLOCK_N: tl.constexpr, LOOP_WHILE: tl.constexpr, PDL: tl.constexpr,
     ):
+        wait_prior(PDL)
         b = tl.program_id(0)
         hkv = tl.program_id(1)
         split = tl.program_id(2)
@@ -164,8 +166,9 @@ if triton is not None:
     @triton.jit
     def _paged_decode_merge_kernel(
         part_acc_ptr, part_ml_ptr, out_ptr, s_ob, s_oh, Hq,
-        SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+        SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
     ):
+        wait_prior(PDL)
         b = tl.program_id(0)
         h = tl.program_id(1)
         offs_s = tl.arange(0, BLOCK_S)
@@ -268,12 +271,12 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
         per,
         SPLITS=splits, G=G, BLOCK_G=BLOCK_G, D=D, BLOCK_D=BLOCK_D, PAGE=page, BLOCK_N=block_n,
         LOOP_WHILE=interpreting(),
-        num_warps=num_warps,
+        num_warps=num_warps, **launch_options(q),
     )
     if splits > 1:
         _paged_decode_merge_kernel[(B, Hq)](
             part_acc, part_ml, out, out.stride(0), out.stride(1), Hq,
             SPLITS=splits, BLOCK_S=max(2, triton.next_power_of_2(splits)), D=D, BLOCK_D=BLOCK_D,
-            num_warps=4,
+            num_warps=4, **launch_options(q),
         )
     return out

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .pdl import launch_options, wait_prior
+
 try:
     import triton
     import triton.language as tl
@@ -55,10 +57,12 @@ if triton is not None:
 
     @triton.jit
     def _rmsnorm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, rout_ptr, H, sx, sr, so, sro, eps,
-                        HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+                        HAS_RES: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
         row = tl.program_id(0)
         offs = tl.arange(0, BLOCK)
         mask = offs < H
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0)
+        wait_prior(PDL)
         x = tl.load(x_ptr + row * sx + offs, mask=mask, other=0.0)
         if HAS_RES:
             r = tl.load(r_ptr + row * sr + offs, mask=mask, other=0.0)
@@ -68,18 +72,19 @@ if triton is not None:
         xf = x.to(tl.float32)
         var = tl.sum(xf * xf, axis=0) / H
         y = (xf * tl.rsqrt(var + eps)).to(out_ptr.dtype.element_ty)
-        w = tl.load(w_ptr + offs, mask=mask, other=0.0)
         tl.store(out_ptr + row * so + offs, (w.to(tl.float32) * y.to(tl.float32)).to(out_ptr.dtype.element_ty),
                  mask=mask)
 
     @triton.jit
     def _rotary_kernel(q_ptr, k_ptr, pos_ptr, f_ptr, sq_n, sq_h, sk_n, sk_h, HQ, HKV,
-                       HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+                       HALF: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr):
         n = tl.program_id(0)
         offs_h = tl.arange(0, BLOCK_H)
         offs_d = tl.arange(0, HALF)
+        inv_freq = tl.load(f_ptr + offs_d)
+        wait_prior(PDL)
         pos = tl.load(pos_ptr + n).to(tl.float32)
-        freq = pos * tl.load(f_ptr + offs_d)
+        freq = pos * inv_freq
         cos = tl.cos(freq)[None, :]
         sin = tl.sin(freq)[None, :]
         for which in tl.static_range(2):
@@ -99,7 +104,8 @@ if triton is not None:
             tl.store(p1 + HALF, (b * c + a * s).to(dt), mask=mask)
 
     @triton.jit
-    def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, n_cols, sg, su, so, BLOCK: tl.constexpr):
+    def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, n_cols, sg, su, so, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        wait_prior(PDL)
         row = tl.program_id(0)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n_cols
@@ -116,14 +122,15 @@ def rmsnorm_triton(x, weight, eps, residual=None):
     r = residual if residual is not None else x
     _rmsnorm_kernel[(n,)](x, r, weight, out, rout, h, x.stride(0), r.stride(0), out.stride(0), rout.stride(0),
                           eps, HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(h),
-                          num_warps=4 if h <= 4096 else 8)
+                          num_warps=4 if h <= 4096 else 8, **launch_options(x))
     return out, rout
 
 
 def rotary_triton_(q, k, positions, inv_freq):
     n, hq, d = q.shape
     _rotary_kernel[(n,)](q, k, positions, inv_freq, q.stride(0), q.stride(1), k.stride(0), k.stride(1), hq,
-                         k.shape[1], HALF=d // 2, BLOCK_H=triton.next_power_of_2(max(hq, k.shape[1])), num_warps=4)
+                         k.shape[1], HALF=d // 2, BLOCK_H=triton.next_power_of_2(max(hq, k.shape[1])), num_warps=4,
+                         **launch_options(q))
     return q, k
 
 
@@ -132,7 +139,7 @@ def silu_mul_triton(gate, up):
     out = torch.empty(n, i, dtype=gate.dtype, device=gate.device)
     block = min(2048, triton.next_power_of_2(i))
     _silu_mul_kernel[(n, triton.cdiv(i, block))](gate, up, out, i, gate.stride(0), up.stride(0), out.stride(0),
-                                                BLOCK=block, num_warps=4)
+                                                BLOCK=block, num_warps=4, **launch_options(gate))
     return out
 
 

@@ -36,6 +36,7 @@ import math
 import torch
 
 from .hadamard import fwht, hadamard_factor, special_hadamard
+from .pdl import launch_options, wait_prior
 from .tuning import as_rows
 
 try:
@@ -105,6 +106,7 @@ if triton is not None:
         KS: tl.constexpr, KP: tl.constexpr, P: tl.constexpr, P1: tl.constexpr, PP2: tl.constexpr,
         LOGP2: tl.constexpr, BR: tl.constexpr, IB: tl.constexpr,
         HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, HAS_BIAS: tl.constexpr, ZERO: tl.constexpr,
+        PDL: tl.constexpr,
     ):
         """Program (rows block, chunk, block of 16 rows of A_k's output, column block c1) writes
         output columns c1·P2 .. c1·P2 + P2 of its rows, P2 = P / P1."""
@@ -118,6 +120,7 @@ if triton is not None:
         cols = tl.arange(0, PP2)
         cmask = cols < P2
         if KS == 1:
+            wait_prior(PDL)
             rows = pid_b * BR + tl.arange(0, BR)
             rmask = rows < B
             z = _signed_blocks(x_ptr, pre_ptr, rows[:, None] * stride_xb, base, rmask[:, None], cols[None, :],
@@ -133,10 +136,11 @@ if triton is not None:
             b = pid_b
             r_out = pid_i * IB + tl.arange(0, IB)
             i = tl.arange(0, KP)
+            a = tl.load(a_ptr + r_out[:, None] * KP + i[None, :])  # a constant: read before the wait
+            wait_prior(PDL)
             u = _signed_blocks(x_ptr, pre_ptr, b * stride_xb, base + i[:, None] * P,
                                (i < KS)[:, None] & (i[:, None] * 0 + b < B), cols[None, :], cmask[None, :], c1,
                                P1, P2, HAS_PRE)
-            a = tl.load(a_ptr + r_out[:, None] * KP + i[None, :])
             z = _dot_exact(a, u, tl.zeros([IB, PP2], tl.float32))
             z = _fwht_rows(z, IB, PP2, LOGP2)
             rmask = (r_out < KS) & (r_out * 0 + b < B)
@@ -177,12 +181,14 @@ if triton is not None:
         M: tl.constexpr, MP: tl.constexpr, Q: tl.constexpr, LOGQ: tl.constexpr, IB: tl.constexpr,
         BK: tl.constexpr, R_DOT: tl.constexpr, EXACT16: tl.constexpr,
         HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, HAS_BIAS: tl.constexpr, ZERO: tl.constexpr,
+        PDL: tl.constexpr,
     ):
         """Program (row of x, chunk, block of IB rows of L) writes Y[rows, :] of Y = L X R for the
         chunk viewed as X [M, Q]: L = A_k ⊗ S_(P/Q) [M, M] by a loop over column blocks of L (each
         program reads its row's chunk once), then R = S_Q by a product (R_DOT) or a butterfly. With
         EXACT16 the host vouches that x is fp16/bf16 and pre is ±1 (or absent), so pre ⊙ x is exact in
         x's dtype and L's product takes one half-precision dot instead of two tf32 ones."""
+        wait_prior(PDL)
         b = tl.program_id(0)
         base = tl.program_id(1) * (M * Q)
         r_out = tl.program_id(2) * IB + tl.arange(0, IB)
@@ -345,7 +351,8 @@ def hadamard_transform(x: torch.Tensor, transpose: bool = False, chunks: int = 1
     else:
         zn, zper, zt = 0, 0, y2
     ptrs = (x2, pre if pre is not None else y2, post if post is not None else y2, bias if bias is not None else y2)
-    flags = dict(HAS_PRE=pre is not None, HAS_POST=post is not None, HAS_BIAS=bias is not None, ZERO=zero is not None)
+    flags = dict(HAS_PRE=pre is not None, HAS_POST=post is not None, HAS_BIAS=bias is not None, ZERO=zero is not None,
+                 **launch_options(x2))
     scalars = (B, x2.stride(0), y2.stride(0), float(alpha) / math.sqrt(ch), zper, zn)
     if kind == "dot":
         exact16 = x2.dtype in (torch.float16, torch.bfloat16) and (pre is None or pre_signs)

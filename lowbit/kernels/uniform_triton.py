@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .pdl import launch_options, wait_prior
 from .tuning import as_rows, batch_bucket, choose, interpreting, time_candidates
 
 try:
@@ -480,9 +481,11 @@ if triton is not None:
         BB: tl.constexpr,
         ZERO_IS_MIN: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr,
         LOOP_WHILE: tl.constexpr,
+        PDL: tl.constexpr,
     ):
         """CUDA-core decode-GEMV: program (m, k, b) owns BMW words (BMW·VPW outputs) × a range of
         groups × BB rows of x. Partial sums stay per thread until one reduction at the end."""
+        wait_prior(PDL)
         pid_b = tl.program_id(0)  # fastest: programs sharing weights run together (L2 reuse)
         pid_m = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -546,8 +549,10 @@ if triton is not None:
         BB: tl.constexpr,
         ZERO_IS_MIN: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr,
         LOOP_WHILE: tl.constexpr,
+        PDL: tl.constexpr,
     ):
         """Tensor cores: y[BB, BM] += x[BB, BK] · Wᵀ[BK, BM], Wᵀ decoded to x's dtype in registers."""
+        wait_prior(PDL)
         pid_b = tl.program_id(0)  # fastest: programs sharing weights run together (L2 reuse)
         pid_m = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -677,7 +682,8 @@ def _launch_fused(x2, p: UniformPacked, bias, cfg: UQConfig, out):
     bias_t = bias if bias is not None else out
     common = dict(BITS=p.bits, GROUP=p.group_size, BK=bk, BMW=bmw, BB=cfg.bb,
                   ZERO_IS_MIN=p.zero_is_min, HAS_PERM=p.perm is not None, HAS_BIAS=bias is not None,
-                  LOOP_WHILE=interpreting(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                  LOOP_WHILE=interpreting(), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                  **launch_options(x2))
     grid = (grid_b, grid_m, split)
     if cfg.kind == "gemv":
         _uq_gemv_kernel[grid](x2, p.qweight, qh, p.scales, p.zeros, perm, bias_t, out, ws, cnt,

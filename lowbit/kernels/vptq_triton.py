@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .pdl import launch_options, wait_prior
 from .tuning import as_rows, batch_bucket, choose, interpreting, time_candidates
 
 try:
@@ -365,8 +366,10 @@ if triton is not None:
         BR: tl.constexpr, BC: tl.constexpr,
         HAS_PERM: tl.constexpr, NORM: tl.constexpr, HAS_OUTLIER: tl.constexpr, HAS_BIAS: tl.constexpr,
         LOOP_WHILE: tl.constexpr,
+        PDL: tl.constexpr,
     ):
         """CUDA-core lookup-GEMV, one row of x per program (program b fastest in the grid)."""
+        wait_prior(PDL)
         pid_b = tl.program_id(0)
         pid_r = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -439,8 +442,10 @@ if triton is not None:
         LOGK: tl.constexpr, ONE_GROUP: tl.constexpr,
         BR: tl.constexpr, BC: tl.constexpr, BB: tl.constexpr,
         HAS_PERM: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr, LOOP_WHILE: tl.constexpr,
+        PDL: tl.constexpr,
     ):
         """Tensor-core path for the main block only (norm bias β and outliers: see the launcher)."""
+        wait_prior(PDL)
         pid_b = tl.program_id(0)
         pid_r = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -566,7 +571,7 @@ def _launch_gemv(x2, p: VptqPacked, bias, cfg: VQConfig, out):
         split, **c["consts"], VO=max(p.v_o, 1), BR=cfg.br, BC=cfg.bc,
         HAS_PERM=p.perm is not None, NORM=p.weight_scale is not None, HAS_OUTLIER=p.outlier_size > 0,
         HAS_BIAS=bias is not None, LOOP_WHILE=interpreting(),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(x2),
     )
     return out
 
@@ -587,7 +592,7 @@ def _launch_mma(x2, p: VptqPacked, bias, cfg: VQConfig, out):
         split, **c["consts"], BR=cfg.br, BC=cfg.bc, BB=cfg.bb,
         HAS_PERM=p.perm is not None, NORM=p.weight_scale is not None,
         HAS_BIAS=bias is not None and not extra, LOOP_WHILE=interpreting(),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(x2),
     )
     if extra:
         out += _outlier_and_beta(x2, p, bias)

@@ -1,0 +1,59 @@
+"""Decode speed with and without programmatic dependent launch, in one process:
+
+    python -m benchmarks.pdl_ab --shape llama-2-7b --formats fp16,qtip2 --batch 1,16 --rounds 2
+
+Each model is built once; every round times the CUDA-graph decode (`lowbit.bench.bench_decode_model`,
+graphs captured afresh) with LOWBIT_PDL=0 and then =1, so the two settings alternate on the same
+weights, kernels and GPU state. Prints one JSON line a measurement and a table of medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+
+import torch
+
+from lowbit.bench import bench_decode_model
+from lowbit.quantized_models.synthetic import random_model
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", default="llama-2-7b")
+    ap.add_argument("--formats", default="fp16,qtip2")
+    ap.add_argument("--batch", default="1,16")
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--gen", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=2)
+    args = ap.parse_args(argv)
+    dev = torch.device("cuda")
+    medians = []
+    for variant in args.formats.split(","):
+        model = random_model(args.shape, variant, device=dev)
+        for batch in [int(b) for b in args.batch.split(",")]:
+            runs = {"0": [], "1": []}
+            for _ in range(args.rounds):
+                for setting in ("0", "1"):
+                    os.environ["LOWBIT_PDL"] = setting
+                    r = bench_decode_model(model, batch, args.prompt, args.gen)
+                    runs[setting].append(r["tok_s"])
+                    print(json.dumps({"variant": variant, "batch": batch, "pdl": setting, "tok_s": r["tok_s"],
+                                      "step_ms": r["step_ms"]}), flush=True)
+            medians.append((variant, batch, statistics.median(runs["0"]), statistics.median(runs["1"])))
+        del model
+        torch.cuda.empty_cache()
+    os.environ.pop("LOWBIT_PDL", None)
+    print(f"\n# pdl A/B: shape={args.shape} prompt={args.prompt} gen={args.gen} rounds={args.rounds} "
+          f"device={torch.cuda.get_device_name()} torch={torch.__version__}")
+    print("| format | batch | tok/s without | tok/s with | with / without |")
+    print("|---|---|---|---|---|")
+    for variant, batch, off, on in medians:
+        print(f"| {variant} | {batch} | {off:.0f} | {on:.0f} | {on / off:.3f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
