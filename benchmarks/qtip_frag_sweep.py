@@ -1,14 +1,18 @@
 """Sweep of the QTIP fragment kernel's launch shapes, kernel alone, against its own fixed cost:
 
-    python -m benchmarks.qtip_frag_sweep
+    python -m benchmarks.qtip_frag_sweep [--batch 1] [--pf 1,2,4]
 
-For QTIP 2-bit at three Llama-2-7B projection shapes, batch 1: every (row tiles, warps, table
-copies, split) of the sweep, timed with `tuning.cold_us` (CUDA-graph replays, cold L2), and — at
-4096×4096 — the same launch with an empty loop (TN = 0: table build, epilogue and atomics only).
+For QTIP 2-bit at three Llama-2-7B projection shapes: every (row tiles, warps, table copies,
+split, prefetch depth) of the sweep, timed with `tuning.cold_us` (CUDA-graph replays, cold L2),
+and — at 4096×4096, batch 1, the first depth — the same launch with an empty loop (TN = 0: table
+build, epilogue and atomics only). The prefetch depth applies to launches without masks
+(`even_launch`); the others run the masked loop, one step ahead.
 The last lines hold the best frag launch next to the flat kernel and cuBLAS fp16 of the same run.
 """
 
 from __future__ import annotations
+
+import argparse
 
 import torch
 import triton
@@ -18,17 +22,19 @@ from lowbit.kernels import qtip_frag_triton as f
 from lowbit.kernels import qtip_triton as qt
 from lowbit.kernels.tuning import cold_us
 
-LAUNCHES = ((4, 4, 32), (4, 8, 32), (2, 16, 32), (4, 4, 16), (4, 8, 16), (2, 8, 16), (2, 16, 16), (1, 16, 16))
+LAUNCHES = ((2, 8, 16), (4, 8, 16), (4, 4, 16), (1, 16, 16), (2, 16, 16), (4, 8, 32))
 
 
-def _launch(lin, xh, y, rt, nw, rep, split, empty=False):
+def _launch(lin, xh, y, rt, nw, rep, split, empty=False, pf=1):
     m, n = lin.out_features, lin.in_features
-    tm, tn = m // 16, n // 16
+    tm, tn, b = m // 16, n // 16, xh.shape[0]
     per = triton.cdiv(triton.cdiv(tn, split), nw) * nw
     grid = (triton.cdiv(tm, rt), triton.cdiv(tn, per))
+    even = not empty and f.even_launch(tm, tn, b, rt, nw, per)
     return lambda: f._hyb_frag_kernel[grid](
-        xh.view(torch.int32), lin.codes.view(torch.int32), qt._lut32(lin), y, tm, 0 if empty else tn, 1, n // 2,
-        m, per, K=2, RT=rt, NB=1, NW=nw, REP=rep, ATOMIC=True, EMULATE=False, num_warps=nw, num_stages=1)
+        xh.view(torch.int32), lin.codes.view(torch.int32), qt._lut32(lin), y, tm, 0 if empty else tn, b, n // 2,
+        m, per, K=2, RT=rt, NB=f.n_blocks(b), NW=nw, REP=rep, ATOMIC=True, EMULATE=False, PDL=False, EVEN=even, PF=pf if even else 1,
+        num_warps=nw, num_stages=1)
 
 
 def _flat(lin, xf, y, split):
@@ -41,22 +47,30 @@ def _fp16(xh, m, n):
     return lambda: torch.matmul(xh, w16)
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--pf", default="1", help="comma-separated prefetch depths")
+    args = ap.parse_args(argv)
+    depths = [int(p) for p in args.pf.split(",")]
     dev = torch.device("cuda")
-    print(f"# {torch.cuda.get_device_name()} triton {triton.__version__}")
+    print(f"# {torch.cuda.get_device_name()} triton {triton.__version__} batch {args.batch}")
     for m, n in ((4096, 4096), (11008, 4096), (4096, 11008)):
         lin = qtip_layer(m, n, 2)
-        xh = torch.randn(1, n, device=dev).half()
-        y = torch.zeros(1, m, device=dev)
+        xh = torch.randn(args.batch, n, device=dev).half()
+        y = torch.zeros(args.batch, m, device=dev)
         runs = []
         for rt, nw, rep in LAUNCHES:
             for split in (1, 2, 4):
-                us = cold_us(_launch(lin, xh, y, rt, nw, rep, split), dev)
-                runs.append((round(us, 2), f"RT={rt} NW={nw} copies={rep} split={split}"))
-                if m == n:
-                    fixed = cold_us(_launch(lin, xh, y, rt, nw, rep, split, empty=True), dev)
-                    print(f"{m}x{n} {runs[-1][1]}: {us:.2f} us (empty loop {fixed:.2f} us)", flush=True)
-        flat = min(cold_us(_flat(lin, xh.float(), y, s), dev) for s in (2, 4))
+                for pf in depths:
+                    us = cold_us(_launch(lin, xh, y, rt, nw, rep, split, pf=pf), dev)
+                    runs.append((round(us, 2), f"RT={rt} NW={nw} copies={rep} split={split} pf={pf}"))
+                    line = f"{m}x{n} {runs[-1][1]}: {us:.2f} us"
+                    if m == n and args.batch == 1 and pf == depths[0]:
+                        fixed = cold_us(_launch(lin, xh, y, rt, nw, rep, split, empty=True), dev)
+                        line += f" (empty loop {fixed:.2f} us)"
+                    print(line, flush=True)
+        flat = min(cold_us(_flat(lin, xh.float(), y, s), dev) for s in (2, 4)) if args.batch <= 2 else float("nan")
         fp16 = cold_us(_fp16(xh, m, n), dev)
         best = min(runs)
         print(f"{m}x{n}: best frag {best[0]:.2f} us ({best[1]}) | flat {flat:.2f} us | "

@@ -17,6 +17,7 @@ triton = pytest.importorskip("triton")
 
 from lowbit.kernels.hadamard import hadamard_reference  # noqa: E402
 from lowbit.kernels.qtip import qtip_forward_reference  # noqa: E402
+from lowbit.kernels.qtip_frag_triton import even_launch  # noqa: E402
 from lowbit.quantized_models import linear_from_checkpoint  # noqa: E402
 from tests.conftest import kernel_module  # noqa: E402
 from tests.qtip_checkpoint import hyb_params, random_layer  # noqa: E402
@@ -198,14 +199,21 @@ def test_hadamard_transform_plain_and_cast():
 
 # ----- HYB (published layout) -----------------------------------------------------------------------
 
-# (K, m, n, batch, config): every kind and batch the issue names; odd tile counts exercise masks
+# (K, m, n, batch, config): every kind and batch the issue names; odd tile counts exercise masks.
+# frag: "even" launches (whole steps, every row tile, x rows a power of two past 8) take the
+# unmasked loop, the others the masked one
 HYB_CASES = [
-    (2, 64, 256, 1, qt.QTIPConfig("frag", 32, 64, 8, 2, 4)),
-    (3, 96, 160, 3, qt.QTIPConfig("frag", 32, 32, 8, 1, 2)),
-    (4, 96, 64, 8, qt.QTIPConfig("frag", 64, 32, 8, 2, 2)),
-    (4, 64, 64, 2, qt.QTIPConfig("frag", 16, 32, 8, 1, 2)),
-    (2, 32, 128, 5, qt.QTIPConfig("frag", 16, 64, 8, 1, 4)),
-    (3, 64, 96, 12, qt.QTIPConfig("frag", 32, 32, 8, 2, 2, table_copies=16)),  # 2 n-blocks
+    (2, 64, 256, 1, qt.QTIPConfig("frag", 32, 64, 8, 2, 4)),  # even: 2 steps a warp
+    (3, 96, 160, 3, qt.QTIPConfig("frag", 32, 32, 8, 1, 2)),  # even: 5 steps
+    (4, 96, 64, 8, qt.QTIPConfig("frag", 64, 32, 8, 2, 2)),  # 6 row tiles by 4: masked
+    (4, 64, 64, 2, qt.QTIPConfig("frag", 16, 32, 8, 1, 2)),  # even
+    (2, 32, 128, 5, qt.QTIPConfig("frag", 16, 64, 8, 1, 4)),  # even
+    (2, 32, 64, 1, qt.QTIPConfig("frag", 16, 64, 8, 1, 4)),  # even: one step, no loop
+    (2, 32, 64, 1, qt.QTIPConfig("frag", 16, 64, 8, 1, 4, prefetch=3)),  # even: prefetch past the end
+    (3, 96, 160, 2, qt.QTIPConfig("frag", 32, 32, 8, 1, 2, prefetch=4)),  # even: 5 steps, 4 ahead
+    (4, 64, 128, 1, qt.QTIPConfig("frag", 32, 32, 8, 2, 2, prefetch=1)),  # even: 2 steps, 1 ahead
+    (3, 64, 128, 16, qt.QTIPConfig("frag", 32, 32, 8, 2, 2)),  # even: 2 full n-blocks
+    (3, 64, 96, 12, qt.QTIPConfig("frag", 32, 32, 8, 2, 2, table_copies=16)),  # 2 n-blocks, masked
     (2, 96, 64, 37, qt.QTIPConfig("frag", 64, 64, 8, 1, 4)),  # 8 n-blocks (5 used), ragged rows
     (2, 64, 256, 1, qt.QTIPConfig("flat", 16, 64, 1, 2)),
     (3, 96, 160, 1, qt.QTIPConfig("flat", 32, 64, 1, 1)),
@@ -221,6 +229,17 @@ HYB_CASES = [
     (4, 32, 64, 3, qt.QTIPConfig("dequant")),
     (3, 64, 96, 8, qt.QTIPConfig("dequant")),
 ]
+
+
+def test_frag_cases_cover_the_even_and_the_masked_loop():
+    """The comments of HYB_CASES hold: both loops of the fragment kernel are exercised."""
+    kinds = []
+    for _, m, n, batch, cfg in HYB_CASES:
+        if cfg.kind == "frag":
+            steps = -(-(n // 16) // cfg.num_warps)
+            per = -(-steps // cfg.split_k) * cfg.num_warps
+            kinds.append(even_launch(m // 16, n // 16, batch, cfg.rows // 16, cfg.num_warps, per))
+    assert kinds == [True, True, False, True, True, True, True, True, True, True, False, False]
 
 
 @pytest.mark.skipif(not CPU, reason="CPU interpreter test")
@@ -284,6 +303,8 @@ def test_frag_launchers_reject_bad_launches_and_operands_cpu():
     y = torch.zeros(1, 32)
     with pytest.raises(ValueError, match="frag kernel: row tiles must be 1..4 and table copies one of .* got 5 and 32"):
         qt.frag_matmul(lin.codes, lut, 2, torch.zeros(1, 64).half(), y, 5, 2, 2, False)
+    with pytest.raises(ValueError, match="prefetch depth must be ≥ 1, got 0"):
+        qt.frag_matmul(lin.codes, lut, 2, torch.zeros(1, 64).half(), y, 1, 2, 2, False, prefetch=0)
     with pytest.raises(ValueError, match="≤ 64 contiguous fp16 rows, got \\(65, 64\\)"):
         qt.frag_matmul(lin.codes, lut, 2, torch.zeros(65, 64).half(), torch.zeros(65, 32), 1, 2, 2, False)
     with pytest.raises(ValueError, match="frag dequant: row tiles .* got 2 and 8"):

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import torch
 
+from .pdl import launch_options, wait_prior
 from .qtip_shared_triton import _be, _put
 from .tuning import interpreting
 
@@ -48,14 +49,16 @@ COPIES = (16, 32)  # table copies the kernel can keep: 32 is conflict-free, 16 h
 
 
 def _lookup_asm(copies: int) -> str:
-    """PTX of one table lookup ($1 = state s, $2 = this lane's copy address): h = s·s + s; the
-    entry (bits 6..14 of h) times 4·copies bytes, i.e. (h & 0x7FC0) shifted left by log2(copies/16);
-    a shared load; the sign XOR. Hand-written because Triton's own arithmetic spends an extra shift."""
-    shift = {16: "", 32: "shl.b32 a, a, 1;\n\t"}[copies]
+    """PTX of one table lookup ($1 = state s, $2 = this lane's copy offset 4·(lane % copies), $3 =
+    the table's shared address): h = s·s + s; the entry (bits 6..14 of h) times 4·copies bytes, i.e.
+    h & 0x7FC0 (shifted left once for 32 copies), OR the copy offset (its bits 2..6 are free); a
+    shared load at that plus the table address (ptxas folds a uniform base into the load); the sign
+    XOR. Hand-written because Triton's own arithmetic spends extra instructions here."""
+    entry = {16: "and.b32 a, h, 32704;\n\t", 32: "shl.b32 a, h, 1;\n\tand.b32 a, a, 65408;\n\t"}[copies]
     return ("{ .reg .b32 h, a, v;\n\t"
-            "mad.lo.u32 h, $1, $1, $1;\n\t"
-            "and.b32 a, h, 32704;\n\t" + shift
-            + "add.u32 a, a, $2;\n\t"
+            "mad.lo.u32 h, $1, $1, $1;\n\t" + entry
+            + "or.b32 a, a, $2;\n\t"
+            "add.u32 a, a, $3;\n\t"
             "ld.shared.b32 v, [a];\n\t"
             "and.b32 h, h, 32768;\n\t"
             "xor.b32 $0, v, h; }")
@@ -104,9 +107,9 @@ if triton is not None:
                 big = tl.load(lut_ptr + tl.arange(0, 512 * REP) // REP)  # the table's bytes
                 tl.store(scratch_ptr + col, tl.gather(big, col, 0))
             _write_table(lut_ptr, REP)
-            lane_addr = _smem_base(col) + (lane % REP) * 4
+            lane_addr = ((lane % REP) * 4, _smem_base(col))
         else:
-            lane_addr = lane * 4
+            lane_addr = (lane * 4, lane * 0)
         return lane_addr
 
     @triton.jit
@@ -122,12 +125,17 @@ if triton is not None:
     @triton.jit
     def _load_words(ptr, delta, msk, lane, K: tl.constexpr):
         """The lane's two raw code words (K = 2: the second only for odd lanes), kept raw until
-        the step that decodes them: any use right after the load would make the warp wait there."""
-        r0 = tl.load(ptr, mask=msk, other=0)
-        if K == 2:
-            r1 = tl.load(ptr + delta, mask=msk & ((lane & 1) == 1), other=0)
+        the step that decodes them: any use right after the load would make the warp wait there.
+        msk None: no mask (both words always inside the tile, the even lanes' second unused)."""
+        if msk is None:
+            r0 = tl.load(ptr)
+            r1 = tl.load(ptr + delta)
         else:
-            r1 = tl.load(ptr + delta, mask=msk, other=0)
+            r0 = tl.load(ptr, mask=msk, other=0)
+            if K == 2:
+                r1 = tl.load(ptr + delta, mask=msk & ((lane & 1) == 1), other=0)
+            else:
+                r1 = tl.load(ptr + delta, mask=msk, other=0)
         return r0, r1
 
     @triton.jit
@@ -144,7 +152,12 @@ if triton is not None:
         """Raw code words (u, v) of one step, one pair per row tile."""
         w = ()
         for r in tl.static_range(RT):
-            w = w + (_load_words(cp + r * RS, delta, jm & ok[r], lane, K),)
+            if jm is None:
+                w = w + (_load_words(cp + r * RS, delta, None, lane, K),)
+            elif ok is None:
+                w = w + (_load_words(cp + r * RS, delta, jm, lane, K),)
+            else:
+                w = w + (_load_words(cp + r * RS, delta, jm & ok[r], lane, K),)
         return w
 
     @triton.jit
@@ -152,8 +165,13 @@ if triton is not None:
         """B fragments (two int32 fp16 pairs) of one step, one per n-block of 8 batch rows."""
         xs = ()
         for b in tl.static_range(NB):
-            m = jm & xok[b]
-            xs = xs + ((tl.load(xp + b * XS, mask=m, other=0), tl.load(xp + b * XS + 4, mask=m, other=0)),)
+            if jm is None:
+                xs = xs + ((tl.load(xp + b * XS), tl.load(xp + b * XS + 4)),)
+            elif xok is None:
+                xs = xs + ((tl.load(xp + b * XS, mask=jm, other=0), tl.load(xp + b * XS + 4, mask=jm, other=0)),)
+            else:
+                m = jm & xok[b]
+                xs = xs + ((tl.load(xp + b * XS, mask=m, other=0), tl.load(xp + b * XS + 4, mask=m, other=0)),)
         return xs
 
     @triton.jit
@@ -214,7 +232,8 @@ if triton is not None:
                 asm: tl.constexpr = _LOOKUP_ASM_16
             else:
                 asm: tl.constexpr = _LOOKUP_ASM_32
-            pk = tl.inline_asm_elementwise(asm, "=r,r,r", [s, lane_addr], dtype=tl.int32, is_pure=True, pack=1)
+            pk = tl.inline_asm_elementwise(asm, "=r,r,r,r", [s, lane_addr[0], lane_addr[1]], dtype=tl.int32,
+                                           is_pure=True, pack=1)
         return pk
 
     @triton.jit
@@ -307,12 +326,25 @@ if triton is not None:
         cp = codes_ptr + (i0 * TN + j) * (8 * K) + first
         return col, lane, lane_addr, sel, i0, ok, t0, t1, j, cp, delta
 
-    @triton.jit(do_not_specialize=["TM", "TN", "B", "tiles_per_split"])
+    @triton.jit
+    def _frag_step(acc, words, xs, lane, sel, lut_ptr, lane_addr, K: tl.constexpr, RT: tl.constexpr, NB: tl.constexpr,
+                   NW: tl.constexpr, REP: tl.constexpr, EMULATE: tl.constexpr):
+        """One step: decode each row tile's 16×16 tile and multiply it by every n-block of x."""
+        new = ()
+        for r in tl.static_range(RT):
+            a = _decode_a(words[r][0], words[r][1], lane, sel, lut_ptr, lane_addr, K, REP, EMULATE)
+            row = ()
+            for b in tl.static_range(NB):
+                row = row + (_mma(a, xs[b], acc[r][b], NW, EMULATE),)
+            new = new + (row,)
+        return new
+
+    @triton.jit(do_not_specialize=["TM", "B", "tiles_per_split"])
     def _hyb_frag_kernel(
         x_ptr, codes_ptr, lut_ptr, y_ptr,
-        TM, TN, B, stride_xb, stride_yb, tiles_per_split,
+        TM, TN: tl.constexpr, B, stride_xb, stride_yb, tiles_per_split,
         K: tl.constexpr, RT: tl.constexpr, NB: tl.constexpr, NW: tl.constexpr, REP: tl.constexpr,
-        ATOMIC: tl.constexpr, EMULATE: tl.constexpr,
+        ATOMIC: tl.constexpr, EMULATE: tl.constexpr, PDL: tl.constexpr, EVEN: tl.constexpr, PF: tl.constexpr,
     ):
         """y[:B, rows] (+)= xh[:B] · Ŵ[rows]ᵀ for RT row tiles (program axis 0), B ≤ 8·NB rows of x
         in NB n-blocks, and the tile columns of split program_id(1); warp w takes columns t0 + w,
@@ -333,10 +365,6 @@ if triton is not None:
         # are requested one step ahead of the step that uses them.
         TW: tl.constexpr = 8 * K  # int32 code words per tile
         RS = TN * TW  # words between row tiles
-        xp = x_ptr + xn * stride_xb + (lane & 3) + 8 * j
-        jm = j < t1
-        xs = _step_x(xp, XS, jm, xok, NB)
-        words = _step_words(cp, RS, delta, jm, ok, lane, K, RT)
         z = tl.zeros([32 * NW], tl.float32)
         acc = ()
         for _r in tl.static_range(RT):
@@ -344,22 +372,52 @@ if triton is not None:
             for _b in tl.static_range(NB):
                 row = row + ((z, z, z, z),)
             acc = acc + (row,)
-        for j0 in range(t0, t1, NW):
-            nm = j0 + wid + NW < t1
-            cp += NW * TW
-            xp += 8 * NW
-            xs_next = _step_x(xp, XS, nm, xok, NB)
-            words_next = _step_words(cp, RS, delta, nm, ok, lane, K, RT)
-            new = ()
-            for r in tl.static_range(RT):
-                a = _decode_a(words[r][0], words[r][1], lane, sel, lut_ptr, lane_addr, K, REP, EMULATE)
-                row = ()
-                for b in tl.static_range(NB):
-                    row = row + (_mma(a, xs[b], acc[r][b], NW, EMULATE),)
-                new = new + (row,)
-            acc = new
-            xs = xs_next
-            words = words_next
+        if EVEN:
+            # Every warp takes n = tiles_per_split / NW whole steps and every row tile exists. Rows
+            # of x past B are read as row B - 1 (their products land in columns the epilogue drops).
+            # Code words and x run PF steps ahead in a ring of registers: a step's 64·RT bytes of
+            # codes a warp are too few to cover the memory latency one step ahead.
+            n = tiles_per_split // NW
+            xp = x_ptr + tl.minimum(xn, B - 1) * stride_xb + (lane & 3) + 8 * j
+            ring_w = ()
+            for d in tl.static_range(PF):
+                ring_w = ring_w + (_step_words(cp + d * NW * TW, RS, delta, col * 0 + d < n, None, lane, K, RT),)
+            wait_prior(PDL)  # the table and the first code words came before: weights, not activations
+            ring_x = ()
+            for d in tl.static_range(PF):
+                ring_x = ring_x + (_step_x(xp + d * 8 * NW, XS, col * 0 + d < n, None, NB),)
+            cp += PF * NW * TW
+            xp += PF * 8 * NW
+            for s in tl.range(0, n, loop_unroll_factor=PF):
+                pm = col * 0 + s + PF < n
+                w_new = _step_words(cp, RS, delta, pm, None, lane, K, RT)
+                x_new = _step_x(xp, XS, pm, None, NB)
+                cp += NW * TW
+                xp += 8 * NW
+                acc = _frag_step(acc, ring_w[0], ring_x[0], lane, sel, lut_ptr, lane_addr, K, RT, NB, NW, REP,
+                                 EMULATE)
+                rw = ()
+                rx = ()
+                for d in tl.static_range(1, PF):
+                    rw = rw + (ring_w[d],)
+                    rx = rx + (ring_x[d],)
+                ring_w = rw + (w_new,)
+                ring_x = rx + (x_new,)
+        else:
+            xp = x_ptr + xn * stride_xb + (lane & 3) + 8 * j
+            jm = j < t1
+            words = _step_words(cp, RS, delta, jm, ok, lane, K, RT)
+            wait_prior(PDL)
+            xs = _step_x(xp, XS, jm, xok, NB)
+            for j0 in range(t0, t1, NW):
+                nm = j0 + wid + NW < t1
+                cp += NW * TW
+                xp += 8 * NW
+                xs_next = _step_x(xp, XS, nm, xok, NB)
+                words_next = _step_words(cp, RS, delta, nm, ok, lane, K, RT)
+                acc = _frag_step(acc, words, xs, lane, sel, lut_ptr, lane_addr, K, RT, NB, NW, REP, EMULATE)
+                xs = xs_next
+                words = words_next
         tl.debug_barrier()  # every warp is done with the table before the epilogue's reductions reuse it
         for r in tl.static_range(RT):
             for b in tl.static_range(NB):
@@ -379,6 +437,7 @@ if triton is not None:
     def _hyb_frag_dequant_kernel(
         codes_ptr, lut_ptr, w_ptr, TM, TN, stride_w, tiles_per_split,
         K: tl.constexpr, RT: tl.constexpr, NW: tl.constexpr, REP: tl.constexpr, EMULATE: tl.constexpr,
+        PDL: tl.constexpr,
     ):
         """Ŵ [16·TM, 16·TN] as fp16 pairs (w_ptr int32, stride_w in pairs): the fragment kernel's
         decode with stores in place of the mma, for the prefill path (decode once, then cuBLAS).
@@ -392,6 +451,7 @@ if triton is not None:
         wp = w_ptr + (16 * i0 + (lane >> 2)) * stride_w + 8 * j + (lane & 3)
         jm = j < t1
         words = _step_words(cp, RS, delta, jm, ok, lane, K, RT)
+        wait_prior(PDL)  # Ŵ's buffer may be one an earlier kernel still reads
         for j0 in range(t0, t1, NW):
             nm = j0 + wid + NW < t1
             cp += NW * TW
@@ -405,6 +465,15 @@ if triton is not None:
 
 
 MAX_BATCH = 64  # 8 n-blocks of the mma's n = 8
+
+
+def even_launch(tm: int, tn: int, batch: int, row_tiles: int, num_warps: int, tiles_per_split: int) -> bool:
+    """The launch needs no masks: every program's row tiles exist, its tile columns are whole
+    steps of num_warps inside the matrix, and x's rows fill every n-block or one (rows past the
+    batch are then read as its last row). The kernel then runs its unmasked, unrolled loop."""
+    nb = n_blocks(batch)
+    return (tm % row_tiles == 0 and tiles_per_split % num_warps == 0 and tn % tiles_per_split == 0
+            and (nb == 1 or batch == 8 * nb))
 _CHECKED: set = set()
 
 
@@ -421,9 +490,10 @@ def _launch(kernel, grid, args, what: str, row_tiles: int, num_warps: int, copie
         raise ValueError(f"{what}: row tiles must be 1..4 and table copies one of {COPIES}, "
                          f"got {row_tiles} and {copies}")
     emulate = interpreting()
+    pdl = launch_options(args[1])
     kern = kernel[grid](*args, RT=row_tiles, NW=num_warps, REP=copies, EMULATE=emulate, num_warps=num_warps,
-                        num_stages=1, **consts)
-    key = (what, row_tiles, num_warps, copies, tuple(sorted(consts.items())))
+                        num_stages=1, **consts, **pdl)
+    key = (what, row_tiles, num_warps, copies, pdl["PDL"], tuple(sorted(consts.items())))
     if not emulate and key not in _CHECKED:
         shared = getattr(getattr(kern, "metadata", None), "shared", None)
         if shared is not None and shared < 2048 * copies:
@@ -433,7 +503,8 @@ def _launch(kernel, grid, args, what: str, row_tiles: int, num_warps: int, copie
 
 
 def frag_matmul(codes: torch.Tensor, lut32: torch.Tensor, K: int, xh: torch.Tensor, out: torch.Tensor,
-                row_tiles: int, num_warps: int, tiles_per_split: int, atomic: bool, copies: int = 32) -> torch.Tensor:
+                row_tiles: int, num_warps: int, tiles_per_split: int, atomic: bool, copies: int = 32,
+                prefetch: int = 2) -> torch.Tensor:
     """out [B ≤ 64, m] (+)= xh [B, n] (fp16) @ Ŵᵀ from HYB codes [m/16, n/16, 16K] (int16, read as
     int32) and the table as 512 int32, kept in `copies` copies per program (32: lanes never share
     a bank; 16: 32 KiB instead of 64, twice the programs per SM, lanes l and l + 16 can collide).
@@ -447,8 +518,11 @@ def frag_matmul(codes: torch.Tensor, lut32: torch.Tensor, K: int, xh: torch.Tens
     grid = (triton.cdiv(tm, row_tiles), triton.cdiv(tn, tiles_per_split))
     args = (xh.view(torch.int32), codes.view(torch.int32), lut32, out, tm, tn, B, xh.stride(0) // 2, out.stride(0),
             tiles_per_split)
+    if prefetch < 1:
+        raise ValueError(f"frag kernel: prefetch depth must be ≥ 1, got {prefetch}")
+    even = even_launch(tm, tn, B, row_tiles, num_warps, tiles_per_split)
     _launch(_hyb_frag_kernel, grid, args, "frag kernel", row_tiles, num_warps, copies, K=K, NB=n_blocks(B),
-            ATOMIC=atomic)
+            ATOMIC=atomic, EVEN=even, PF=prefetch if even else 1)
     return out
 
 

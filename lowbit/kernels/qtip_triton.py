@@ -29,13 +29,15 @@ it in the same launch), so no program waits for another.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
 from .hadamard_triton import hadamard_transform
+from .pdl import launch_options, wait_prior
 from .qtip import QTIPParams
-from .qtip_frag_triton import frag_dequant, frag_matmul
+from .qtip_frag_triton import even_launch, frag_dequant, frag_matmul
 from .qtip_shared_triton import _be, _put
 from .tuning import as_rows, batch_bucket, choose, interpreting, time_candidates
 
@@ -201,7 +203,7 @@ if triton is not None:
         x_ptr, codes_ptr, lut_ptr, y_ptr,
         TM, TN, B, stride_xb, stride_yb, tiles_per_split,
         K: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr, BB: tl.constexpr,
-        LUT_SMEM: tl.constexpr, ATOMIC: tl.constexpr,
+        LUT_SMEM: tl.constexpr, ATOMIC: tl.constexpr, PDL: tl.constexpr,
     ):
         """y[b, rows] (+)= xh[b] · Ŵ[rows]ᵀ for BB ≤ 4 rows of x, BI tile rows, tile columns
         [pid_k·tiles_per_split, +tiles_per_split) in steps of BJ."""
@@ -211,6 +213,7 @@ if triton is not None:
         i = pid_m * BI + tl.arange(0, BI)
         r8 = tl.arange(0, 8)
         lut = tl.load(lut_ptr + tl.arange(0, 512))
+        wait_prior(PDL)  # the table is a weight: read before the wait
         b0 = pid_b * BB
         shp: tl.constexpr = [BI, BJ, 8, 2, 2, 2, 2]
         acc0 = tl.zeros(shp, tl.float32)
@@ -332,7 +335,7 @@ if triton is not None:
         x_ptr, codes_ptr, lut_ptr, y_ptr,
         TM, TN, B, stride_xb, stride_yb, tiles_per_split,
         K: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr, BB: tl.constexpr,
-        LUT_SMEM: tl.constexpr, ATOMIC: tl.constexpr,
+        LUT_SMEM: tl.constexpr, ATOMIC: tl.constexpr, PDL: tl.constexpr,
     ):
         """`_hyb_gemv_kernel`'s work (BB ≤ 2 rows of x) with every value a flat vector over the
         program's BI·BJ·8 units and the 16 slots unrolled: decoded values, x pairs and partial
@@ -348,6 +351,7 @@ if triton is not None:
         i = pid_m * BI + u // (8 * BJ)
         imask = i < TM
         lut = tl.load(lut_ptr + tl.arange(0, 512))
+        wait_prior(PDL)  # the table is a weight: read before the wait
         b0 = pid_b * BB
         lo0 = tl.zeros([NU], tl.float32)
         hi0 = tl.zeros([NU], tl.float32)
@@ -419,7 +423,7 @@ if triton is not None:
         x_ptr, codes_ptr, lut_ptr, y_ptr,
         TM, TN, B, stride_xb, stride_yb, tiles_per_split,
         K: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr, BB: tl.constexpr,
-        LUT_SMEM: tl.constexpr, ATOMIC: tl.constexpr,
+        LUT_SMEM: tl.constexpr, ATOMIC: tl.constexpr, PDL: tl.constexpr,
     ):
         """Tensor cores: y[BB rows, 16·BI] (+)= x[BB, 16·BJ] (fp16) @ Ŵᵀ tile (decoded to fp16)."""
         pid_m = tl.program_id(0)
@@ -428,6 +432,7 @@ if triton is not None:
         i = pid_m * BI + tl.arange(0, BI)
         r8 = tl.arange(0, 8)
         lut = tl.load(lut_ptr + tl.arange(0, 512))
+        wait_prior(PDL)  # the table is a weight: read before the wait
         bv = pid_b * BB + tl.arange(0, BB)
         bmask = bv < B
         acc = tl.zeros([BB, BI * 16], tl.float32)
@@ -511,8 +516,9 @@ if triton is not None:
         M, N, TN, B, stride_xb, stride_yb, cols_per_split,
         L: tl.constexpr, K: tl.constexpr, V: tl.constexpr, TDX: tl.constexpr, TDY: tl.constexpr,
         W: tl.constexpr, SB: tl.constexpr, TB: tl.constexpr, MODE: tl.constexpr,
-        BM: tl.constexpr, BK: tl.constexpr, BB: tl.constexpr, ATOMIC: tl.constexpr,
+        BM: tl.constexpr, BK: tl.constexpr, BB: tl.constexpr, ATOMIC: tl.constexpr, PDL: tl.constexpr,
     ):
+        wait_prior(PDL)
         pid_m = tl.program_id(0)
         pid_k = tl.program_id(1)
         pid_b = tl.program_id(2)
@@ -554,8 +560,9 @@ if triton is not None:
         M, N, TN, B, stride_xb, stride_yb, cols_per_split,
         L: tl.constexpr, K: tl.constexpr, V: tl.constexpr, TDX: tl.constexpr, TDY: tl.constexpr,
         W: tl.constexpr, SB: tl.constexpr, TB: tl.constexpr, MODE: tl.constexpr,
-        BM: tl.constexpr, BK: tl.constexpr, BB: tl.constexpr, ATOMIC: tl.constexpr,
+        BM: tl.constexpr, BK: tl.constexpr, BB: tl.constexpr, ATOMIC: tl.constexpr, PDL: tl.constexpr,
     ):
+        wait_prior(PDL)
         pid_m = tl.program_id(0)
         pid_k = tl.program_id(1)
         pid_b = tl.program_id(2)
@@ -613,6 +620,7 @@ class QTIPConfig:
     num_warps: int = 4
     lut_smem: bool = True
     table_copies: int = 32  # frag: copies of the HYB table in shared memory (16 or 32)
+    prefetch: int = 2  # frag: steps the code words and x are loaded ahead (unmasked launches)
 
     def __str__(self) -> str:
         if self.kind == "dequant":
@@ -620,6 +628,8 @@ class QTIPConfig:
         lut = "" if self.lut_smem else " lut=L1"
         if self.kind == "frag" and self.table_copies != 32:
             lut = f" t{self.table_copies}"
+        if self.kind == "frag" and self.prefetch != 2:
+            lut += f" pf{self.prefetch}"
         return f"{self.kind} {self.rows}x{self.cols} bb={self.bb} s{self.split_k} w{self.num_warps}{lut}"
 
 
@@ -660,10 +670,10 @@ def decode_matmul(layer, xh: torch.Tensor, cfg: QTIPConfig, out: torch.Tensor) -
     atomic = split > 1
     bb = cfg.bb
     grid_b = triton.cdiv(B, bb)
-    common = dict(num_warps=cfg.num_warps, ATOMIC=atomic)
+    common = dict(num_warps=cfg.num_warps, ATOMIC=atomic, **launch_options(xh))
     if cfg.kind == "frag":
         frag_matmul(layer.codes, _lut32(layer), p.K, xh, out, cfg.rows // 16, cfg.num_warps, per, atomic,
-                    cfg.table_copies)
+                    cfg.table_copies, cfg.prefetch)
     elif _hyb(p):
         bi, bj = cfg.rows // 16, cfg.cols // 16
         grid = (triton.cdiv(m // 16, bi), split, grid_b)
@@ -788,17 +798,29 @@ def candidate_configs(layer, batch: int, device) -> list[QTIPConfig]:
     hyb = _hyb(layer.params)
     cands: list[QTIPConfig] = []
     if hyb and batch <= FRAG_TUNED_BATCH:
-        # measured on the H100 (RESULTS.md): 16 table copies beat 32 (twice the programs per SM);
-        # past 8 rows every row tile holds 4 accumulators per n-block, so fewer row tiles
+        # (row tiles, warps, table copies, prefetch depth), from `benchmarks/qtip_frag_sweep.py` on
+        # the H100 (RESULTS.md): 16 table copies beat 32 (twice the programs per SM); loading 4
+        # steps ahead wins at batch 1 and mostly at 16 (not with 4 row tiles of 8 warps: 96
+        # registers); past 16 rows every row tile holds 4 accumulators per n-block, so fewer
+        # row tiles
         if batch <= 8:
-            launches = ((2, 8, 16), (4, 8, 16), (4, 4, 16), (2, 16, 16), (4, 8, 32))
+            launches = ((2, 8, 16, 4), (4, 4, 16, 4), (1, 16, 16, 4), (2, 16, 16, 4), (4, 8, 16, 2), (2, 8, 16, 2))
+        elif batch <= 16:
+            launches = ((4, 4, 16, 4), (4, 4, 16, 2), (2, 8, 16, 2), (4, 8, 32, 2), (2, 4, 16, 2))
         else:
-            launches = ((1, 8, 16), (2, 8, 16), (2, 4, 16), (1, 16, 16))
-        for rt, warps, copies in launches:
+            launches = ((1, 8, 16, 2), (2, 8, 16, 2), (2, 4, 16, 2), (1, 16, 16, 2))
+        seen = set()
+        for rt, warps, copies, depth in launches:
             ctas = triton.cdiv(m // 16, rt)
             steps = n // (16 * warps)
             for s in _splits_around(_split_for(ctas, steps, sms, want=2), steps, (0.5, 1, 2)):
-                cands.append(QTIPConfig("frag", 16 * rt, 16 * warps, 8, s, warps, table_copies=copies))
+                cfg = QTIPConfig("frag", 16 * rt, 16 * warps, 8, s, warps, table_copies=copies, prefetch=depth)
+                per, _ = _steps(layer, cfg)
+                if not even_launch(m // 16, n // 16, batch, rt, warps, per):  # masked loop: depth unused
+                    cfg = dataclasses.replace(cfg, prefetch=2)
+                if cfg not in seen:
+                    seen.add(cfg)
+                    cands.append(cfg)
     if hyb and batch <= 2:
         for rows, cols, warps in ((16, 256, 4), (16, 512, 4), (32, 512, 4), (16, 1024, 8)):
             ctas = triton.cdiv(m, rows)

@@ -37,9 +37,12 @@ def autotune_enabled(x: torch.Tensor) -> bool:
 
 
 def _flush_buffer(device: torch.device) -> torch.Tensor:
+    """A buffer larger than L2, kept per device. Made outside inference mode whatever the caller's
+    mode: an inference tensor could not be zeroed by a later tuning outside it."""
     if device not in _FLUSH:
         l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20)
-        _FLUSH[device] = torch.empty(max(2 * l2, 64 << 20) // 4, dtype=torch.int32, device=device)
+        with torch.inference_mode(False):
+            _FLUSH[device] = torch.empty(max(2 * l2, 64 << 20) // 4, dtype=torch.int32, device=device)
     return _FLUSH[device]
 
 
