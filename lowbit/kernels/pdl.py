@@ -29,11 +29,14 @@ from .tuning import interpreting
 try:
     import triton
     import triton.language as tl
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:  # pragma: no cover
     triton = None
     tl = None
     wait_prior = None
+try:
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover - a Triton without NVIDIA's grid-dependency ops: PDL stays off
+    gdc_wait = gdc_launch_dependents = None
 
 
 @functools.cache
@@ -45,7 +48,7 @@ def _capability(index: int) -> int:
 def enabled(t: torch.Tensor) -> bool:
     """PDL applies to a launch on t's device: a CUDA device of compute capability ≥ 9, compiled
     kernels (not the interpreter), and not switched off with LOWBIT_PDL=0."""
-    return (t.is_cuda and not interpreting() and os.environ.get("LOWBIT_PDL", "1") != "0"
+    return (t.is_cuda and gdc_wait is not None and not interpreting() and os.environ.get("LOWBIT_PDL", "1") != "0"
             and _capability(t.device.index if t.device.index is not None else torch.cuda.current_device()) >= 9)
 
 

@@ -8,9 +8,15 @@ without moving data between lanes, and one mma multiplies it by up to 8 rows of 
 batch rows are the mma's n axis), accumulating in float32; past 8 rows the same decoded tile meets
 each 8-row block of x (NB ≤ 8 mmas). The prefill path's dequantization (`frag_dequant`) is the same
 decode with the A registers stored to Ŵ instead of multiplied. Per weight pair a lane spends one shift,
-one IMAD (h = s·s + s), two address ops, one shared load and one XOR; the FMAs are the tensor
-core's. The CUDA-core kernels (`qtip_triton._hyb_flat_kernel`) also spend two fp16→fp32
-conversions and two FFMAs per pair, and their one-copy table costs ~3.3-way bank conflicts.
+one IMAD (h = s·s + s), one LOP3 (the table address), one shared load and one LOP3 (the sign);
+the FMAs are the tensor core's. The CUDA-core kernels (`qtip_triton._hyb_flat_kernel`) also spend
+two fp16→fp32 conversions and two FFMAs per pair, and their one-copy table costs ~3.3-way bank
+conflicts.
+
+The loop waits on memory, not on instructions (RESULTS.md, fifth session): a warp asks for only
+64 B of codes a row tile a step. Launches without ragged edges (`even_launch`) therefore run an
+unmasked loop that keeps the code words and x of the next PF steps in a ring of registers; the
+others a masked loop one step ahead.
 
 The 512-entry table is replicated 32 times in shared memory (entry e for lane l at word 32e + l),
 so the lanes of a lookup always hit 32 different banks. Plain Triton has no shared buffer with a
