@@ -131,17 +131,12 @@ if triton is not None:
     @triton.jit
     def _load_words(ptr, delta, msk, lane, K: tl.constexpr):
         """The lane's two raw code words (K = 2: the second only for odd lanes), kept raw until
-        the step that decodes them: any use right after the load would make the warp wait there.
-        msk None: no mask (both words always inside the tile, the even lanes' second unused)."""
-        if msk is None:
-            r0 = tl.load(ptr)
-            r1 = tl.load(ptr + delta)
+        the step that decodes them: any use right after the load would make the warp wait there."""
+        r0 = tl.load(ptr, mask=msk, other=0)
+        if K == 2:
+            r1 = tl.load(ptr + delta, mask=msk & ((lane & 1) == 1), other=0)
         else:
-            r0 = tl.load(ptr, mask=msk, other=0)
-            if K == 2:
-                r1 = tl.load(ptr + delta, mask=msk & ((lane & 1) == 1), other=0)
-            else:
-                r1 = tl.load(ptr + delta, mask=msk, other=0)
+            r1 = tl.load(ptr + delta, mask=msk, other=0)
         return r0, r1
 
     @triton.jit
@@ -155,12 +150,10 @@ if triton is not None:
 
     @triton.jit
     def _step_words(cp, RS, delta, jm, ok, lane, K: tl.constexpr, RT: tl.constexpr):
-        """Raw code words (u, v) of one step, one pair per row tile."""
+        """Raw code words (u, v) of one step, one pair per row tile (ok None: every row tile exists)."""
         w = ()
         for r in tl.static_range(RT):
-            if jm is None:
-                w = w + (_load_words(cp + r * RS, delta, None, lane, K),)
-            elif ok is None:
+            if ok is None:
                 w = w + (_load_words(cp + r * RS, delta, jm, lane, K),)
             else:
                 w = w + (_load_words(cp + r * RS, delta, jm & ok[r], lane, K),)
@@ -168,12 +161,11 @@ if triton is not None:
 
     @triton.jit
     def _step_x(xp, XS, jm, xok, NB: tl.constexpr):
-        """B fragments (two int32 fp16 pairs) of one step, one per n-block of 8 batch rows."""
+        """B fragments (two int32 fp16 pairs) of one step, one per n-block of 8 batch rows (xok
+        None: every row of every n-block is readable)."""
         xs = ()
         for b in tl.static_range(NB):
-            if jm is None:
-                xs = xs + ((tl.load(xp + b * XS), tl.load(xp + b * XS + 4)),)
-            elif xok is None:
+            if xok is None:
                 xs = xs + ((tl.load(xp + b * XS, mask=jm, other=0), tl.load(xp + b * XS + 4, mask=jm, other=0)),)
             else:
                 m = jm & xok[b]
@@ -368,7 +360,7 @@ if triton is not None:
             xok = xok + (xn + 8 * b < B,)
         XS = 8 * stride_xb
         # Pointers advance by NW tiles a step (no per-step 64-bit index math); code words and x
-        # are requested one step ahead of the step that uses them.
+        # are requested ahead of the step that uses them (PF steps, or one in the masked loop).
         TW: tl.constexpr = 8 * K  # int32 code words per tile
         RS = TN * TW  # words between row tiles
         z = tl.zeros([32 * NW], tl.float32)
