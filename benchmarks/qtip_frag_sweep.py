@@ -1,9 +1,9 @@
 """Sweep of the QTIP fragment kernel's launch shapes, kernel alone, against its own fixed cost:
 
-    python -m benchmarks.qtip_frag_sweep [--batch 1] [--pf 1,2,4]
+    python -m benchmarks.qtip_frag_sweep [--batch 1] [--pf 1,2,4] [--regs 0,64] [--shapes 4096x4096,...]
 
 For QTIP 2-bit at three Llama-2-7B projection shapes: every (row tiles, warps, table copies,
-split, prefetch depth) of the sweep, timed with `tuning.cold_us` (CUDA-graph replays, cold L2),
+split, prefetch depth, register cap) of the sweep, timed with `tuning.cold_us` (CUDA-graph replays, cold L2),
 and — at 4096×4096, batch 1, the first depth — the same launch with an empty loop (TN = 0: table
 build, epilogue and atomics only). The prefetch depth applies to launches without masks
 (`even_launch`); the others run the masked loop, one step ahead.
@@ -25,7 +25,7 @@ from lowbit.kernels.tuning import cold_us
 LAUNCHES = ((2, 8, 16), (4, 8, 16), (4, 4, 16), (1, 16, 16), (2, 16, 16), (4, 8, 32))
 
 
-def _launch(lin, xh, y, rt, nw, rep, split, empty=False, pf=1):
+def _launch(lin, xh, y, rt, nw, rep, split, empty=False, pf=1, regs=0):
     m, n = lin.out_features, lin.in_features
     tm, tn, b = m // 16, n // 16, xh.shape[0]
     per = triton.cdiv(triton.cdiv(tn, split), nw) * nw
@@ -34,7 +34,7 @@ def _launch(lin, xh, y, rt, nw, rep, split, empty=False, pf=1):
     return lambda: f._hyb_frag_kernel[grid](
         xh.view(torch.int32), lin.codes.view(torch.int32), qt._lut32(lin), y, tm, 0 if empty else tn, b, n // 2,
         m, per, K=2, RT=rt, NB=f.n_blocks(b), NW=nw, REP=rep, ATOMIC=True, EMULATE=False, PDL=False, EVEN=even, PF=pf if even else 1,
-        num_warps=nw, num_stages=1)
+        num_warps=nw, num_stages=1, **({"maxnreg": regs} if regs else {}))
 
 
 def _flat(lin, xf, y, split):
@@ -51,22 +51,32 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--pf", default="1", help="comma-separated prefetch depths")
+    ap.add_argument("--regs", default="0", help="comma-separated register caps a thread (0: the compiler's choice)")
+    ap.add_argument("--shapes", default="4096x4096,11008x4096,4096x11008", help="comma-separated out x in")
+    ap.add_argument("--launches", default=None,
+                    help="semicolon-separated row tiles,warps,copies (default: the sweep's list)")
+    ap.add_argument("--splits", default="1,2,4")
     args = ap.parse_args(argv)
     depths = [int(p) for p in args.pf.split(",")]
+    caps = [int(p) for p in args.regs.split(",")]
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    launches = LAUNCHES if args.launches is None else \
+        [tuple(int(v) for v in item.split(",")) for item in args.launches.split(";")]
+    splits = [int(v) for v in args.splits.split(",")]
     dev = torch.device("cuda")
     print(f"# {torch.cuda.get_device_name()} triton {triton.__version__} batch {args.batch}")
-    for m, n in ((4096, 4096), (11008, 4096), (4096, 11008)):
+    for m, n in shapes:
         lin = qtip_layer(m, n, 2)
         xh = torch.randn(args.batch, n, device=dev).half()
         y = torch.zeros(args.batch, m, device=dev)
         runs = []
-        for rt, nw, rep in LAUNCHES:
-            for split in (1, 2, 4):
-                for pf in depths:
-                    us = cold_us(_launch(lin, xh, y, rt, nw, rep, split, pf=pf), dev)
-                    runs.append((round(us, 2), f"RT={rt} NW={nw} copies={rep} split={split} pf={pf}"))
+        for rt, nw, rep in launches:
+            for split in splits:
+                for pf, regs in ((p, r) for p in depths for r in caps):
+                    us = cold_us(_launch(lin, xh, y, rt, nw, rep, split, pf=pf, regs=regs), dev)
+                    runs.append((round(us, 2), f"RT={rt} NW={nw} copies={rep} split={split} pf={pf} regs={regs}"))
                     line = f"{m}x{n} {runs[-1][1]}: {us:.2f} us"
-                    if m == n and args.batch == 1 and pf == depths[0]:
+                    if m == n and args.batch == 1 and pf == depths[0] and regs == caps[0]:
                         fixed = cold_us(_launch(lin, xh, y, rt, nw, rep, split, empty=True), dev)
                         line += f" (empty loop {fixed:.2f} us)"
                     print(line, flush=True)

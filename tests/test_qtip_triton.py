@@ -212,6 +212,7 @@ HYB_CASES = [
     (2, 32, 64, 1, qt.QTIPConfig("frag", 16, 64, 8, 1, 4, prefetch=3)),  # even: prefetch past the end
     (3, 96, 160, 2, qt.QTIPConfig("frag", 32, 32, 8, 1, 2, prefetch=4)),  # even: 5 steps, 4 ahead
     (4, 64, 128, 1, qt.QTIPConfig("frag", 32, 32, 8, 2, 2, prefetch=1)),  # even: 2 steps, 1 ahead
+    (3, 96, 160, 1, qt.QTIPConfig("frag", 32, 32, 8, 1, 2, max_registers=48)),  # even, a register cap
     (3, 64, 128, 16, qt.QTIPConfig("frag", 32, 32, 8, 2, 2)),  # even: 2 full n-blocks
     (3, 64, 96, 12, qt.QTIPConfig("frag", 32, 32, 8, 2, 2, table_copies=16)),  # 2 n-blocks, masked
     (2, 96, 64, 37, qt.QTIPConfig("frag", 64, 64, 8, 1, 4)),  # 8 n-blocks (5 used), ragged rows
@@ -239,7 +240,7 @@ def test_frag_cases_cover_the_even_and_the_masked_loop():
             steps = -(-(n // 16) // cfg.num_warps)
             per = -(-steps // cfg.split_k) * cfg.num_warps
             kinds.append(even_launch(m // 16, n // 16, batch, cfg.rows // 16, cfg.num_warps, per))
-    assert kinds == [True, True, False, True, True, True, True, True, True, True, False, False]
+    assert kinds == [True, True, False, True, True, True, True, True, True, True, True, False, False]
 
 
 @pytest.mark.skipif(not CPU, reason="CPU interpreter test")
@@ -305,10 +306,12 @@ def test_frag_launchers_reject_bad_launches_and_operands_cpu():
         qt.frag_matmul(lin.codes, lut, 2, torch.zeros(1, 64).half(), y, 5, 2, 2, False)
     with pytest.raises(ValueError, match="prefetch depth must be ≥ 1, got 0"):
         qt.frag_matmul(lin.codes, lut, 2, torch.zeros(1, 64).half(), y, 1, 2, 2, False, prefetch=0)
+    with pytest.raises(ValueError, match="register cap must be 24..255 \\(0: none\\), got 16"):
+        qt.frag_matmul(lin.codes, lut, 2, torch.zeros(1, 64).half(), y, 1, 2, 2, False, max_registers=16)
     with pytest.raises(ValueError, match="≤ 64 contiguous fp16 rows, got \\(65, 64\\)"):
         qt.frag_matmul(lin.codes, lut, 2, torch.zeros(65, 64).half(), torch.zeros(65, 32), 1, 2, 2, False)
-    with pytest.raises(ValueError, match="frag dequant: row tiles .* got 2 and 8"):
-        qt.frag_dequant(lin.codes, lut, 2, torch.zeros(32, 64).half(), copies=8)
+    with pytest.raises(ValueError, match="frag dequant: row tiles .* got 2 and 4"):
+        qt.frag_dequant(lin.codes, lut, 2, torch.zeros(32, 64).half(), copies=4)
     with pytest.raises(ValueError, match="contiguous fp16 rows, got torch.float32"):
         qt.frag_dequant(lin.codes, lut, 2, torch.zeros(32, 64))
 
@@ -349,6 +352,9 @@ GPU_RUNS = [
     (qt.QTIPConfig("frag", 64, 128, 8, 4, 8), 1),
     (qt.QTIPConfig("frag", 32, 64, 8, 1, 4, table_copies=16), 3),
     (qt.QTIPConfig("frag", 16, 64, 8, 2, 4), 8),
+    (qt.QTIPConfig("frag", 32, 128, 8, 1, 8, table_copies=16, prefetch=4, max_registers=64), 1),
+    (qt.QTIPConfig("frag", 32, 128, 8, 2, 8, table_copies=8, prefetch=2, max_registers=48), 1),
+    (qt.QTIPConfig("frag", 64, 64, 8, 2, 4, table_copies=16, prefetch=4, max_registers=80), 16),
     (qt.QTIPConfig("frag", 32, 128, 8, 2, 8, table_copies=16), 16),
     (qt.QTIPConfig("frag", 16, 128, 8, 1, 8, table_copies=16), 50),
     (qt.QTIPConfig("flat", 16, 512, 1, 2), 1),

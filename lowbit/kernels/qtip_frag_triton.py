@@ -51,16 +51,18 @@ except ImportError:  # pragma: no cover
     triton = None
     tl = None
 
-COPIES = (16, 32)  # table copies the kernel can keep: 32 is conflict-free, 16 halves the memory
+COPIES = (8, 16, 32)  # table copies the kernel can keep: 32 is conflict-free, 16 and 8 take less memory
 
 
 def _lookup_asm(copies: int) -> str:
     """PTX of one table lookup ($1 = state s, $2 = this lane's copy offset 4·(lane % copies), $3 =
     the table's shared address): h = s·s + s; the entry (bits 6..14 of h) times 4·copies bytes, i.e.
-    h & 0x7FC0 (shifted left once for 32 copies), OR the copy offset (its bits 2..6 are free); a
+    h & 0x7FC0 (shifted left once for 32 copies, right once for 8), OR the copy offset (its bits
+    2..6 are free); a
     shared load at that plus the table address (ptxas folds a uniform base into the load); the sign
     XOR. Hand-written because Triton's own arithmetic spends extra instructions here."""
-    entry = {16: "and.b32 a, h, 32704;\n\t", 32: "shl.b32 a, h, 1;\n\tand.b32 a, a, 65408;\n\t"}[copies]
+    entry = {8: "and.b32 a, h, 32704;\n\tshr.b32 a, a, 1;\n\t", 16: "and.b32 a, h, 32704;\n\t",
+             32: "shl.b32 a, h, 1;\n\tand.b32 a, a, 65408;\n\t"}[copies]
     return ("{ .reg .b32 h, a, v;\n\t"
             "mad.lo.u32 h, $1, $1, $1;\n\t" + entry
             + "or.b32 a, a, $2;\n\t"
@@ -73,6 +75,7 @@ def _lookup_asm(copies: int) -> str:
 if triton is not None:
     _LOOKUP_ASM_16 = tl.constexpr(_lookup_asm(16))
     _LOOKUP_ASM_32 = tl.constexpr(_lookup_asm(32))
+    _LOOKUP_ASM_8 = tl.constexpr(_lookup_asm(8))
 
     @triton.jit
     def _lane_ids(col, EMULATE: tl.constexpr):
@@ -228,6 +231,8 @@ if triton is not None:
         else:
             if REP == 16:
                 asm: tl.constexpr = _LOOKUP_ASM_16
+            elif REP == 8:
+                asm: tl.constexpr = _LOOKUP_ASM_8
             else:
                 asm: tl.constexpr = _LOOKUP_ASM_32
             pk = tl.inline_asm_elementwise(asm, "=r,r,r,r", [s, lane_addr[0], lane_addr[1]], dtype=tl.int32,
@@ -306,14 +311,14 @@ if triton is not None:
         _out(y_ptr, c3, rows + 8, n + 1, B, TM, stride_yb, NW, ATOMIC)
 
     @triton.jit
-    def _walk_start(codes_ptr, lut_ptr, scratch_ptr, TM, TN, tiles_per_split, K: tl.constexpr, RT: tl.constexpr,
-                    NW: tl.constexpr, REP: tl.constexpr, EMULATE: tl.constexpr):
-        """What both kernels set up first: the table, each thread's lane and byte selector, the
-        program's row tiles (first i0, present ok) and tile columns [t0, t1), this warp's first
-        column j, the pointer to its lanes' code words, and the distance to their second word."""
+    def _walk_start(codes_ptr, TM, TN, tiles_per_split, K: tl.constexpr, RT: tl.constexpr, NW: tl.constexpr,
+                    EMULATE: tl.constexpr):
+        """What both kernels set up first: each thread's lane and byte selector, the program's row
+        tiles (first i0, present ok) and tile columns [t0, t1), this warp's first column j, the
+        pointer to its lanes' code words, and the distance to their second word. The table comes
+        after the first code loads (`_table`): its writes then overlap their latency."""
         col = tl.arange(0, 32 * NW)
         lane = _lane_ids(col, EMULATE)
-        lane_addr = _table(lut_ptr, scratch_ptr, col, lane, TM, REP, EMULATE)
         sel = tl.where((lane & 1) == 1, 0x3254, 0x1032)
         i0 = tl.program_id(0) * RT
         ok = _row_tiles_present(i0, col, TM, RT)
@@ -322,7 +327,7 @@ if triton is not None:
         first, delta = _word_offsets(lane, K)
         j = t0 + col // 32
         cp = codes_ptr + (i0 * TN + j) * (8 * K) + first
-        return col, lane, lane_addr, sel, i0, ok, t0, t1, j, cp, delta
+        return col, lane, sel, i0, ok, t0, t1, j, cp, delta
 
     @triton.jit
     def _frag_step(acc, words, xs, lane, sel, lut_ptr, lane_addr, K: tl.constexpr, RT: tl.constexpr, NB: tl.constexpr,
@@ -350,8 +355,8 @@ if triton is not None:
         [32·NW], one element per thread; row tiles and n-blocks are tuples unrolled at compile
         time (a tensor axis would let Triton pick layouts that break the lane ↔ fragment
         mapping). x is fp16 read as int32 pairs (stride_xb in pairs), y float32."""
-        col, lane, lane_addr, sel, i0, ok, t0, t1, j, cp, delta = _walk_start(
-            codes_ptr, lut_ptr, y_ptr, TM, TN, tiles_per_split, K, RT, NW, REP, EMULATE)
+        col, lane, sel, i0, ok, t0, t1, j, cp, delta = _walk_start(codes_ptr, TM, TN, tiles_per_split, K, RT, NW,
+                                                                   EMULATE)
         wid = col // 32
         # B fragment of n-block b: lane (n, t) holds x[8b + n, 16j + 2t + {0,1}] and x[.., 16j + 8 + 2t + {0,1}]
         xn = lane >> 2
@@ -380,6 +385,7 @@ if triton is not None:
             ring_w = ()
             for d in tl.static_range(PF):
                 ring_w = ring_w + (_step_words(cp + d * NW * TW, RS, delta, col * 0 + d < n, None, lane, K, RT),)
+            lane_addr = _table(lut_ptr, y_ptr, col, lane, TM, REP, EMULATE)
             wait_prior(PDL)  # the table and the first code words came before: weights, not activations
             ring_x = ()
             for d in tl.static_range(PF):
@@ -405,6 +411,7 @@ if triton is not None:
             xp = x_ptr + xn * stride_xb + (lane & 3) + 8 * j
             jm = j < t1
             words = _step_words(cp, RS, delta, jm, ok, lane, K, RT)
+            lane_addr = _table(lut_ptr, y_ptr, col, lane, TM, REP, EMULATE)
             wait_prior(PDL)
             xs = _step_x(xp, XS, jm, xok, NB)
             for j0 in range(t0, t1, NW):
@@ -440,8 +447,8 @@ if triton is not None:
         """Ŵ [16·TM, 16·TN] as fp16 pairs (w_ptr int32, stride_w in pairs): the fragment kernel's
         decode with stores in place of the mma, for the prefill path (decode once, then cuBLAS).
         Same grid and warp walk as `_hyb_frag_kernel`."""
-        col, lane, lane_addr, sel, i0, ok, t0, t1, j, cp, delta = _walk_start(
-            codes_ptr, lut_ptr, w_ptr, TM, TN, tiles_per_split, K, RT, NW, REP, EMULATE)
+        col, lane, sel, i0, ok, t0, t1, j, cp, delta = _walk_start(codes_ptr, TM, TN, tiles_per_split, K, RT, NW,
+                                                                   EMULATE)
         wid = col // 32
         TW: tl.constexpr = 8 * K
         RS = TN * TW
@@ -449,6 +456,7 @@ if triton is not None:
         wp = w_ptr + (16 * i0 + (lane >> 2)) * stride_w + 8 * j + (lane & 3)
         jm = j < t1
         words = _step_words(cp, RS, delta, jm, ok, lane, K, RT)
+        lane_addr = _table(lut_ptr, w_ptr, col, lane, TM, REP, EMULATE)
         wait_prior(PDL)  # Ŵ's buffer may be one an earlier kernel still reads
         for j0 in range(t0, t1, NW):
             nm = j0 + wid + NW < t1
@@ -480,18 +488,23 @@ def n_blocks(batch: int) -> int:
     return triton.next_power_of_2(triton.cdiv(batch, 8))
 
 
-def _launch(kernel, grid, args, what: str, row_tiles: int, num_warps: int, copies: int, **consts):
+def _launch(kernel, grid, args, what: str, row_tiles: int, num_warps: int, copies: int, max_registers: int = 0,
+            **consts):
     """Both kernels' launch: the launch-shape check, the PTX emulation under the interpreter and,
     compiled, the shared-memory check (the reservation trick is Triton's allocator's doing:
-    verified once per compiled variant)."""
+    verified once per compiled variant). `max_registers` > 0 caps the registers a thread may use
+    (Triton's `maxnreg`; more programs fit on an SM, ptxas may spill)."""
     if not 1 <= row_tiles <= 4 or copies not in COPIES:
         raise ValueError(f"{what}: row tiles must be 1..4 and table copies one of {COPIES}, "
                          f"got {row_tiles} and {copies}")
+    if max_registers and not 24 <= max_registers <= 255:
+        raise ValueError(f"{what}: a register cap must be 24..255 (0: none), got {max_registers}")
     emulate = interpreting()
     pdl = launch_options(args[1])
+    cap = {"maxnreg": max_registers} if max_registers and not emulate else {}
     kern = kernel[grid](*args, RT=row_tiles, NW=num_warps, REP=copies, EMULATE=emulate, num_warps=num_warps,
-                        num_stages=1, **consts, **pdl)
-    key = (what, row_tiles, num_warps, copies, pdl["PDL"], tuple(sorted(consts.items())))
+                        num_stages=1, **consts, **pdl, **cap)
+    key = (what, row_tiles, num_warps, copies, pdl["PDL"], max_registers, tuple(sorted(consts.items())))
     if not emulate and key not in _CHECKED:
         shared = getattr(getattr(kern, "metadata", None), "shared", None)
         if shared is not None and shared < 2048 * copies:
@@ -502,12 +515,14 @@ def _launch(kernel, grid, args, what: str, row_tiles: int, num_warps: int, copie
 
 def frag_matmul(codes: torch.Tensor, lut32: torch.Tensor, K: int, xh: torch.Tensor, out: torch.Tensor,
                 row_tiles: int, num_warps: int, tiles_per_split: int, atomic: bool, copies: int = 32,
-                prefetch: int = 2) -> torch.Tensor:
+                prefetch: int = 2, max_registers: int = 0) -> torch.Tensor:
     """out [B ≤ 64, m] (+)= xh [B, n] (fp16) @ Ŵᵀ from HYB codes [m/16, n/16, 16K] (int16, read as
     int32) and the table as 512 int32, kept in `copies` copies per program (32: lanes never share
-    a bank; 16: 32 KiB instead of 64, twice the programs per SM, lanes l and l + 16 can collide).
+    a bank; 16: 32 KiB instead of 64, twice the programs per SM, lanes l and l + 16 can collide;
+    8: 16 KiB, four lanes a copy).
     Each decoded tile meets every 8-row block of x. With `atomic` the splits add into out (which
-    must hold zeros)."""
+    must hold zeros). Launches without ragged edges load `prefetch` steps ahead into registers.
+    `max_registers` caps the registers of a thread (0: the compiler's choice)."""
     B, n = xh.shape
     m = out.shape[1]
     if B > MAX_BATCH or xh.dtype != torch.float16 or xh.stride(1) != 1 or xh.stride(0) % 2:
@@ -519,8 +534,8 @@ def frag_matmul(codes: torch.Tensor, lut32: torch.Tensor, K: int, xh: torch.Tens
     if prefetch < 1:
         raise ValueError(f"frag kernel: prefetch depth must be ≥ 1, got {prefetch}")
     even = even_launch(tm, tn, B, row_tiles, num_warps, tiles_per_split)
-    _launch(_hyb_frag_kernel, grid, args, "frag kernel", row_tiles, num_warps, copies, K=K, NB=n_blocks(B),
-            ATOMIC=atomic, EVEN=even, PF=prefetch if even else 1)
+    _launch(_hyb_frag_kernel, grid, args, "frag kernel", row_tiles, num_warps, copies, max_registers, K=K,
+            NB=n_blocks(B), ATOMIC=atomic, EVEN=even, PF=prefetch if even else 1)
     return out
 
 

@@ -621,6 +621,7 @@ class QTIPConfig:
     lut_smem: bool = True
     table_copies: int = 32  # frag: copies of the HYB table in shared memory (16 or 32)
     prefetch: int = 2  # frag: steps the code words and x are loaded ahead (unmasked launches)
+    max_registers: int = 0  # frag: register cap a thread (Triton's maxnreg; 0 = the compiler's choice)
 
     def __str__(self) -> str:
         if self.kind == "dequant":
@@ -630,6 +631,8 @@ class QTIPConfig:
             lut = f" t{self.table_copies}"
         if self.kind == "frag" and self.prefetch != 2:
             lut += f" pf{self.prefetch}"
+        if self.kind == "frag" and self.max_registers:
+            lut += f" r{self.max_registers}"
         return f"{self.kind} {self.rows}x{self.cols} bb={self.bb} s{self.split_k} w{self.num_warps}{lut}"
 
 
@@ -673,7 +676,7 @@ def decode_matmul(layer, xh: torch.Tensor, cfg: QTIPConfig, out: torch.Tensor) -
     common = dict(num_warps=cfg.num_warps, ATOMIC=atomic, **launch_options(xh))
     if cfg.kind == "frag":
         frag_matmul(layer.codes, _lut32(layer), p.K, xh, out, cfg.rows // 16, cfg.num_warps, per, atomic,
-                    cfg.table_copies, cfg.prefetch)
+                    cfg.table_copies, cfg.prefetch, cfg.max_registers)
     elif _hyb(p):
         bi, bj = cfg.rows // 16, cfg.cols // 16
         grid = (triton.cdiv(m // 16, bi), split, grid_b)
@@ -816,7 +819,7 @@ def candidate_configs(layer, batch: int, device) -> list[QTIPConfig]:
             for s in _splits_around(_split_for(ctas, steps, sms, want=2), steps, (0.5, 1, 2)):
                 cfg = QTIPConfig("frag", 16 * rt, 16 * warps, 8, s, warps, table_copies=copies, prefetch=depth)
                 per, _ = _steps(layer, cfg)
-                if not even_launch(m // 16, n // 16, batch, rt, warps, per):  # masked loop: depth unused
+                if not even_launch(m // 16, n // 16, batch, rt, warps, per):  # masked loop: depths unused
                     cfg = dataclasses.replace(cfg, prefetch=2)
                 if cfg not in seen:
                     seen.add(cfg)
