@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from .quantized_models.attention import AttentionContext, causal_attention
+from .quantized_models.attention import AttentionContext, causal_attention, slot_views, store_by_slot
 
 
 def copy_bandwidth(device, nbytes: int = 1 << 30) -> float:
@@ -46,11 +46,12 @@ class PrefillContext(AttentionContext):
         self.k_cache, self.v_cache, self.slots = k_cache, v_cache, slot_mapping
         self.batch, self.seq_len = batch, seq_len
 
-    def attend(self, layer, q, k, v):
-        kc, vc = self.k_cache[layer], self.v_cache[layer]
-        hkv, d = kc.shape[-2], kc.shape[-1]
-        kc.view(-1, hkv, d).index_copy_(0, self.slots, k)
-        vc.view(-1, hkv, d).index_copy_(0, self.slots, v)
+    def kv_slots(self, layer):
+        return slot_views(self.k_cache[layer], self.v_cache[layer], self.slots)
+
+    def attend(self, layer, q, k, v, stored=False):
+        if not stored:
+            store_by_slot(self.kv_slots(layer), k, v)
         b, t = self.batch, self.seq_len
         q, k, v = (x.view(b, t, x.shape[1], x.shape[2]).transpose(1, 2) for x in (q, k, v))
         out = causal_attention(q, k, v)

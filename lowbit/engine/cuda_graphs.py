@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from ..quantized_models.attention import AttentionContext
+from ..quantized_models.attention import AttentionContext, slot_views, store_by_slot
 
 log = logging.getLogger("lowbit")
 
@@ -31,13 +31,15 @@ class GraphDecodeContext(AttentionContext):
         self.slot_mapping, self.block_tables, self.context_lens = slot_mapping, block_tables, context_lens
         self.scale = scale
 
-    def attend(self, layer, q, k, v):
+    def kv_slots(self, layer):
+        return slot_views(self.k_cache[layer], self.v_cache[layer], self.slot_mapping)
+
+    def attend(self, layer, q, k, v, stored=False):
         from ..kernels.attention import paged_decode_attention, paged_decode_attention_reference
 
         kc, vc = self.k_cache[layer], self.v_cache[layer]
-        hkv, d = kc.shape[-2], kc.shape[-1]
-        kc.view(-1, hkv, d).index_copy_(0, self.slot_mapping, k)
-        vc.view(-1, hkv, d).index_copy_(0, self.slot_mapping, v)
+        if not stored:
+            store_by_slot(self.kv_slots(layer), k, v)
         attend = paged_decode_attention if q.is_cuda else paged_decode_attention_reference
         return attend(q, kc, vc, self.block_tables, self.context_lens, self.scale)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..quantized_models.attention import AttentionContext, causal_attention
+from ..quantized_models.attention import AttentionContext, causal_attention, slot_views, store_by_slot
 
 
 class OutOfBlocks(Exception):
@@ -109,11 +109,14 @@ class PagedAttention(AttentionContext):
         attend = paged_decode_attention if q.is_cuda else paged_decode_attention_reference
         return attend(q, kc, vc, self.block_tables, self.context_lens, self.scale)
 
-    def attend(self, layer, q, k, v):
+    def kv_slots(self, layer):
+        return slot_views(self.cache.k[layer], self.cache.v[layer], self.slot_mapping)
+
+    def attend(self, layer, q, k, v, stored=False):
         kc, vc = self.cache.k[layer], self.cache.v[layer]
         hkv, d = kc.shape[-2], kc.shape[-1]
-        kc.view(-1, hkv, d).index_copy_(0, self.slot_mapping, k)
-        vc.view(-1, hkv, d).index_copy_(0, self.slot_mapping, v)
+        if not stored:
+            store_by_slot(self.kv_slots(layer), k, v)
         if self.decode_only:
             return self._decode(q, kc, vc)
         out = torch.empty_like(q)

@@ -76,8 +76,11 @@ if triton is not None:
                  mask=mask)
 
     @triton.jit
-    def _rotary_kernel(q_ptr, k_ptr, pos_ptr, f_ptr, sq_n, sq_h, sk_n, sk_h, HQ, HKV,
-                       HALF: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr):
+    def _rotary_kernel(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, pos_ptr, f_ptr,
+                       sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, sc_s, sc_h, HQ, HKV,
+                       HALF: tl.constexpr, BLOCK_H: tl.constexpr, WRITE_KV: tl.constexpr, PDL: tl.constexpr):
+        """Program n rotates token n's q and k heads in place; with WRITE_KV it also stores the
+        rotated k and its v at slot slot_ptr[n] of the caches [slots, Hkv, 2·HALF] (strides sc_*)."""
         n = tl.program_id(0)
         offs_h = tl.arange(0, BLOCK_H)
         offs_d = tl.arange(0, HALF)
@@ -100,8 +103,18 @@ if triton is not None:
             c = cos.to(dt).to(tl.float32)
             s = sin.to(dt).to(tl.float32)
             a, b = x1.to(tl.float32), x2.to(tl.float32)
-            tl.store(p1, (a * c - b * s).to(dt), mask=mask)
-            tl.store(p1 + HALF, (b * c + a * s).to(dt), mask=mask)
+            r1 = (a * c - b * s).to(dt)
+            r2 = (b * c + a * s).to(dt)
+            tl.store(p1, r1, mask=mask)
+            tl.store(p1 + HALF, r2, mask=mask)
+            if WRITE_KV and which == 1:
+                slot = tl.load(slot_ptr + n).to(tl.int64)
+                dst = slot * sc_s + offs_h[:, None] * sc_h + offs_d[None, :]
+                tl.store(kc_ptr + dst, r1, mask=mask)
+                tl.store(kc_ptr + dst + HALF, r2, mask=mask)
+                pv = v_ptr + n * sv_n + offs_h[:, None] * sv_h + offs_d[None, :]
+                tl.store(vc_ptr + dst, tl.load(pv, mask=mask, other=0.0), mask=mask)
+                tl.store(vc_ptr + dst + HALF, tl.load(pv + HALF, mask=mask, other=0.0), mask=mask)
 
     @triton.jit
     def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, n_cols, sg, su, so, BLOCK: tl.constexpr, PDL: tl.constexpr):
@@ -126,11 +139,16 @@ def rmsnorm_triton(x, weight, eps, residual=None):
     return out, rout
 
 
-def rotary_triton_(q, k, positions, inv_freq):
+def rotary_triton_(q, k, positions, inv_freq, kv_store=None):
     n, hq, d = q.shape
-    _rotary_kernel[(n,)](q, k, positions, inv_freq, q.stride(0), q.stride(1), k.stride(0), k.stride(1), hq,
-                         k.shape[1], HALF=d // 2, BLOCK_H=triton.next_power_of_2(max(hq, k.shape[1])), num_warps=4,
-                         **launch_options(q))
+    if kv_store is None:
+        v = kc = vc = slots = k  # unused: WRITE_KV is off
+    else:
+        v, kc, vc, slots = kv_store
+    _rotary_kernel[(n,)](q, k, v, kc, vc, slots, positions, inv_freq, q.stride(0), q.stride(1), k.stride(0),
+                         k.stride(1), v.stride(0), v.stride(1), kc.stride(0), kc.stride(1), hq, k.shape[1],
+                         HALF=d // 2, BLOCK_H=triton.next_power_of_2(max(hq, k.shape[1])),
+                         WRITE_KV=kv_store is not None, num_warps=4, **launch_options(q))
     return q, k
 
 
@@ -157,13 +175,23 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     return rmsnorm_reference(x, weight, eps, residual)
 
 
-def rotary_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
-            inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotary on q [N, Hq, D] and k [N, Hkv, D], in place on CUDA (one launch); returns (q, k)."""
+def rotary_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
+            kv_store: tuple[torch.Tensor, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary on q [N, Hq, D] and k [N, Hkv, D], in place on CUDA (one launch); returns (q, k).
+
+    kv_store = (v [N, Hkv, D], k_cache, v_cache [slots, Hkv, D], slots [N]) also stores the rotated
+    k and v of token i at slot slots[i], in the same launch (a decode step's KV write otherwise
+    costs two more launches a layer)."""
     half = q.shape[-1] // 2
-    if _rows_ok(q, k) and half & (half - 1) == 0:
-        return rotary_triton_(q, k, positions, inv_freq)
-    return rotary_reference(q, k, positions, inv_freq)
+    store_ok = kv_store is None or all(t.stride(-1) == 1 for t in kv_store[:3])
+    if _rows_ok(q, k) and half & (half - 1) == 0 and store_ok:
+        return rotary_triton_(q, k, positions, inv_freq, kv_store)
+    q, k = rotary_reference(q, k, positions, inv_freq)
+    if kv_store is not None:
+        v, kc, vc, slots = kv_store
+        kc.index_copy_(0, slots, k)
+        vc.index_copy_(0, slots, v)
+    return q, k
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,9 @@
 The model flattens every step into N tokens and calls `ctx.attend(layer, q, k, v)` with
 q [N, Hq, D] and k, v [N, Hkv, D] (rotary already applied). The context stores k/v wherever its
 cache lives and returns the attention output [N, Hq, D]. So the model never knows whether it runs
-a cache-free forward, a contiguous cache or the serving engine's paged cache.
+a cache-free forward, a contiguous cache or the serving engine's paged cache. A context whose cache
+is addressed by slot (the paged ones) says so through `kv_slots`; the model then writes k and v in
+its rotary launch and calls `attend(..., stored=True)`.
 """
 
 from __future__ import annotations
@@ -13,8 +15,28 @@ import torch.nn.functional as F
 
 
 class AttentionContext:
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def kv_slots(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(k cache, v cache [slots, Hkv, D], slot of each of the step's tokens [N]) when this layer's
+        cache takes k/v by slot, for the caller to write them; None: `attend` stores them."""
+        return None
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               stored: bool = False) -> torch.Tensor:
         raise NotImplementedError
+
+
+def slot_views(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor):
+    """A layer's paged caches [blocks, block_size, Hkv, D] seen as [slots, Hkv, D], with the step's
+    slots: what `kv_slots` returns."""
+    hkv, d = k_cache.shape[-2], k_cache.shape[-1]
+    return k_cache.view(-1, hkv, d), v_cache.view(-1, hkv, d), slots
+
+
+def store_by_slot(views, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Write the step's k, v [N, Hkv, D] at their slots (when the rotary launch did not)."""
+    kc, vc, slots = views
+    kc.index_copy_(0, slots, k)
+    vc.index_copy_(0, slots, v)
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: int = 0) -> torch.Tensor:
@@ -33,7 +55,7 @@ class CausalNoCache(AttentionContext):
     def __init__(self, batch: int, seq_len: int):
         self.batch, self.seq_len = batch, seq_len
 
-    def attend(self, layer, q, k, v):
+    def attend(self, layer, q, k, v, stored=False):
         b, t = self.batch, self.seq_len
         q, k, v = (x.view(b, t, x.shape[1], x.shape[2]).transpose(1, 2) for x in (q, k, v))
         out = causal_attention(q, k, v)
@@ -53,7 +75,7 @@ class ContiguousKVCache(AttentionContext):
         self.v = torch.empty(shape, device=device, dtype=dtype)
         self.batch, self.max_len, self.start = batch, max_len, 0
 
-    def attend(self, layer, q, k, v):
+    def attend(self, layer, q, k, v, stored=False):
         b = self.batch
         t = q.shape[0] // b
         end = self.start + t

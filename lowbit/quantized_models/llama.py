@@ -63,8 +63,8 @@ class Rotary(nn.Module):
         super().__init__()
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor):
-        return fused.rotary_(q, k, positions, self.inv_freq)
+    def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, kv_store=None):
+        return fused.rotary_(q, k, positions, self.inv_freq, kv_store)
 
 
 class Attention(nn.Module):
@@ -88,10 +88,11 @@ class Attention(nn.Module):
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         n = x.shape[0]
-        q, k = rotary(q.view(n, cfg.num_heads, cfg.head_dim), k.view(n, cfg.num_kv_heads, cfg.head_dim),
-                      positions)
         v = v.view(n, cfg.num_kv_heads, cfg.head_dim)
-        out = ctx.attend(layer, q, k, v)
+        slots = ctx.kv_slots(layer)  # a slot-addressed cache: the rotary launch writes k and v into it
+        q, k = rotary(q.view(n, cfg.num_heads, cfg.head_dim), k.view(n, cfg.num_kv_heads, cfg.head_dim),
+                      positions, None if slots is None else (v, *slots))
+        out = ctx.attend(layer, q, k, v, stored=slots is not None)
         return self.o_proj(out.reshape(n, cfg.q_size))
 
 
