@@ -13,10 +13,12 @@ the FMAs are the tensor core's. The CUDA-core kernels (`qtip_triton._hyb_flat_ke
 two fp16→fp32 conversions and two FFMAs per pair, and their one-copy table costs ~3.3-way bank
 conflicts.
 
-The loop waits on memory, not on instructions (RESULTS.md, fifth session): a warp asks for only
-64 B of codes a row tile a step. Launches without ragged edges (`even_launch`) therefore run an
-unmasked loop that keeps the code words and x of the next PF steps in a ring of registers; the
-others a masked loop one step ahead.
+Launches without ragged edges (`even_launch`) run an unmasked loop that keeps the code words and x
+of the next PF steps in a ring of registers (a warp asks for only 64 B of codes a row tile a step);
+the others a masked loop one step ahead. What bounds the loop now (Nsight Compute, RESULTS.md,
+sixth session) is the SM's L1/shared-memory unit (66–83% busy: table lookups, code and x loads) and
+per-instruction latency, with DRAM at 12–24% of its peak: requests into L2 far ahead, register caps
+and other table sizes were measured and did not help.
 
 The 512-entry table is replicated 32 times in shared memory (entry e for lane l at word 32e + l),
 so the lanes of a lookup always hit 32 different banks. Plain Triton has no shared buffer with a
