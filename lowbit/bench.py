@@ -17,7 +17,8 @@ import time
 
 import torch
 
-from .quantized_models.attention import AttentionContext, causal_attention, slot_views, store_by_slot
+from .kernels.fused import store_kv
+from .quantized_models.attention import AttentionContext, causal_attention, slot_views
 
 
 def copy_bandwidth(device, nbytes: int = 1 << 30) -> float:
@@ -51,7 +52,7 @@ class PrefillContext(AttentionContext):
 
     def attend(self, layer, q, k, v, stored=False):
         if not stored:
-            store_by_slot(self.kv_slots(layer), k, v)
+            store_kv(k, v, *self.kv_slots(layer))
         b, t = self.batch, self.seq_len
         q, k, v = (x.view(b, t, x.shape[1], x.shape[2]).transpose(1, 2) for x in (q, k, v))
         out = causal_attention(q, k, v)

@@ -18,7 +18,8 @@ import time
 
 import torch
 
-from ..quantized_models.attention import AttentionContext, slot_views, store_by_slot
+from ..kernels.fused import store_kv
+from ..quantized_models.attention import AttentionContext, slot_views
 
 log = logging.getLogger("lowbit")
 
@@ -39,7 +40,7 @@ class GraphDecodeContext(AttentionContext):
 
         kc, vc = self.k_cache[layer], self.v_cache[layer]
         if not stored:
-            store_by_slot(self.kv_slots(layer), k, v)
+            store_kv(k, v, *self.kv_slots(layer))
         attend = paged_decode_attention if q.is_cuda else paged_decode_attention_reference
         return attend(q, kc, vc, self.block_tables, self.context_lens, self.scale)
 

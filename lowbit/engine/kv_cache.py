@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from ..quantized_models.attention import AttentionContext, causal_attention, slot_views, store_by_slot
+from ..kernels.fused import store_kv
+from ..quantized_models.attention import AttentionContext, causal_attention, slot_views
 
 
 class OutOfBlocks(Exception):
@@ -116,7 +117,7 @@ class PagedAttention(AttentionContext):
         kc, vc = self.cache.k[layer], self.cache.v[layer]
         hkv, d = kc.shape[-2], kc.shape[-1]
         if not stored:
-            store_by_slot(self.kv_slots(layer), k, v)
+            store_kv(k, v, *self.kv_slots(layer))
         if self.decode_only:
             return self._decode(q, kc, vc)
         out = torch.empty_like(q)

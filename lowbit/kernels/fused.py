@@ -47,6 +47,14 @@ def rotary_reference(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
     return rot(q), rot(k)
 
 
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slots: torch.Tensor) -> None:
+    """Write k, v [N, Hkv, D] at rows `slots` [N] of the caches [slots, Hkv, D]: what the rotary
+    launch does with a store, and what an attention context does when it did not."""
+    k_cache.index_copy_(0, slots, k)
+    v_cache.index_copy_(0, slots, v)
+
+
 def silu_mul_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
@@ -188,9 +196,7 @@ def rotary_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq:
         return rotary_triton_(q, k, positions, inv_freq, kv_store)
     q, k = rotary_reference(q, k, positions, inv_freq)
     if kv_store is not None:
-        v, kc, vc, slots = kv_store
-        kc.index_copy_(0, slots, k)
-        vc.index_copy_(0, slots, v)
+        store_kv(k, *kv_store)
     return q, k
 
 

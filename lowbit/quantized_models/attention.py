@@ -17,7 +17,8 @@ import torch.nn.functional as F
 class AttentionContext:
     def kv_slots(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """(k cache, v cache [slots, Hkv, D], slot of each of the step's tokens [N]) when this layer's
-        cache takes k/v by slot, for the caller to write them; None: `attend` stores them."""
+        cache takes k/v by slot, for the caller to write them (`fused.rotary_` with a store, or
+        `fused.store_kv`); None: `attend` stores them."""
         return None
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -30,13 +31,6 @@ def slot_views(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor
     slots: what `kv_slots` returns."""
     hkv, d = k_cache.shape[-2], k_cache.shape[-1]
     return k_cache.view(-1, hkv, d), v_cache.view(-1, hkv, d), slots
-
-
-def store_by_slot(views, k: torch.Tensor, v: torch.Tensor) -> None:
-    """Write the step's k, v [N, Hkv, D] at their slots (when the rotary launch did not)."""
-    kc, vc, slots = views
-    kc.index_copy_(0, slots, k)
-    vc.index_copy_(0, slots, v)
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: int = 0) -> torch.Tensor:
