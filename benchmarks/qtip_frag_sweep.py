@@ -2,7 +2,7 @@
 
     python -m benchmarks.qtip_frag_sweep [--batch 1] [--pf 1,2,4] [--regs 0,64] [--shapes 4096x4096,...]
 
-For QTIP 2-bit at three Llama-2-7B projection shapes: every (row tiles, warps, table copies,
+For QTIP 2-bit at the `--shapes` (default: three Llama-2-7B projections): every (row tiles, warps, table copies,
 split, prefetch depth, register cap) of the sweep, timed with `tuning.cold_us` (CUDA-graph replays, cold L2),
 and — at 4096×4096, batch 1, the first depth — the same launch with an empty loop (TN = 0: table
 build, epilogue and atomics only). The prefetch depth applies to launches without masks

@@ -60,9 +60,9 @@ def _lookup_asm(copies: int) -> str:
     """PTX of one table lookup ($1 = state s, $2 = this lane's copy offset 4·(lane % copies), $3 =
     the table's shared address): h = s·s + s; the entry (bits 6..14 of h) times 4·copies bytes, i.e.
     h & 0x7FC0 (shifted left once for 32 copies, right once for 8), OR the copy offset (its bits
-    2..6 are free); a
-    shared load at that plus the table address (ptxas folds a uniform base into the load); the sign
-    XOR. Hand-written because Triton's own arithmetic spends extra instructions here."""
+    2..6 are free); a shared load at that plus the table address (ptxas folds a uniform base into
+    the load); the sign XOR. Hand-written because Triton's own arithmetic spends extra
+    instructions here."""
     entry = {8: "and.b32 a, h, 32704;\n\tshr.b32 a, a, 1;\n\t", 16: "and.b32 a, h, 32704;\n\t",
              32: "shl.b32 a, h, 1;\n\tand.b32 a, a, 65408;\n\t"}[copies]
     return ("{ .reg .b32 h, a, v;\n\t"
@@ -110,9 +110,10 @@ if triton is not None:
 
     @triton.jit
     def _table(lut_ptr, scratch_ptr, col, lane, TM, REP: tl.constexpr, EMULATE: tl.constexpr):
-        """Write the replicated table; return this lane's copy address (the table's global
-        address in the emulation). The `TM < 0` branch never runs: its gather over a
-        512·REP-entry tensor only makes Triton reserve that much shared memory."""
+        """Write the replicated table; return (this lane's copy offset in bytes, the table's shared
+        address) for `_lookup` (unused in the emulation, which reads the table from global memory).
+        The `TM < 0` branch never runs: its gather over a 512·REP-entry tensor only makes Triton
+        reserve that much shared memory."""
         if not EMULATE:
             if TM < 0:
                 big = tl.load(lut_ptr + tl.arange(0, 512 * REP) // REP)  # the table's bytes

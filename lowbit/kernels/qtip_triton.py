@@ -619,7 +619,7 @@ class QTIPConfig:
     split_k: int = 1
     num_warps: int = 4
     lut_smem: bool = True
-    table_copies: int = 32  # frag: copies of the HYB table in shared memory (16 or 32)
+    table_copies: int = 32  # frag: copies of the HYB table in shared memory (8, 16 or 32)
     prefetch: int = 2  # frag: steps the code words and x are loaded ahead (unmasked launches)
     max_registers: int = 0  # frag: register cap a thread (Triton's maxnreg; 0 = the compiler's choice)
 
