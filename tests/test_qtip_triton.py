@@ -15,6 +15,7 @@ import torch
 
 triton = pytest.importorskip("triton")
 
+from lowbit.kernels.fused import rmsnorm_reference, silu_mul_reference  # noqa: E402
 from lowbit.kernels.hadamard import hadamard_reference  # noqa: E402
 from lowbit.kernels.qtip import qtip_forward_reference  # noqa: E402
 from lowbit.kernels.qtip_frag_triton import even_launch  # noqa: E402
@@ -195,6 +196,97 @@ def test_hadamard_transform_plain_and_cast():
     assert (y.double() - hadamard_reference(x.double())).abs().max() < 1e-5
     with pytest.raises(ValueError, match="chunks"):
         ht.hadamard_transform(x, chunks=3)
+
+
+def exact_norm_input(x, w, eps, residual):
+    """weight ⊙ RMSNorm(x + residual) in float64 (the residual sum rounded to x's dtype, as the
+    residual stream is), and that sum: what the transform's norm input stands for, unrounded."""
+    s = x if residual is None else (x + residual)
+    v = s.double()
+    return w.double() * v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps), s
+
+
+# n, rows: the butterfly kernel with column blocks (one row), several rows a program, a special
+# factor (28, 172: tensor-core A_k with its programs' rows split), a prefill-sized block of rows
+NORM_CASES = [(512, 1), (64, 3), (28 * 32, 1), (172 * 16, 2), (1024, 40)]
+
+
+@pytest.mark.parametrize("n,rows", NORM_CASES)
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_hadamard_transform_takes_the_rmsnorm(n, rows, with_residual):
+    """norm=: RMSNorm(x + residual) ⊙ weight folded into the transform, the residual sum written once
+    and exactly (every element, NaN-poisoned first), the output within float32 rounding of the
+    unrounded norm."""
+    g = torch.Generator().manual_seed(n + rows)
+    x, r = (torch.randn(rows, n, generator=g).half() for _ in range(2))
+    w = (1 + 0.2 * torch.randn(n, generator=g)).half()
+    signs = (torch.randint(0, 2, (n,), generator=g) * 2 - 1).half()
+    res = r if with_residual else None
+    res_out = torch.full((rows, n), float("nan")).half() if with_residual else None
+    assert ht.takes_norm(n, rows)
+    y = ht.hadamard_transform(x, transpose=True, pre=signs, alpha=1 / 32, out_dtype=torch.float32,
+                              pre_signs=True, norm=(w, 1e-5, res, res_out))
+    v, s = exact_norm_input(x, w, 1e-5, res)
+    ref = hadamard_reference(v * signs.double(), transpose=True) / 32
+    assert (y.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+    if with_residual:
+        assert torch.equal(res_out, rmsnorm_reference(x, w, 1e-5, r)[1]) and torch.equal(res_out, s)
+
+
+def test_hadamard_norm_only_where_one_program_sees_the_row():
+    assert not ht.takes_norm(256, 1, chunks=4)  # tensor-parallel chunks: the norm spans them
+    assert not ht.takes_norm(11008, ht.DOT_ROWS)  # the product kernel's programs see parts of the row
+    x = torch.randn(ht.DOT_ROWS, 11008).half()
+    with pytest.raises(ValueError, match="takes_norm"):
+        ht.hadamard_transform(x, norm=(torch.ones(11008).half(), 1e-5, None, None))
+    with pytest.raises(ValueError, match="residual_out"):
+        ht.hadamard_transform(x[:1, :512], norm=(torch.ones(512).half(), 1e-5, x[:1, :512], None))
+
+
+# n, rows, launch: the butterfly kernel (power of two, special factor) and the product kernel in
+# both precisions (fp16 x with sign pre: one half-precision product; float32 x: split tf32)
+GATED_CASES = [(512, 1, None, torch.float16), (172 * 16, 2, None, torch.float16),
+               (172 * 64, 3, ht.dot_plan(172 * 64, 64, ib=64, bk=16), torch.float16),
+               (172 * 32, ht.DOT_ROWS, None, torch.float32)]
+
+
+@pytest.mark.parametrize("n,rows,launch,dtype", GATED_CASES)
+def test_hadamard_transform_takes_silu_mul(n, rows, launch, dtype):
+    """up=: the transform of silu(gate)·up with `silu_mul_reference`'s roundings, from the two halves
+    of a fused gate-up output (strided views)."""
+    g = torch.Generator().manual_seed(n)
+    gate_up = torch.randn(rows, 2 * n, generator=g).to(dtype)
+    gate, up = gate_up.chunk(2, dim=-1)
+    signs = (torch.randint(0, 2, (n,), generator=g) * 2 - 1).to(dtype)
+    y = ht.hadamard_transform(gate, transpose=True, pre=signs, alpha=1 / 32, out_dtype=torch.float32,
+                              pre_signs=True, up=up, launch=launch)
+    ref = hadamard_reference(silu_mul_reference(gate, up).double() * signs.double(), transpose=True) / 32
+    assert (y.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+    with pytest.raises(ValueError, match="differ"):
+        ht.hadamard_transform(gate, up=up[:, :-1])
+
+
+@pytest.mark.parametrize("batch,cfg", [(1, qt.QTIPConfig("frag", 32, 64, 8, 2, 4)),
+                                       (3, qt.QTIPConfig("gemv", 16, 32, 4, 2)),
+                                       (8, qt.QTIPConfig("dequant"))])
+def test_qtip_layer_takes_the_norm_and_the_activation(batch, cfg, monkeypatch):
+    """qtip_forward_normed / qtip_forward_gated (what QTIPLinear.forward_normed/forward_gated run on
+    the GPU) equal the layer applied to the unfused norm and SiLU·mul."""
+    lin = layer(hyb_params(2), 64, 256, seed=batch, bias=True)
+    monkeypatch.setattr(qt, "choose_config", lambda layer, x: cfg)
+    g = torch.Generator().manual_seed(batch)
+    x, r = (torch.randn(batch, 256, generator=g).half() for _ in range(2))
+    w = (1 + 0.2 * torch.randn(256, generator=g)).half()
+    y, res = qt.qtip_forward_normed(lin, x, w, 1e-5, r)
+    v, s = exact_norm_input(x, w, 1e-5, r)
+    assert torch.equal(res, s)
+    assert rel_err(y, reference(lin, v)) < 2e-3
+    y0, res0 = qt.qtip_forward_normed(lin, x, w, 1e-5, None)
+    assert res0 is x and rel_err(y0, reference(lin, exact_norm_input(x, w, 1e-5, None)[0])) < 2e-3
+    gate_up = torch.randn(batch, 512, generator=g).half()
+    gate, up = gate_up.chunk(2, dim=-1)
+    y = qt.qtip_forward_gated(lin, gate, up)
+    assert rel_err(y, reference(lin, silu_mul_reference(gate, up))) < 2e-3
 
 
 # ----- HYB (published layout) -----------------------------------------------------------------------
@@ -428,3 +520,23 @@ def test_golden_fixtures_gpu(name, monkeypatch):
     assert torch.equal(qt.dequantize_codes(lin, torch.float32).cpu(), lin.decoded_codes().cpu())
     y = lin(t["x"].cuda())  # float32 activations: the fused kernels, no fp16 rounding of x
     assert rel_err(y.cpu(), t["expected_y"].double()) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,n", [(12288, 4096), (4096, 11008)])
+@pytest.mark.parametrize("batch", [1, 16, 200])
+def test_qtip_linear_fused_norm_and_activation_gpu(m, n, batch):
+    """QTIPLinear.forward_normed / forward_gated (tuned launches, both Hadamard kernels, the norm folded
+    where `takes_norm`, else the separate launch) against the layer on the unfused inputs."""
+    if CPU:
+        pytest.skip("needs CUDA")
+    lin = gpu_layer(2, m, n, seed=batch)
+    x, r = (torch.randn(batch, n, device="cuda").half() for _ in range(2))
+    w = (1 + 0.2 * torch.randn(n, device="cuda")).half()
+    y, res = lin.forward_normed(x, w, 1e-5, r)
+    v, s = exact_norm_input(x, w, 1e-5, r)
+    assert torch.equal(res, s)
+    assert rel_err(y, reference(lin, v)) < 3e-3
+    gate_up = torch.randn(batch, 2 * n, device="cuda").half()
+    gate, up = gate_up.chunk(2, dim=-1)
+    assert rel_err(lin.forward_gated(gate, up), reference(lin, silu_mul_reference(gate, up))) < 3e-3

@@ -83,33 +83,65 @@ if triton is not None:
         return 1.0 - 2.0 * (v & 1).to(tl.float32)
 
     @triton.jit
-    def _signed_blocks(x_ptr, pre_ptr, row_off, pos0, rmask, cols, cmask, c1,
-                       P1: tl.constexpr, P2: tl.constexpr, HAS_PRE: tl.constexpr):
-        """U = Σ_{a1 < P1} (-1)^popcount(c1 & a1) · (pre ⊙ x)[rows, pos0 + a1·P2 + cols]: the part of
-        S_P = S_P1 ⊗ S_P2 that mixes blocks, for output block c1 (rows × cols broadcast shapes)."""
-        msk = rmask & cmask
-        u = tl.load(x_ptr + row_off + pos0 + cols, mask=msk, other=0.0).to(tl.float32)
+    def _gated(gate, up):
+        """silu(gate)·up with `silu_mul_reference`'s roundings (SiLU, then the product, to gate's dtype)."""
+        g = gate.to(tl.float32)
+        act = (g / (1.0 + tl.exp(-g))).to(gate.dtype).to(tl.float32)
+        return (act * up.to(tl.float32)).to(gate.dtype)
+
+    @triton.jit
+    def _input(x_ptr, aux_ptr, w_ptr, pre_ptr, ro_ptr, xoff, aoff, rooff, pos, msk, write_res,
+               MODE: tl.constexpr, HAS_AUX: tl.constexpr, HAS_PRE: tl.constexpr):
+        """(pre ⊙ v, s²) at columns pos of some rows, float32, where v is the transform's input:
+        MODE 0 x; MODE 1 silu(x)·aux (x the gate, aux the up rows; rounded to x's dtype as
+        `silu_mul_reference` rounds); MODE 2 weight ⊙ s with s = x + aux (the residual, rounded to x's
+        dtype and stored at ro_ptr where write_res) — the RMS scale is applied after the transform,
+        which is linear, from the sum of the s² returned here."""
+        x = tl.load(x_ptr + xoff + pos, mask=msk, other=0.0)
+        if MODE == 1:
+            x = _gated(x, tl.load(aux_ptr + aoff + pos, mask=msk, other=0.0))
+        if MODE == 2 and HAS_AUX:
+            r = tl.load(aux_ptr + aoff + pos, mask=msk, other=0.0)
+            x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
+            tl.store(ro_ptr + rooff + pos, x, mask=tl.where(write_res, msk, False))
+        v = x.to(tl.float32)
+        sq = v * v
+        if MODE == 2:
+            v = v * tl.load(w_ptr + pos, mask=msk, other=0.0).to(tl.float32)
         if HAS_PRE:
-            u = u * tl.load(pre_ptr + pos0 + cols, mask=msk, other=0.0).to(tl.float32)
+            v = v * tl.load(pre_ptr + pos, mask=msk, other=0.0).to(tl.float32)
+        return v, sq
+
+    @triton.jit
+    def _signed_blocks(x_ptr, aux_ptr, w_ptr, pre_ptr, ro_ptr, xoff, aoff, rooff, pos0, rmask, cols, cmask, c1, own,
+                       P1: tl.constexpr, P2: tl.constexpr, MODE: tl.constexpr, HAS_AUX: tl.constexpr,
+                       HAS_PRE: tl.constexpr):
+        """(U, Q): U = Σ_{a1 < P1} (-1)^popcount(c1 & a1) · input[rows, pos0 + a1·P2 + cols] (`_input`),
+        the part of S_P = S_P1 ⊗ S_P2 that mixes blocks, for output block c1 (rows × cols broadcast
+        shapes); Q the elementwise sum of s² over the blocks. A program that `own`s its rows stores
+        the residual sum of block c1 (MODE 2), so every block is stored once."""
+        msk = rmask & cmask
+        u, q = _input(x_ptr, aux_ptr, w_ptr, pre_ptr, ro_ptr, xoff, aoff, rooff, pos0 + cols, msk, own & (c1 == 0),
+                      MODE, HAS_AUX, HAS_PRE)
         for a1 in tl.static_range(1, P1):  # block 0 always enters with +1
-            pos = pos0 + a1 * P2 + cols
-            v = tl.load(x_ptr + row_off + pos, mask=msk, other=0.0).to(tl.float32)
-            if HAS_PRE:
-                v = v * tl.load(pre_ptr + pos, mask=msk, other=0.0).to(tl.float32)
+            v, sq = _input(x_ptr, aux_ptr, w_ptr, pre_ptr, ro_ptr, xoff, aoff, rooff, pos0 + a1 * P2 + cols, msk,
+                           own & (c1 == a1), MODE, HAS_AUX, HAS_PRE)
             u += _parity(c1 & a1) * v
-        return u
+            q += sq
+        return u, q
 
     @triton.jit(do_not_specialize=["B", "zero_per_prog", "zero_numel"])
     def _hadamard_kernel(
-        x_ptr, pre_ptr, post_ptr, bias_ptr, a_ptr, y_ptr, zero_ptr,
-        B, stride_xb, stride_yb, alpha, zero_per_prog, zero_numel,
+        x_ptr, aux_ptr, w_ptr, ro_ptr, pre_ptr, post_ptr, bias_ptr, a_ptr, y_ptr, zero_ptr,
+        B, stride_xb, stride_ab, stride_rb, stride_yb, alpha, eps, zero_per_prog, zero_numel,
         KS: tl.constexpr, KP: tl.constexpr, P: tl.constexpr, P1: tl.constexpr, PP2: tl.constexpr,
-        LOGP2: tl.constexpr, BR: tl.constexpr, IB: tl.constexpr,
+        LOGP2: tl.constexpr, BR: tl.constexpr, IB: tl.constexpr, MODE: tl.constexpr, HAS_AUX: tl.constexpr,
         HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, HAS_BIAS: tl.constexpr, ZERO: tl.constexpr,
         PDL: tl.constexpr,
     ):
         """Program (rows block, chunk, block of 16 rows of A_k's output, column block c1) writes
-        output columns c1·P2 .. c1·P2 + P2 of its rows, P2 = P / P1."""
+        output columns c1·P2 .. c1·P2 + P2 of its rows, P2 = P / P1. Every program reads its rows'
+        whole chunk, which is what lets it take a row's RMSNorm (MODE 2: one chunk a row)."""
         pid_b = tl.program_id(0)
         ch = tl.program_id(1)
         pid_i = tl.program_id(2) // P1
@@ -123,9 +155,13 @@ if triton is not None:
             wait_prior(PDL)
             rows = pid_b * BR + tl.arange(0, BR)
             rmask = rows < B
-            z = _signed_blocks(x_ptr, pre_ptr, rows[:, None] * stride_xb, base, rmask[:, None], cols[None, :],
-                               cmask[None, :], c1, P1, P2, HAS_PRE)
+            r2 = rows[:, None]
+            z, q = _signed_blocks(x_ptr, aux_ptr, w_ptr, pre_ptr, ro_ptr, r2 * stride_xb, r2 * stride_ab,
+                                  r2 * stride_rb, base, rmask[:, None], cols[None, :], cmask[None, :], c1, True,
+                                  P1, P2, MODE, HAS_AUX, HAS_PRE)
             z = _fwht_rows(z, BR, PP2, LOGP2)
+            if MODE == 2:
+                z = z * tl.rsqrt(tl.sum(q, 1) / CH + eps)[:, None]  # the RMS scale: H is linear
             msk = rmask[:, None] & cmask[None, :]
             pos2 = base + c1 * P2 + cols[None, :] + rows[:, None] * 0
             yoff = rows[:, None] * stride_yb + pos2
@@ -138,11 +174,13 @@ if triton is not None:
             i = tl.arange(0, KP)
             a = tl.load(a_ptr + r_out[:, None] * KP + i[None, :])  # a constant: read before the wait
             wait_prior(PDL)
-            u = _signed_blocks(x_ptr, pre_ptr, b * stride_xb, base + i[:, None] * P,
-                               (i < KS)[:, None] & (i[:, None] * 0 + b < B), cols[None, :], cmask[None, :], c1,
-                               P1, P2, HAS_PRE)
+            u, q = _signed_blocks(x_ptr, aux_ptr, w_ptr, pre_ptr, ro_ptr, b * stride_xb, b * stride_ab, b * stride_rb,
+                                  base + i[:, None] * P, (i < KS)[:, None] & (i[:, None] * 0 + b < B),
+                                  cols[None, :], cmask[None, :], c1, pid_i == 0, P1, P2, MODE, HAS_AUX, HAS_PRE)
             z = _dot_exact(a, u, tl.zeros([IB, PP2], tl.float32))
             z = _fwht_rows(z, IB, PP2, LOGP2)
+            if MODE == 2:
+                z = z * tl.rsqrt(tl.sum(q) / CH + eps)
             rmask = (r_out < KS) & (r_out * 0 + b < B)
             msk = rmask[:, None] & cmask[None, :]
             pos2 = base + r_out[:, None] * P + c1 * P2 + cols[None, :]
@@ -176,10 +214,10 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["B", "zero_per_prog", "zero_numel"])
     def _hadamard_dot_kernel(
-        x_ptr, pre_ptr, post_ptr, bias_ptr, l_ptr, r_ptr, y_ptr, zero_ptr,
-        B, stride_xb, stride_yb, alpha, zero_per_prog, zero_numel,
+        x_ptr, aux_ptr, pre_ptr, post_ptr, bias_ptr, l_ptr, r_ptr, y_ptr, zero_ptr,
+        B, stride_xb, stride_ab, stride_yb, alpha, zero_per_prog, zero_numel,
         M: tl.constexpr, MP: tl.constexpr, Q: tl.constexpr, LOGQ: tl.constexpr, IB: tl.constexpr,
-        BK: tl.constexpr, R_DOT: tl.constexpr, EXACT16: tl.constexpr,
+        BK: tl.constexpr, R_DOT: tl.constexpr, EXACT16: tl.constexpr, MODE: tl.constexpr,
         HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, HAS_BIAS: tl.constexpr, ZERO: tl.constexpr,
         PDL: tl.constexpr,
     ):
@@ -195,19 +233,22 @@ if triton is not None:
         kk = tl.arange(0, BK)
         c = tl.arange(0, Q)
         row = x_ptr + b * stride_xb + base
+        up_row = aux_ptr + b * stride_ab + base
         acc = tl.zeros([IB, Q], tl.float32)
         for j0 in range(0, MP, BK):
             j = j0 + kk
             msk = (j < M)[:, None] & (c < Q)[None, :]
             pos = j[:, None] * Q + c[None, :]
             lt = tl.load(l_ptr + r_out[:, None] * MP + j[None, :])
+            u = tl.load(row + pos, mask=msk, other=0.0)
+            if MODE == 1:
+                u = _gated(u, tl.load(up_row + pos, mask=msk, other=0.0))
             if EXACT16:  # fp16/bf16 x times ±1: exact in x's dtype, one half-precision product
-                u = tl.load(row + pos, mask=msk, other=0.0)
                 if HAS_PRE:
                     u = u * tl.load(pre_ptr + base + pos, mask=msk, other=0.0).to(u.dtype)
                 acc = tl.dot(lt.to(u.dtype), u, acc)
             else:
-                u = tl.load(row + pos, mask=msk, other=0.0).to(tl.float32)
+                u = u.to(tl.float32)
                 if HAS_PRE:
                     u = u * tl.load(pre_ptr + base + pos, mask=msk, other=0.0).to(tl.float32)
                 acc = _dot_exact(lt.to(tl.float32), u, acc)
@@ -314,17 +355,29 @@ def plan(ch: int, rows: int) -> dict:
     return _butterfly_plan(ch, rows)
 
 
+def takes_norm(n: int, rows: int, chunks: int = 1, launch: dict | None = None) -> bool:
+    """Whether the transform of `rows` rows of length n can take their RMSNorm (`norm=`): one chunk a
+    row (the norm is over the whole row) and the butterfly kernel, whose programs read all of it."""
+    return chunks == 1 and (launch or plan(n, rows))["kernel"] == "butterfly"
+
+
 def hadamard_transform(x: torch.Tensor, transpose: bool = False, chunks: int = 1, pre: torch.Tensor | None = None,
                        post: torch.Tensor | None = None, bias: torch.Tensor | None = None, alpha: float = 1.0,
                        out: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
                        zero: torch.Tensor | None = None, launch: dict | None = None,
-                       pre_signs: bool = False) -> torch.Tensor:
+                       pre_signs: bool = False, up: torch.Tensor | None = None, norm: tuple | None = None) -> torch.Tensor:
     """y = post ⊙ (alpha · H(pre ⊙ x)) + bias over the last dim of x [..., N], per chunk of N/chunks
     (H^T with `transpose`), orthonormal H as in `hadamard_reference`; computed in float32 and
     written in `out` (or a new tensor of out_dtype, default x's dtype). `zero`, if given, is a
     contiguous tensor this launch fills with zeros. `launch` (from `plan`/`dot_plan`) overrides the
     launch shape `plan` picks. `pre_signs`: pre holds only ±1 (QTIP's SU), which lets the product
-    kernel multiply fp16/bf16 x exactly in its own dtype."""
+    kernel multiply fp16/bf16 x exactly in its own dtype.
+
+    The input can be what a decoder layer computes just before a projection, saving its launch:
+    `up` [..., N]: x is a gate and the transform takes silu(x)·up (`fused.silu_mul`'s roundings);
+    `norm` = (weight [N], eps, residual or None, residual_out or None): it takes weight ⊙ RMSNorm(s)
+    with s = x + residual (rounded to x's dtype, written to residual_out), as `fused.rmsnorm` gives
+    it but unrounded; only where `takes_norm`."""
     n = x.shape[-1]
     if chunks < 1 or n % chunks:
         raise ValueError(f"cannot split length {n} into {chunks} chunks")
@@ -337,6 +390,20 @@ def hadamard_transform(x: torch.Tensor, transpose: bool = False, chunks: int = 1
     pl = dict(launch or plan(ch, B))
     kind = pl.pop("kernel")
     k = pl.pop("KS") if kind == "dot" else pl["KS"]
+    mode, aux, w, eps, rout = 0, y2, y2, 0.0, y2
+    if up is not None:
+        if up.shape != x.shape:
+            raise ValueError(f"gate {tuple(x.shape)} and up {tuple(up.shape)} differ")
+        mode, aux = 1, as_rows(up)[0]
+    if norm is not None:
+        if up is not None or kind != "butterfly" or chunks != 1:
+            raise ValueError("the RMSNorm rides only on the butterfly kernel, one chunk a row, no gate (takes_norm)")
+        w, eps, res, res_out = norm
+        mode, eps = 2, float(eps)
+        if res is not None:
+            if res_out is None or res.shape != x.shape or res_out.shape != x.shape or res_out.stride(-1) != 1:
+                raise ValueError("norm with a residual needs residual_out of x's shape, unit stride")
+            aux, rout = as_rows(res)[0], res_out.view(B, n)
     if kind == "dot":
         grid = (B, chunks, triton.cdiv(pl["M"], pl["IB"]))
         lmat, rmat = _dot_matrices(k, ch // k, pl["Q"], bool(transpose), grid[2] * pl["IB"], pl["MP"], x.device)
@@ -350,13 +417,15 @@ def hadamard_transform(x: torch.Tensor, transpose: bool = False, chunks: int = 1
         zt = zero
     else:
         zn, zper, zt = 0, 0, y2
-    ptrs = (x2, pre if pre is not None else y2, post if post is not None else y2, bias if bias is not None else y2)
+    ptrs = (pre if pre is not None else y2, post if post is not None else y2, bias if bias is not None else y2)
     flags = dict(HAS_PRE=pre is not None, HAS_POST=post is not None, HAS_BIAS=bias is not None, ZERO=zero is not None,
-                 **launch_options(x2))
-    scalars = (B, x2.stride(0), y2.stride(0), float(alpha) / math.sqrt(ch), zper, zn)
+                 MODE=mode, **launch_options(x2))
+    scale = float(alpha) / math.sqrt(ch)
     if kind == "dot":
         exact16 = x2.dtype in (torch.float16, torch.bfloat16) and (pre is None or pre_signs)
-        _hadamard_dot_kernel[grid](*ptrs, lmat, rmat, y2, zt, *scalars, EXACT16=exact16, **flags, **pl)
+        _hadamard_dot_kernel[grid](x2, aux, *ptrs, lmat, rmat, y2, zt, B, x2.stride(0), aux.stride(0), y2.stride(0),
+                                   scale, zper, zn, EXACT16=exact16, **flags, **pl)
     else:
-        _hadamard_kernel[grid](*ptrs, lmat, y2, zt, *scalars, **flags, **pl)
+        _hadamard_kernel[grid](x2, aux, w, rout, *ptrs, lmat, y2, zt, B, x2.stride(0), aux.stride(0), rout.stride(0),
+                               y2.stride(0), scale, eps, zper, zn, HAS_AUX=aux is not y2, **flags, **pl)
     return out.view(*lead, n)

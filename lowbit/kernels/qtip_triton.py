@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from .hadamard_triton import hadamard_transform
+from .hadamard_triton import takes_norm as takes_norm_transform
 from .pdl import launch_options, wait_prior
 from .qtip import QTIPParams
 from .qtip_frag_triton import even_launch, frag_dequant, frag_matmul
@@ -722,22 +723,24 @@ def xh_dtype(cfg: QTIPConfig) -> torch.dtype:
     return torch.float16 if cfg.kind in ("frag", "dequant") else torch.float32
 
 
-def run_config(layer, x2: torch.Tensor, cfg: QTIPConfig, out: torch.Tensor | None = None) -> torch.Tensor:
-    """y = layer(x2) for x2 [B, n]: input transform, decode kernel(s), output transform."""
+def run_config(layer, x2: torch.Tensor, cfg: QTIPConfig, out: torch.Tensor | None = None,
+               **prologue) -> torch.Tensor:
+    """y = layer(x2) for x2 [B, n]: input transform, decode kernel(s), output transform. `prologue`
+    (`up=` or `norm=` of `hadamard_transform`) makes the input transform take the SiLU·mul or the
+    RMSNorm that comes before the layer."""
     m = layer.out_features
     B = x2.shape[0]
     if out is None:
         out = torch.empty(B, m, dtype=x2.dtype, device=x2.device)
+    into = dict(transpose=True, chunks=_chunks(layer, 1), pre=layer.SU, alpha=1 / 32, out_dtype=xh_dtype(cfg),
+                pre_signs=layer.su_signs, **prologue)
     if cfg.kind == "dequant":
-        xh = hadamard_transform(x2, transpose=True, chunks=_chunks(layer, 1), pre=layer.SU, alpha=1 / 32,
-                                out_dtype=xh_dtype(cfg), pre_signs=layer.su_signs)
+        xh = hadamard_transform(x2, **into)
         y_raw = torch.matmul(xh, dequantize_codes(layer, torch.float16).T)
     else:
         atomic = _steps(layer, cfg)[1] > 1
         y_raw = torch.empty(B, m, dtype=torch.float32, device=x2.device)
-        xh = hadamard_transform(x2, transpose=True, chunks=_chunks(layer, 1), pre=layer.SU, alpha=1 / 32,
-                                out_dtype=xh_dtype(cfg), zero=y_raw if atomic else None,
-                                pre_signs=layer.su_signs)
+        xh = hadamard_transform(x2, zero=y_raw if atomic else None, **into)
         decode_matmul(layer, xh, cfg, y_raw)
     return hadamard_transform(y_raw, transpose=False, chunks=_chunks(layer, 2), post=layer.SV, alpha=32.0,
                               bias=layer.bias, out=out)
@@ -881,3 +884,24 @@ def qtip_forward(layer, x: torch.Tensor, config: QTIPConfig | None = None) -> to
     x2, lead = as_rows(x)
     cfg = config or choose_config(layer, x2)
     return run_config(layer, x2, cfg).reshape(*lead, layer.out_features)
+
+
+def takes_norm(layer, rows: int) -> bool:
+    """Whether `qtip_forward_normed` can fold the RMSNorm into this layer's input transform."""
+    return takes_norm_transform(layer.in_features, rows, _chunks(layer, 1))
+
+
+def qtip_forward_normed(layer, x: torch.Tensor, weight: torch.Tensor, eps: float,
+                        residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(layer(weight ⊙ RMSNorm(x + residual)), x + residual) for x [B, n] with the norm and the
+    residual add in the input transform's launch (only where `takes_norm`)."""
+    res_out = None if residual is None else torch.empty_like(x)
+    cfg = choose_config(layer, x)
+    y = run_config(layer, x, cfg, norm=(weight, eps, residual, res_out))
+    return y, (x if residual is None else res_out)
+
+
+def qtip_forward_gated(layer, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """layer(silu(gate) · up) for gate, up [B, n] with the activation in the input transform's launch."""
+    cfg = choose_config(layer, gate)
+    return run_config(layer, gate, cfg, up=up)

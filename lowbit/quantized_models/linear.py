@@ -13,6 +13,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..kernels import fused
+
 
 class CheckpointError(ValueError):
     """A checkpoint that does not match what lowbit expects; the message names the tensor or key."""
@@ -120,6 +122,18 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def forward_normed(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                       residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(self(weight ⊙ RMSNorm(x + residual)), x + residual): the norm in front of a projection.
+        Formats whose input transform can take the norm in its own launch override this."""
+        h, residual = fused.rmsnorm(x, norm_weight, eps, residual)
+        return self(h), residual
+
+    def forward_gated(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """self(silu(gate) · up): the MLP's activation in front of the down projection (overridden
+        like `forward_normed`)."""
+        return self(fused.silu_mul(gate, up))
 
     @property
     def storage_bytes(self) -> int:

@@ -81,19 +81,24 @@ class Attention(nn.Module):
             self.v_proj = make_linear(f"{prefix}.v_proj", h, kv, cfg.qkv_bias)
         self.o_proj = make_linear(f"{prefix}.o_proj", q, h, cfg.o_bias)
 
-    def forward(self, x, positions, rotary: Rotary, ctx: AttentionContext, layer: int) -> torch.Tensor:
+    def forward(self, x, residual, norm: RMSNorm, positions, rotary: Rotary, ctx: AttentionContext,
+                layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(attention output, residual) from the layer input x and the residual before it: the norm
+        in front goes to the projection (`forward_normed`), which may fold it into its own launch."""
         cfg = self.cfg
         if self.fused:
-            q, k, v = self.qkv_proj(x).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+            qkv, residual = self.qkv_proj.forward_normed(x, norm.weight, norm.eps, residual)
+            q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
         else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            h, residual = norm(x, residual)
+            q, k, v = self.q_proj(h), self.k_proj(h), self.v_proj(h)
         n = x.shape[0]
         v = v.view(n, cfg.num_kv_heads, cfg.head_dim)
         slots = ctx.kv_slots(layer)  # a slot-addressed cache: the rotary launch writes k and v into it
         q, k = rotary(q.view(n, cfg.num_heads, cfg.head_dim), k.view(n, cfg.num_kv_heads, cfg.head_dim),
                       positions, None if slots is None else (v, *slots))
         out = ctx.attend(layer, q, k, v, stored=slots is not None)
-        return self.o_proj(out.reshape(n, cfg.q_size))
+        return self.o_proj(out.reshape(n, cfg.q_size)), residual
 
 
 class MLP(nn.Module):
@@ -108,12 +113,15 @@ class MLP(nn.Module):
             self.up_proj = make_linear(f"{prefix}.up_proj", h, i, cfg.mlp_bias)
         self.down_proj = make_linear(f"{prefix}.down_proj", i, h, cfg.mlp_bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """(MLP output, residual), the norm in front and SiLU·mul handed to the projections."""
         if self.fused:
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            gate_up, residual = self.gate_up_proj.forward_normed(x, norm.weight, norm.eps, residual)
+            gate, up = gate_up.chunk(2, dim=-1)
         else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(fused.silu_mul(gate, up))
+            h, residual = norm(x, residual)
+            gate, up = self.gate_proj(h), self.up_proj(h)
+        return self.down_proj.forward_gated(gate, up), residual
 
 
 class DecoderLayer(nn.Module):
@@ -130,10 +138,8 @@ class DecoderLayer(nn.Module):
     def forward(self, x, residual, positions, rotary: Rotary, ctx: AttentionContext):
         """Residual-stream form: returns (this layer's MLP output, residual before it); the caller's
         next norm adds the two, so each add shares a launch with a norm."""
-        h, residual = self.input_layernorm(x, residual)
-        h = self.self_attn(h, positions, rotary, ctx, self.idx)
-        h, residual = self.post_attention_layernorm(h, residual)
-        return self.mlp(h), residual
+        h, residual = self.self_attn(x, residual, self.input_layernorm, positions, rotary, ctx, self.idx)
+        return self.mlp(h, residual, self.post_attention_layernorm)
 
 
 class CausalLM(nn.Module):

@@ -220,6 +220,25 @@ class QTIPLinear(QuantLinear):
         return qtip_forward_reference(x, self._cached_hatw(x.device), self.SU, self.SV, self.rcp,
                                       self.tp_rank, self.bias)
 
+    def _fusing_kernels(self, x: torch.Tensor):
+        """The Triton module when x [B, n] can run the fused input transforms, else None."""
+        if not x.is_cuda or x.dim() != 2 or x.stride(-1) != 1:
+            return None
+        return _triton_module()
+
+    def forward_normed(self, x, norm_weight, eps, residual=None):
+        kernels = self._fusing_kernels(x)
+        if kernels is not None and kernels.takes_norm(self, x.shape[0]) and \
+                (residual is None or residual.stride(-1) == 1):
+            return kernels.qtip_forward_normed(self, x, norm_weight, eps, residual)
+        return super().forward_normed(x, norm_weight, eps, residual)
+
+    def forward_gated(self, gate, up):
+        kernels = self._fusing_kernels(gate)
+        if kernels is not None and up.shape == gate.shape and up.stride(-1) == 1:
+            return kernels.qtip_forward_gated(self, gate, up)
+        return super().forward_gated(gate, up)
+
     def describe(self) -> dict[str, Any]:
         p = self.params
         return {"L": p.L, "K": p.K, "V": p.V, "td": f"{p.td_x}x{p.td_y}", "decode_mode": p.decode_mode,
