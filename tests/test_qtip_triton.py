@@ -540,3 +540,20 @@ def test_qtip_linear_fused_norm_and_activation_gpu(m, n, batch):
     gate_up = torch.randn(batch, 2 * n, device="cuda").half()
     gate, up = gate_up.chunk(2, dim=-1)
     assert rel_err(lin.forward_gated(gate, up), reference(lin, silu_mul_reference(gate, up))) < 3e-3
+
+
+@pytest.mark.gpu
+def test_qtip_model_on_fused_launches_matches_the_cpu_reference_gpu():
+    """A whole (tiny) QTIP model on the GPU — norms and SiLU·mul inside the Hadamard launches — gives
+    the logits of its float32 copy on the CPU reference path."""
+    import copy
+
+    from lowbit.quantized_models.synthetic import random_model
+
+    if CPU:
+        pytest.skip("needs CUDA")
+    model = random_model("tiny", "qtip2", device="cuda", dtype=torch.float16, seed=1)
+    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    got = model.logits(ids.cuda()).double().cpu()
+    want = copy.deepcopy(model).to("cpu", torch.float32).logits(ids).double()
+    assert float((got - want).norm() / want.norm()) < 1e-2

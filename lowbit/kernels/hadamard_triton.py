@@ -90,27 +90,26 @@ if triton is not None:
         return (act * up.to(tl.float32)).to(gate.dtype)
 
     @triton.jit
-    def _input(x_ptr, aux_ptr, w_ptr, pre_ptr, ro_ptr, xoff, aoff, rooff, pos, msk, write_res,
+    def _input(x_ptr, aux_ptr, w_ptr, pre_ptr, xoff, aoff, pos, msk,
                MODE: tl.constexpr, HAS_AUX: tl.constexpr, HAS_PRE: tl.constexpr):
-        """(pre ⊙ v, s²) at columns pos of some rows, float32, where v is the transform's input:
-        MODE 0 x; MODE 1 silu(x)·aux (x the gate, aux the up rows; rounded to x's dtype as
-        `silu_mul_reference` rounds); MODE 2 weight ⊙ s with s = x + aux (the residual, rounded to x's
-        dtype and stored at ro_ptr where write_res) — the RMS scale is applied after the transform,
-        which is linear, from the sum of the s² returned here."""
+        """(pre ⊙ v, s², s) at columns pos of some rows, v float32 the transform's input: MODE 0 x;
+        MODE 1 silu(x)·aux (x the gate, aux the up rows; rounded to x's dtype as
+        `silu_mul_reference` rounds); MODE 2 weight ⊙ s with s = x + aux (the residual, the sum
+        rounded to x's dtype) — the RMS scale is applied after the transform, which is linear,
+        from the sum of the s² returned here."""
         x = tl.load(x_ptr + xoff + pos, mask=msk, other=0.0)
         if MODE == 1:
             x = _gated(x, tl.load(aux_ptr + aoff + pos, mask=msk, other=0.0))
         if MODE == 2 and HAS_AUX:
             r = tl.load(aux_ptr + aoff + pos, mask=msk, other=0.0)
             x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
-            tl.store(ro_ptr + rooff + pos, x, mask=tl.where(write_res, msk, False))
         v = x.to(tl.float32)
         sq = v * v
         if MODE == 2:
             v = v * tl.load(w_ptr + pos, mask=msk, other=0.0).to(tl.float32)
         if HAS_PRE:
             v = v * tl.load(pre_ptr + pos, mask=msk, other=0.0).to(tl.float32)
-        return v, sq
+        return v, sq, x
 
     @triton.jit
     def _signed_blocks(x_ptr, aux_ptr, w_ptr, pre_ptr, ro_ptr, xoff, aoff, rooff, pos0, rmask, cols, cmask, c1, own,
@@ -119,15 +118,20 @@ if triton is not None:
         """(U, Q): U = Σ_{a1 < P1} (-1)^popcount(c1 & a1) · input[rows, pos0 + a1·P2 + cols] (`_input`),
         the part of S_P = S_P1 ⊗ S_P2 that mixes blocks, for output block c1 (rows × cols broadcast
         shapes); Q the elementwise sum of s² over the blocks. A program that `own`s its rows stores
-        the residual sum of block c1 (MODE 2), so every block is stored once."""
+        the residual sum of block c1 (MODE 2 with a residual), so every block is stored once: after
+        the loop, as a store between the blocks' loads would hold each block's loads back until the
+        previous ones returned."""
         msk = rmask & cmask
-        u, q = _input(x_ptr, aux_ptr, w_ptr, pre_ptr, ro_ptr, xoff, aoff, rooff, pos0 + cols, msk, own & (c1 == 0),
-                      MODE, HAS_AUX, HAS_PRE)
+        u, q, mine = _input(x_ptr, aux_ptr, w_ptr, pre_ptr, xoff, aoff, pos0 + cols, msk, MODE, HAS_AUX, HAS_PRE)
         for a1 in tl.static_range(1, P1):  # block 0 always enters with +1
-            v, sq = _input(x_ptr, aux_ptr, w_ptr, pre_ptr, ro_ptr, xoff, aoff, rooff, pos0 + a1 * P2 + cols, msk,
-                           own & (c1 == a1), MODE, HAS_AUX, HAS_PRE)
+            v, sq, s = _input(x_ptr, aux_ptr, w_ptr, pre_ptr, xoff, aoff, pos0 + a1 * P2 + cols, msk,
+                              MODE, HAS_AUX, HAS_PRE)
             u += _parity(c1 & a1) * v
             q += sq
+            if MODE == 2 and HAS_AUX:
+                mine = tl.where(c1 == a1, s, mine)
+        if MODE == 2 and HAS_AUX:
+            tl.store(ro_ptr + rooff + pos0 + c1 * P2 + cols, mine, mask=tl.where(own, msk, False))
         return u, q
 
     @triton.jit(do_not_specialize=["B", "zero_per_prog", "zero_numel"])
