@@ -10,6 +10,8 @@ and bf16, all golden fixtures.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -266,6 +268,50 @@ def test_hadamard_transform_takes_silu_mul(n, rows, launch, dtype):
         ht.hadamard_transform(gate, up=up[:, :-1])
 
 
+# heads (q, kv), head_dim, rows: the butterfly kernel on a power of two (a program's rows are
+# batch rows) and with A_12 (a head a row of A's output), the product kernel (q = head_dim)
+ROTARY_CASES = [((4, 2), 16, 3), ((16, 4), 16, 1), ((16, 4), 16, ht.DOT_ROWS), ((8, 8), 32, 2)]
+
+
+@pytest.mark.parametrize("heads,head_dim,rows", ROTARY_CASES)
+@pytest.mark.parametrize("with_cache", [True, False])
+def test_hadamard_output_transform_takes_the_rotary_step(heads, head_dim, rows, with_cache):
+    """rotary=: the output of a fused q|k|v projection with its q/k heads rotated (rotate-half at each
+    token's position) and, with a cache, k and v written at scattered slots; against the same
+    transform followed by the reference rotary and KV store."""
+    from lowbit.kernels.fused import QKVRotary, rotary_qkv_
+
+    hq, hkv = heads
+    n = (hq + 2 * hkv) * head_dim
+    g = torch.Generator().manual_seed(n + rows)
+    y_raw = torch.randn(rows, n, generator=g)
+    post = torch.rand(n, generator=g) + 0.5
+    positions = torch.randint(0, 500, (rows,), generator=g)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    assert ht.rotary_plan(n, rows, head_dim) is not None
+    caches = slots = None
+    if with_cache:
+        caches = [torch.full((3 * rows + 2, hkv, head_dim), float("nan")).half() for _ in range(2)]
+        slots = torch.randperm(3 * rows + 2, generator=g)[:rows]
+    work = QKVRotary(positions, inv_freq, hq, hkv, head_dim, None if caches is None else (*caches, slots))
+    got = ht.hadamard_transform(y_raw, post=post, alpha=32.0, out_dtype=torch.float16, rotary=work)
+    plain = ht.hadamard_transform(y_raw, post=post, alpha=32.0, out_dtype=torch.float16)
+    ref_caches = [torch.full_like(c, float("nan")) for c in caches] if caches else None
+    want = rotary_qkv_(plain.clone(), QKVRotary(positions, inv_freq, hq, hkv, head_dim,
+                                                None if caches is None else (*ref_caches, slots)))
+    assert not torch.isnan(got).any()
+    assert (got.float() - want.float()).abs().max() <= 2e-3 * want.float().abs().max()
+    v0 = (hq + hkv) * head_dim
+    assert torch.equal(got[:, v0:], plain[:, v0:])  # v passes through
+    if with_cache:
+        kv = got[:, hq * head_dim:].reshape(rows, 2, hkv, head_dim)
+        for which in range(2):
+            assert torch.equal(caches[which][slots], kv[:, which])
+            assert torch.isnan(caches[which][torch.ones(3 * rows + 2, dtype=torch.bool).index_fill_(0, slots, False)]).all()
+    with pytest.raises(ValueError, match="no rotary launch"):
+        ht.hadamard_transform(y_raw, rotary=dataclasses.replace(work, num_heads=hq + 1))
+
+
 @pytest.mark.parametrize("batch,cfg", [(1, qt.QTIPConfig("frag", 32, 64, 8, 2, 4)),
                                        (3, qt.QTIPConfig("gemv", 16, 32, 4, 2)),
                                        (8, qt.QTIPConfig("dequant"))])
@@ -287,6 +333,32 @@ def test_qtip_layer_takes_the_norm_and_the_activation(batch, cfg, monkeypatch):
     gate, up = gate_up.chunk(2, dim=-1)
     y = qt.qtip_forward_gated(lin, gate, up)
     assert rel_err(y, reference(lin, silu_mul_reference(gate, up))) < 2e-3
+
+
+
+@pytest.mark.parametrize("batch", [1, ht.DOT_ROWS])
+def test_qtip_qkv_layer_takes_norm_and_rotary(batch, monkeypatch):
+    """A fused q|k|v layer (24 heads of 16: 12·32 outputs, A_12) through qtip_forward_normed with the
+    rotary step and a KV cache, against the reference layer on the unrounded norm, then the
+    reference rotary."""
+    from lowbit.kernels.fused import QKVRotary, rotary_qkv_
+
+    lin = layer(hyb_params(2), 384, 256, seed=batch)
+    monkeypatch.setattr(qt, "choose_config", lambda layer, x: qt.QTIPConfig("gemv", 16, 32, 4, 2))
+    g = torch.Generator().manual_seed(batch)
+    x, r = (torch.randn(batch, 256, generator=g).half() for _ in range(2))
+    w = (1 + 0.2 * torch.randn(256, generator=g)).half()
+    positions = torch.randint(0, 100, (batch,), generator=g)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, 16, 2).float() / 16))
+    caches = [torch.full((batch + 3, 4, 16), float("nan")).half() for _ in range(2)]
+    slots = torch.randperm(batch + 3, generator=g)[:batch]
+    assert qt.takes_rotary(lin, batch, 16)
+    y, res = qt.qtip_forward_normed(lin, x, w, 1e-5, r, QKVRotary(positions, inv_freq, 16, 4, 16, (*caches, slots)))
+    v, s = exact_norm_input(x, w, 1e-5, r)
+    want = rotary_qkv_(reference(lin, v).half(), QKVRotary(positions, inv_freq, 16, 4, 16))
+    assert torch.equal(res, s) and rel_err(y, want.double()) < 3e-3
+    assert torch.equal(caches[0][slots], y[:, 256:320].reshape(batch, 4, 16))
+    assert torch.equal(caches[1][slots], y[:, 320:].reshape(batch, 4, 16))
 
 
 # ----- HYB (published layout) -----------------------------------------------------------------------
@@ -540,6 +612,18 @@ def test_qtip_linear_fused_norm_and_activation_gpu(m, n, batch):
     gate_up = torch.randn(batch, 2 * n, device="cuda").half()
     gate, up = gate_up.chunk(2, dim=-1)
     assert rel_err(lin.forward_gated(gate, up), reference(lin, silu_mul_reference(gate, up))) < 3e-3
+    if m == 12288:  # Llama-2-7B's q|k|v: 96 heads of 128, the rotary step and the KV write in the output launch
+        from lowbit.kernels.fused import QKVRotary, rotary_qkv_
+
+        positions = torch.randint(0, 4000, (batch,), device="cuda")
+        inv_freq = (1.0 / (10000 ** (torch.arange(0, 128, 2).float() / 128))).cuda()
+        caches = [torch.full((batch + 5, 32, 128), float("nan"), device="cuda").half() for _ in range(2)]
+        slots = torch.randperm(batch + 5, device="cuda")[:batch]
+        y, _ = lin.forward_normed(x, w, 1e-5, r, QKVRotary(positions, inv_freq, 32, 32, 128, (*caches, slots)))
+        want = rotary_qkv_(reference(lin, v).half(), QKVRotary(positions, inv_freq, 32, 32, 128))
+        assert rel_err(y, want.double()) < 3e-3
+        assert torch.equal(caches[0][slots], y[:, 4096:8192].reshape(batch, 32, 128))
+        assert torch.equal(caches[1][slots], y[:, 8192:].reshape(batch, 32, 128))
 
 
 @pytest.mark.gpu

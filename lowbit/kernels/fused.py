@@ -9,6 +9,8 @@ normalised, the norm scales after casting back, SiLU is rounded before the produ
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -198,6 +200,32 @@ def rotary_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq:
     if kv_store is not None:
         store_kv(k, *kv_store)
     return q, k
+
+
+@dataclass(frozen=True)
+class QKVRotary:
+    """The rotary step after a fused q|k|v projection, handed to the projection so that its output
+    launch can take it (`QuantLinear.forward_normed`): positions [N], the inverse frequencies, the
+    head counts, and kv_store = (k_cache, v_cache, slots) to write k and v to, or None."""
+    positions: torch.Tensor
+    inv_freq: torch.Tensor
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    kv_store: tuple | None = None
+
+
+def rotary_qkv_(qkv: torch.Tensor, work: QKVRotary) -> torch.Tensor:
+    """Rotate the q and k heads of a fused projection output qkv [N, (Hq + 2·Hkv)·D] in place (one
+    `rotary_` launch, with the KV write of work.kv_store); returns qkv."""
+    n, d = qkv.shape[0], work.head_dim
+    q, k, v = qkv.split([work.num_heads * d, work.num_kv_heads * d, work.num_kv_heads * d], dim=-1)
+    q, k, v = q.view(n, -1, d), k.view(n, -1, d), v.view(n, -1, d)
+    q2, k2 = rotary_(q, k, work.positions, work.inv_freq, None if work.kv_store is None else (v, *work.kv_store))
+    if q2 is not q:  # the reference computes out of place
+        q.copy_(q2)
+        k.copy_(k2)
+    return qkv
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

@@ -134,14 +134,55 @@ if triton is not None:
             tl.store(ro_ptr + rooff + pos0 + c1 * P2 + cols, mine, mask=tl.where(own, msk, False))
         return u, q
 
+    @triton.jit
+    def _halves(t, R: tl.constexpr, HALF: tl.constexpr):
+        """[R, 2·HALF] -> its first and second half columns, each [R, HALF]."""
+        return tl.split(tl.permute(tl.reshape(t, [R, 2, HALF]), (0, 2, 1)))
+
+    @triton.jit
+    def _store_rotary(y_ptr, y, yoff, msk, head, tok, B, pos_ptr, f_ptr, kc_ptr, vc_ptr, slot_ptr, sc_s, sc_h,
+                      HQ, HKV, R: tl.constexpr, HALF: tl.constexpr, KV: tl.constexpr):
+        """Store rows of a fused q|k|v projection output, each row of the tile y [R, 2·HALF] one
+        head (`head`, of token `tok`; both broadcast to [R, 1]): q and k heads rotated as
+        `fused.rotary_reference` does (rotate-half, at the token's position, on the values rounded
+        to the output dtype), v as it is; with KV also the rotated k and the v heads at the token's
+        slot of the caches [slots, Hkv, 2·HALF] (strides sc_s, sc_h)."""
+        dt = y_ptr.dtype.element_ty
+        a, b = _halves(y.to(dt).to(tl.float32), R, HALF)
+        o1, o2 = _halves(yoff, R, HALF)
+        m1, _m2 = _halves(msk.to(tl.int8), R, HALF)
+        m = m1 != 0
+        pos = tl.load(pos_ptr + tok, mask=tok < B, other=0).to(tl.float32)
+        d = tl.arange(0, HALF)[None, :]
+        freq = pos * tl.load(f_ptr + d)
+        c = tl.cos(freq).to(dt).to(tl.float32)
+        s = tl.sin(freq).to(dt).to(tl.float32)
+        rot = head < HQ + HKV
+        r1 = tl.where(rot, a * c - b * s, a).to(dt)
+        r2 = tl.where(rot, b * c + a * s, b).to(dt)
+        tl.store(y_ptr + o1, r1, mask=m)
+        tl.store(y_ptr + o2, r2, mask=m)
+        if KV:
+            slot = tl.load(slot_ptr + tok, mask=tok < B, other=0).to(tl.int64)
+            is_k = (head >= HQ) & (head < HQ + HKV)
+            is_v = (head >= HQ + HKV) & (head < HQ + 2 * HKV)
+            dst = slot * sc_s + tl.where(is_k, head - HQ, head - HQ - HKV) * sc_h + d
+            mk = tl.where(is_k, m, False)
+            mv = tl.where(is_v, m, False)
+            tl.store(kc_ptr + dst, r1, mask=mk)
+            tl.store(kc_ptr + dst + HALF, r2, mask=mk)
+            tl.store(vc_ptr + dst, r1, mask=mv)
+            tl.store(vc_ptr + dst + HALF, r2, mask=mv)
+
     @triton.jit(do_not_specialize=["B", "zero_per_prog", "zero_numel"])
     def _hadamard_kernel(
         x_ptr, aux_ptr, w_ptr, ro_ptr, pre_ptr, post_ptr, bias_ptr, a_ptr, y_ptr, zero_ptr,
-        B, stride_xb, stride_ab, stride_rb, stride_yb, alpha, eps, zero_per_prog, zero_numel,
+        pos_ptr, f_ptr, kc_ptr, vc_ptr, slot_ptr,
+        B, stride_xb, stride_ab, stride_rb, stride_yb, alpha, eps, zero_per_prog, zero_numel, sc_s, sc_h, HQ, HKV,
         KS: tl.constexpr, KP: tl.constexpr, P: tl.constexpr, P1: tl.constexpr, PP2: tl.constexpr,
         LOGP2: tl.constexpr, BR: tl.constexpr, IB: tl.constexpr, MODE: tl.constexpr, HAS_AUX: tl.constexpr,
         HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, HAS_BIAS: tl.constexpr, ZERO: tl.constexpr,
-        PDL: tl.constexpr,
+        ROT: tl.constexpr, KV: tl.constexpr, HALF: tl.constexpr, PDL: tl.constexpr,
     ):
         """Program (rows block, chunk, block of 16 rows of A_k's output, column block c1) writes
         output columns c1·P2 .. c1·P2 + P2 of its rows, P2 = P / P1. Every program reads its rows'
@@ -169,6 +210,9 @@ if triton is not None:
             msk = rmask[:, None] & cmask[None, :]
             pos2 = base + c1 * P2 + cols[None, :] + rows[:, None] * 0
             yoff = rows[:, None] * stride_yb + pos2
+            R: tl.constexpr = BR
+            head = c1  # ROT: P2 is one head
+            tok = rows[:, None]
         else:
             # one row of x; IB rows of A_k's output: z = A[r_out] @ U over all k rows at once (one
             # operand staging for the tensor cores; a loop over 16-row slices of U paid one per slice,
@@ -189,12 +233,19 @@ if triton is not None:
             msk = rmask[:, None] & cmask[None, :]
             pos2 = base + r_out[:, None] * P + c1 * P2 + cols[None, :]
             yoff = b * stride_yb + pos2
+            R: tl.constexpr = IB
+            head = (r_out * (P // (2 * HALF)) + c1)[:, None]  # ROT: a head a row (P2 = head_dim)
+            tok = b
         y = z * alpha
         if HAS_POST:
             y = y * tl.load(post_ptr + pos2, mask=msk, other=0.0).to(tl.float32)
         if HAS_BIAS:
             y = y + tl.load(bias_ptr + pos2, mask=msk, other=0.0).to(tl.float32)
-        tl.store(y_ptr + yoff, y.to(y_ptr.dtype.element_ty), mask=msk)
+        if ROT:
+            _store_rotary(y_ptr, y, yoff, msk, head, tok, B, pos_ptr, f_ptr, kc_ptr, vc_ptr, slot_ptr, sc_s, sc_h,
+                          HQ, HKV, R, HALF, KV)
+        else:
+            tl.store(y_ptr + yoff, y.to(y_ptr.dtype.element_ty), mask=msk)
         if ZERO:
             _zero_share(zero_ptr, zero_per_prog, zero_numel)
 
@@ -219,9 +270,11 @@ if triton is not None:
     @triton.jit(do_not_specialize=["B", "zero_per_prog", "zero_numel"])
     def _hadamard_dot_kernel(
         x_ptr, aux_ptr, pre_ptr, post_ptr, bias_ptr, l_ptr, r_ptr, y_ptr, zero_ptr,
-        B, stride_xb, stride_ab, stride_yb, alpha, zero_per_prog, zero_numel,
+        pos_ptr, f_ptr, kc_ptr, vc_ptr, slot_ptr,
+        B, stride_xb, stride_ab, stride_yb, alpha, zero_per_prog, zero_numel, sc_s, sc_h, HQ, HKV,
         M: tl.constexpr, MP: tl.constexpr, Q: tl.constexpr, LOGQ: tl.constexpr, IB: tl.constexpr,
         BK: tl.constexpr, R_DOT: tl.constexpr, EXACT16: tl.constexpr, MODE: tl.constexpr,
+        ROT: tl.constexpr, KV: tl.constexpr, HALF: tl.constexpr,
         HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, HAS_BIAS: tl.constexpr, ZERO: tl.constexpr,
         PDL: tl.constexpr,
     ):
@@ -268,7 +321,11 @@ if triton is not None:
             y = y * tl.load(post_ptr + pos2, mask=msk, other=0.0).to(tl.float32)
         if HAS_BIAS:
             y = y + tl.load(bias_ptr + pos2, mask=msk, other=0.0).to(tl.float32)
-        tl.store(y_ptr + b * stride_yb + pos2, y.to(y_ptr.dtype.element_ty), mask=msk)
+        if ROT:  # Q = head_dim: a head a row of L
+            _store_rotary(y_ptr, y, b * stride_yb + pos2, msk, r_out[:, None], b, B, pos_ptr, f_ptr, kc_ptr, vc_ptr,
+                          slot_ptr, sc_s, sc_h, HQ, HKV, IB, HALF, KV)
+        else:
+            tl.store(y_ptr + b * stride_yb + pos2, y.to(y_ptr.dtype.element_ty), mask=msk)
         if ZERO:
             _zero_share(zero_ptr, zero_per_prog, zero_numel)
 
@@ -365,11 +422,36 @@ def takes_norm(n: int, rows: int, chunks: int = 1, launch: dict | None = None) -
     return chunks == 1 and (launch or plan(n, rows))["kernel"] == "butterfly"
 
 
+def rotary_plan(ch: int, rows: int, head_dim: int) -> dict | None:
+    """`plan`'s launch reshaped so that each row of a program's output tile is one whole head
+    (butterfly: column blocks of head_dim; product kernel: q = head_dim), which lets the output
+    transform of a fused q|k|v projection apply the rotary embedding (`rotary=`); None where the
+    length's power-of-two part is not a multiple of head_dim (or the tile would not fit)."""
+    pl = plan(ch, rows)
+    k = hadamard_factor(ch)
+    p = ch // k
+    if head_dim < 16 or head_dim & (head_dim - 1) or p % head_dim:
+        return None
+    if pl["kernel"] == "dot":
+        return dot_plan(ch, head_dim, ib=pl["IB"], bk=pl["BK"], r_dot=False, num_warps=pl["num_warps"])
+    if k > 1 and pl["KP"] * head_dim > 8192:
+        return None
+    p1 = p // head_dim
+    if k == 1:
+        br = max(1, min(triton.next_power_of_2(max(rows, 1)), _WIDE // head_dim))
+        elems = br * head_dim * max(1, min(p1, 4))
+    else:
+        br, elems = 1, pl["KP"] * head_dim
+    warps = 4 if elems <= _WIDE else (8 if elems <= 4 * _WIDE else 16)
+    return dict(pl, P1=p1, PP2=head_dim, LOGP2=int(math.log2(head_dim)), BR=br, num_warps=warps)
+
+
 def hadamard_transform(x: torch.Tensor, transpose: bool = False, chunks: int = 1, pre: torch.Tensor | None = None,
                        post: torch.Tensor | None = None, bias: torch.Tensor | None = None, alpha: float = 1.0,
                        out: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
                        zero: torch.Tensor | None = None, launch: dict | None = None,
-                       pre_signs: bool = False, up: torch.Tensor | None = None, norm: tuple | None = None) -> torch.Tensor:
+                       pre_signs: bool = False, up: torch.Tensor | None = None, norm: tuple | None = None,
+                       rotary=None) -> torch.Tensor:
     """y = post ⊙ (alpha · H(pre ⊙ x)) + bias over the last dim of x [..., N], per chunk of N/chunks
     (H^T with `transpose`), orthonormal H as in `hadamard_reference`; computed in float32 and
     written in `out` (or a new tensor of out_dtype, default x's dtype). `zero`, if given, is a
@@ -381,7 +463,11 @@ def hadamard_transform(x: torch.Tensor, transpose: bool = False, chunks: int = 1
     `up` [..., N]: x is a gate and the transform takes silu(x)·up (`fused.silu_mul`'s roundings);
     `norm` = (weight [N], eps, residual or None, residual_out or None): it takes weight ⊙ RMSNorm(s)
     with s = x + residual (rounded to x's dtype, written to residual_out), as `fused.rmsnorm` gives
-    it but unrounded; only where `takes_norm`."""
+    it but unrounded; only where `takes_norm`.
+
+    And the output can be that of a fused q|k|v projection: `rotary` (a `fused.QKVRotary`) rotates
+    its q and k heads as `fused.rotary_qkv_` does, in the same launch, and writes k and v to the
+    caches it names (one chunk; the launch of `rotary_plan`, which must exist)."""
     n = x.shape[-1]
     if chunks < 1 or n % chunks:
         raise ValueError(f"cannot split length {n} into {chunks} chunks")
@@ -391,9 +477,22 @@ def hadamard_transform(x: torch.Tensor, transpose: bool = False, chunks: int = 1
         out = torch.empty(B, n, dtype=out_dtype or x.dtype, device=x.device)
     y2 = out.view(B, n)
     ch = n // chunks
-    pl = dict(launch or plan(ch, B))
+    if rotary is not None:
+        heads = rotary.num_heads + 2 * rotary.num_kv_heads
+        pl = dict(launch or rotary_plan(ch, B, rotary.head_dim) or {})
+        if chunks != 1 or not pl or n != heads * rotary.head_dim:
+            raise ValueError(f"no rotary launch for {n} = {heads} heads of {rotary.head_dim} in {chunks} chunk(s)")
+    else:
+        pl = dict(launch or plan(ch, B))
     kind = pl.pop("kernel")
     k = pl.pop("KS") if kind == "dot" else pl["KS"]
+    if rotary is not None:
+        kc, vc, slots = rotary.kv_store or (y2, y2, rotary.positions)
+        rot_args = (rotary.positions, rotary.inv_freq, kc, vc, slots)
+        rot_ints = (kc.stride(0), kc.stride(1), rotary.num_heads, rotary.num_kv_heads)
+        rot_flags = dict(ROT=True, KV=rotary.kv_store is not None, HALF=rotary.head_dim // 2)
+    else:
+        rot_args, rot_ints, rot_flags = (y2,) * 5, (0, 0, 0, 0), dict(ROT=False, KV=False, HALF=1)
     mode, aux, w, eps, rout = 0, y2, y2, 0.0, y2
     if up is not None:
         if up.shape != x.shape:
@@ -427,9 +526,11 @@ def hadamard_transform(x: torch.Tensor, transpose: bool = False, chunks: int = 1
     scale = float(alpha) / math.sqrt(ch)
     if kind == "dot":
         exact16 = x2.dtype in (torch.float16, torch.bfloat16) and (pre is None or pre_signs)
-        _hadamard_dot_kernel[grid](x2, aux, *ptrs, lmat, rmat, y2, zt, B, x2.stride(0), aux.stride(0), y2.stride(0),
-                                   scale, zper, zn, EXACT16=exact16, **flags, **pl)
+        _hadamard_dot_kernel[grid](x2, aux, *ptrs, lmat, rmat, y2, zt, *rot_args, B, x2.stride(0), aux.stride(0),
+                                   y2.stride(0), scale, zper, zn, *rot_ints, EXACT16=exact16, **flags, **rot_flags,
+                                   **pl)
     else:
-        _hadamard_kernel[grid](x2, aux, w, rout, *ptrs, lmat, y2, zt, B, x2.stride(0), aux.stride(0), rout.stride(0),
-                               y2.stride(0), scale, eps, zper, zn, HAS_AUX=aux is not y2, **flags, **pl)
+        _hadamard_kernel[grid](x2, aux, w, rout, *ptrs, lmat, y2, zt, *rot_args, B, x2.stride(0), aux.stride(0),
+                               rout.stride(0), y2.stride(0), scale, eps, zper, zn, *rot_ints, HAS_AUX=aux is not y2,
+                               **flags, **rot_flags, **pl)
     return out.view(*lead, n)

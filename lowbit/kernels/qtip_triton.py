@@ -34,7 +34,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .hadamard_triton import hadamard_transform
+from . import fused
+from .hadamard_triton import hadamard_transform, rotary_plan
 from .hadamard_triton import takes_norm as takes_norm_transform
 from .pdl import launch_options, wait_prior
 from .qtip import QTIPParams
@@ -723,11 +724,12 @@ def xh_dtype(cfg: QTIPConfig) -> torch.dtype:
     return torch.float16 if cfg.kind in ("frag", "dequant") else torch.float32
 
 
-def run_config(layer, x2: torch.Tensor, cfg: QTIPConfig, out: torch.Tensor | None = None,
+def run_config(layer, x2: torch.Tensor, cfg: QTIPConfig, out: torch.Tensor | None = None, rotary=None,
                **prologue) -> torch.Tensor:
     """y = layer(x2) for x2 [B, n]: input transform, decode kernel(s), output transform. `prologue`
     (`up=` or `norm=` of `hadamard_transform`) makes the input transform take the SiLU·mul or the
-    RMSNorm that comes before the layer."""
+    RMSNorm that comes before the layer, `rotary` (`fused.QKVRotary`, where `takes_rotary`) the
+    output transform the rotary step after a fused q|k|v projection."""
     m = layer.out_features
     B = x2.shape[0]
     if out is None:
@@ -743,7 +745,7 @@ def run_config(layer, x2: torch.Tensor, cfg: QTIPConfig, out: torch.Tensor | Non
         xh = hadamard_transform(x2, zero=y_raw if atomic else None, **into)
         decode_matmul(layer, xh, cfg, y_raw)
     return hadamard_transform(y_raw, transpose=False, chunks=_chunks(layer, 2), post=layer.SV, alpha=32.0,
-                              bias=layer.bias, out=out)
+                              bias=layer.bias, out=out, rotary=rotary)
 
 
 def _num_sms(device) -> int:
@@ -891,14 +893,31 @@ def takes_norm(layer, rows: int) -> bool:
     return takes_norm_transform(layer.in_features, rows, _chunks(layer, 1))
 
 
-def qtip_forward_normed(layer, x: torch.Tensor, weight: torch.Tensor, eps: float,
-                        residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(layer(weight ⊙ RMSNorm(x + residual)), x + residual) for x [B, n] with the norm and the
-    residual add in the input transform's launch (only where `takes_norm`)."""
-    res_out = None if residual is None else torch.empty_like(x)
+def takes_rotary(layer, rows: int, head_dim: int) -> bool:
+    """Whether the output transform can take the rotary step of a fused q|k|v projection."""
+    return _chunks(layer, 2) == 1 and rotary_plan(layer.out_features, rows, head_dim) is not None
+
+
+def qtip_forward_normed(layer, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None,
+                        rotary=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(layer(weight ⊙ RMSNorm(x + residual)), x + residual) for x [B, n], and with `rotary`
+    (`fused.QKVRotary`) the output's q/k heads rotated and k/v stored: the norm and the residual add
+    in the input transform's launch where `takes_norm`, the rotary step in the output transform's
+    where `takes_rotary`, each else in its own launch."""
+    B = x.shape[0]
     cfg = choose_config(layer, x)
-    y = run_config(layer, x, cfg, norm=(weight, eps, residual, res_out))
-    return y, (x if residual is None else res_out)
+    if takes_norm(layer, B):
+        res_out = None if residual is None else torch.empty_like(x)
+        prologue = dict(norm=(weight, eps, residual, res_out))
+        x_in, residual = x, (x if residual is None else res_out)
+    else:
+        x_in, residual = fused.rmsnorm(x, weight, eps, residual)
+        prologue = {}
+    rot_here = rotary is not None and takes_rotary(layer, B, rotary.head_dim)
+    y = run_config(layer, x_in, cfg, rotary=rotary if rot_here else None, **prologue)
+    if rotary is not None and not rot_here:
+        fused.rotary_qkv_(y, rotary)
+    return y, residual
 
 
 def qtip_forward_gated(layer, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

@@ -124,11 +124,14 @@ class QuantLinear(nn.Module):
         raise NotImplementedError
 
     def forward_normed(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
-                       residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(self(weight ⊙ RMSNorm(x + residual)), x + residual): the norm in front of a projection.
-        Formats whose input transform can take the norm in its own launch override this."""
+                       residual: torch.Tensor | None = None,
+                       rotary: fused.QKVRotary | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(self(weight ⊙ RMSNorm(x + residual)), x + residual): the norm in front of a projection,
+        and for a fused q|k|v projection the rotary step after it (`fused.rotary_qkv_`). Formats whose
+        transforms can take them in their own launches override this."""
         h, residual = fused.rmsnorm(x, norm_weight, eps, residual)
-        return self(h), residual
+        y = self(h)
+        return (y if rotary is None else fused.rotary_qkv_(y, rotary)), residual
 
     def forward_gated(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         """self(silu(gate) · up): the MLP's activation in front of the down projection (overridden

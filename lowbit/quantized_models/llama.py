@@ -86,17 +86,16 @@ class Attention(nn.Module):
         """(attention output, residual) from the layer input x and the residual before it: the norm
         in front goes to the projection (`forward_normed`), which may fold it into its own launch."""
         cfg = self.cfg
-        if self.fused:
-            qkv, residual = self.qkv_proj.forward_normed(x, norm.weight, norm.eps, residual)
-            q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+        n, d = x.shape[0], cfg.head_dim
+        slots = ctx.kv_slots(layer)  # a slot-addressed cache: the rotary launch writes k and v into it
+        if self.fused:  # the projection takes the norm before it and the rotary step after it
+            work = fused.QKVRotary(positions, rotary.inv_freq, cfg.num_heads, cfg.num_kv_heads, d, slots)
+            qkv, residual = self.qkv_proj.forward_normed(x, norm.weight, norm.eps, residual, rotary=work)
+            q, k, v = (t.view(n, -1, d) for t in qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1))
         else:
             h, residual = norm(x, residual)
-            q, k, v = self.q_proj(h), self.k_proj(h), self.v_proj(h)
-        n = x.shape[0]
-        v = v.view(n, cfg.num_kv_heads, cfg.head_dim)
-        slots = ctx.kv_slots(layer)  # a slot-addressed cache: the rotary launch writes k and v into it
-        q, k = rotary(q.view(n, cfg.num_heads, cfg.head_dim), k.view(n, cfg.num_kv_heads, cfg.head_dim),
-                      positions, None if slots is None else (v, *slots))
+            q, k, v = (p(h).view(n, -1, d) for p in (self.q_proj, self.k_proj, self.v_proj))
+            q, k = rotary(q, k, positions, None if slots is None else (v, *slots))
         out = ctx.attend(layer, q, k, v, stored=slots is not None)
         return self.o_proj(out.reshape(n, cfg.q_size)), residual
 

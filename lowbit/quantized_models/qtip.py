@@ -226,12 +226,11 @@ class QTIPLinear(QuantLinear):
             return None
         return _triton_module()
 
-    def forward_normed(self, x, norm_weight, eps, residual=None):
+    def forward_normed(self, x, norm_weight, eps, residual=None, rotary=None):
         kernels = self._fusing_kernels(x)
-        if kernels is not None and kernels.takes_norm(self, x.shape[0]) and \
-                (residual is None or residual.stride(-1) == 1):
-            return kernels.qtip_forward_normed(self, x, norm_weight, eps, residual)
-        return super().forward_normed(x, norm_weight, eps, residual)
+        if kernels is not None and (residual is None or residual.stride(-1) == 1):
+            return kernels.qtip_forward_normed(self, x, norm_weight, eps, residual, rotary)
+        return super().forward_normed(x, norm_weight, eps, residual, rotary)
 
     def forward_gated(self, gate, up):
         kernels = self._fusing_kernels(gate)
