@@ -235,6 +235,13 @@ def test_hadamard_transform_takes_the_rmsnorm(n, rows, with_residual):
         assert torch.equal(res_out, rmsnorm_reference(x, w, 1e-5, r)[1]) and torch.equal(res_out, s)
 
 
+def test_fused_inputs_and_rotary_stay_off_prefill_tiles():
+    assert ht.rotary_plan(12288, ht.PREFILL_ROWS - 1, 128)["Q"] == 128
+    assert ht.rotary_plan(12288, ht.PREFILL_ROWS, 128) is None  # prefill keeps its own tiles and launch
+    assert ht.rotary_plan(12288, 1, 128)["P1"] == 8 and ht.rotary_plan(12288, 1, 96) is None
+    assert qt.takes_gate(None, ht.PREFILL_ROWS - 1) and not qt.takes_gate(None, ht.PREFILL_ROWS)
+
+
 def test_hadamard_norm_only_where_one_program_sees_the_row():
     assert not ht.takes_norm(256, 1, chunks=4)  # tensor-parallel chunks: the norm spans them
     assert not ht.takes_norm(11008, ht.DOT_ROWS)  # the product kernel's programs see parts of the row
@@ -270,7 +277,7 @@ def test_hadamard_transform_takes_silu_mul(n, rows, launch, dtype):
 
 # heads (q, kv), head_dim, rows: the butterfly kernel on a power of two (a program's rows are
 # batch rows) and with A_12 (a head a row of A's output), the product kernel (q = head_dim)
-ROTARY_CASES = [((4, 2), 16, 3), ((16, 4), 16, 1), ((16, 4), 16, ht.DOT_ROWS), ((8, 8), 32, 2)]
+ROTARY_CASES = [((4, 2), 16, 3), ((16, 4), 16, 1), ((8, 2), 32, ht.DOT_ROWS), ((8, 8), 32, 2)]
 
 
 @pytest.mark.parametrize("heads,head_dim,rows", ROTARY_CASES)
@@ -340,7 +347,8 @@ def test_qtip_layer_takes_the_norm_and_the_activation(batch, cfg, monkeypatch):
 def test_qtip_qkv_layer_takes_norm_and_rotary(batch, monkeypatch):
     """A fused q|k|v layer (24 heads of 16: 12·32 outputs, A_12) through qtip_forward_normed with the
     rotary step and a KV cache, against the reference layer on the unrounded norm, then the
-    reference rotary."""
+    reference rotary: in the output launch at batch 1, in its own launch where the product kernel's
+    tile is not a head (q = 32 at 8 rows)."""
     from lowbit.kernels.fused import QKVRotary, rotary_qkv_
 
     lin = layer(hyb_params(2), 384, 256, seed=batch)
@@ -352,7 +360,7 @@ def test_qtip_qkv_layer_takes_norm_and_rotary(batch, monkeypatch):
     inv_freq = 1.0 / (10000 ** (torch.arange(0, 16, 2).float() / 16))
     caches = [torch.full((batch + 3, 4, 16), float("nan")).half() for _ in range(2)]
     slots = torch.randperm(batch + 3, generator=g)[:batch]
-    assert qt.takes_rotary(lin, batch, 16)
+    assert qt.takes_rotary(lin, batch, 16) == (batch == 1)
     y, res = qt.qtip_forward_normed(lin, x, w, 1e-5, r, QKVRotary(positions, inv_freq, 16, 4, 16, (*caches, slots)))
     v, s = exact_norm_input(x, w, 1e-5, r)
     want = rotary_qkv_(reference(lin, v).half(), QKVRotary(positions, inv_freq, 16, 4, 16))

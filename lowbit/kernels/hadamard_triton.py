@@ -50,6 +50,9 @@ except ImportError:  # pragma: no cover
 _WIDE = 4096
 # Rows of x from which the product kernel runs for lengths with a special factor k > 1.
 DOT_ROWS = 8
+# Rows of x from which the product kernel takes prefill-sized tiles; the fused SiLU·mul input and
+# rotary output are only taken below it (at 1000 rows they made the product kernel 3x slower).
+PREFILL_ROWS = 256
 
 if triton is not None:
 
@@ -410,7 +413,7 @@ def plan(ch: int, rows: int) -> dict:
     k = hadamard_factor(ch)
     p = ch // k
     if k > 1 and rows >= DOT_ROWS and p >= 16:
-        if rows < 256:  # more, shorter programs
+        if rows < PREFILL_ROWS:  # more, shorter programs
             return dot_plan(ch, min(p, 128), ib=32, bk=32, r_dot=False)
         return dot_plan(ch, p if p <= 128 else 64, ib=64, bk=32, r_dot=False)
     return _butterfly_plan(ch, rows)
@@ -432,8 +435,8 @@ def rotary_plan(ch: int, rows: int, head_dim: int) -> dict | None:
     p = ch // k
     if head_dim < 16 or head_dim & (head_dim - 1) or p % head_dim:
         return None
-    if pl["kernel"] == "dot":
-        return dot_plan(ch, head_dim, ib=pl["IB"], bk=pl["BK"], r_dot=False, num_warps=pl["num_warps"])
+    if pl["kernel"] == "dot":  # only the launch the plain transform takes (prefill keeps its own tiles)
+        return dict(pl) if pl["Q"] == head_dim and rows < PREFILL_ROWS else None
     if k > 1 and pl["KP"] * head_dim > 8192:
         return None
     p1 = p // head_dim
