@@ -239,7 +239,7 @@ def test_fused_inputs_and_rotary_stay_off_prefill_tiles():
     assert ht.rotary_plan(12288, ht.PREFILL_ROWS - 1, 128)["Q"] == 128
     assert ht.rotary_plan(12288, ht.PREFILL_ROWS, 128) is None  # prefill keeps its own tiles and launch
     assert ht.rotary_plan(12288, 1, 128)["P1"] == 8 and ht.rotary_plan(12288, 1, 96) is None
-    assert qt.takes_gate(None, ht.PREFILL_ROWS - 1) and not qt.takes_gate(None, ht.PREFILL_ROWS)
+    assert ht.takes_gate(ht.PREFILL_ROWS - 1) and not ht.takes_gate(ht.PREFILL_ROWS)
 
 
 def test_hadamard_norm_only_where_one_program_sees_the_row():

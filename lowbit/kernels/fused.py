@@ -215,12 +215,18 @@ class QKVRotary:
     kv_store: tuple | None = None
 
 
+def qkv_heads(qkv: torch.Tensor, num_heads: int, num_kv_heads: int,
+              head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Views q [N, Hq, D], k, v [N, Hkv, D] of a fused projection output qkv [N, (Hq + 2·Hkv)·D]."""
+    n, d = qkv.shape[0], head_dim
+    q, k, v = qkv.split([num_heads * d, num_kv_heads * d, num_kv_heads * d], dim=-1)
+    return q.view(n, num_heads, d), k.view(n, num_kv_heads, d), v.view(n, num_kv_heads, d)
+
+
 def rotary_qkv_(qkv: torch.Tensor, work: QKVRotary) -> torch.Tensor:
     """Rotate the q and k heads of a fused projection output qkv [N, (Hq + 2·Hkv)·D] in place (one
     `rotary_` launch, with the KV write of work.kv_store); returns qkv."""
-    n, d = qkv.shape[0], work.head_dim
-    q, k, v = qkv.split([work.num_heads * d, work.num_kv_heads * d, work.num_kv_heads * d], dim=-1)
-    q, k, v = q.view(n, -1, d), k.view(n, -1, d), v.view(n, -1, d)
+    q, k, v = qkv_heads(qkv, work.num_heads, work.num_kv_heads, work.head_dim)
     q2, k2 = rotary_(q, k, work.positions, work.inv_freq, None if work.kv_store is None else (v, *work.kv_store))
     if q2 is not q:  # the reference computes out of place
         q.copy_(q2)

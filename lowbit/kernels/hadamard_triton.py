@@ -425,6 +425,12 @@ def takes_norm(n: int, rows: int, chunks: int = 1, launch: dict | None = None) -
     return chunks == 1 and (launch or plan(n, rows))["kernel"] == "butterfly"
 
 
+def takes_gate(rows: int) -> bool:
+    """Whether the transform of `rows` rows takes SiLU·mul (`up=`) at no loss: below PREFILL_ROWS
+    (a prefill's product-kernel tiles ran 3x slower with it, measured)."""
+    return rows < PREFILL_ROWS
+
+
 def rotary_plan(ch: int, rows: int, head_dim: int) -> dict | None:
     """`plan`'s launch reshaped so that each row of a program's output tile is one whole head
     (butterfly: column blocks of head_dim; product kernel: q = head_dim), which lets the output

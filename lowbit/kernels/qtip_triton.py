@@ -35,7 +35,8 @@ from dataclasses import dataclass
 import torch
 
 from . import fused
-from .hadamard_triton import PREFILL_ROWS, hadamard_transform, rotary_plan
+from .hadamard_triton import hadamard_transform, rotary_plan
+from .hadamard_triton import takes_gate as takes_gate  # QTIPLinear.forward_gated asks it
 from .hadamard_triton import takes_norm as takes_norm_transform
 from .pdl import launch_options, wait_prior
 from .qtip import QTIPParams
@@ -920,13 +921,8 @@ def qtip_forward_normed(layer, x: torch.Tensor, weight: torch.Tensor, eps: float
     return y, residual
 
 
-def takes_gate(layer, rows: int) -> bool:
-    """Whether `qtip_forward_gated` takes SiLU·mul into the input transform: decode batches (below
-    `PREFILL_ROWS`; a prefill's product-kernel tiles ran 3x slower with it, measured)."""
-    return rows < PREFILL_ROWS
-
-
 def qtip_forward_gated(layer, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """layer(silu(gate) · up) for gate, up [B, n] with the activation in the input transform's launch."""
+    """layer(silu(gate) · up) for gate, up [B, n] with the activation in the input transform's launch
+    (where `takes_gate`)."""
     cfg = choose_config(layer, gate)
     return run_config(layer, gate, cfg, up=up)

@@ -91,7 +91,7 @@ class Attention(nn.Module):
         if self.fused:  # the projection takes the norm before it and the rotary step after it
             work = fused.QKVRotary(positions, rotary.inv_freq, cfg.num_heads, cfg.num_kv_heads, d, slots)
             qkv, residual = self.qkv_proj.forward_normed(x, norm.weight, norm.eps, residual, rotary=work)
-            q, k, v = (t.view(n, -1, d) for t in qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1))
+            q, k, v = fused.qkv_heads(qkv, cfg.num_heads, cfg.num_kv_heads, d)
         else:
             h, residual = norm(x, residual)
             q, k, v = (p(h).view(n, -1, d) for p in (self.q_proj, self.k_proj, self.v_proj))
