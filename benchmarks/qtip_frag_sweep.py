@@ -32,7 +32,7 @@ def _launch(lin, xh, y, rt, nw, rep, split, empty=False, pf=1, regs=0):
     grid = (triton.cdiv(tm, rt), triton.cdiv(tn, per))
     even = not empty and f.even_launch(tm, tn, b, rt, nw, per)
     return lambda: f._hyb_frag_kernel[grid](
-        xh.view(torch.int32), lin.codes.view(torch.int32), qt._lut32(lin), y, tm, 0 if empty else tn, b, n // 2,
+        xh.view(torch.int32), lin.codes.view(torch.int32), qt._lut32(lin), y, y, tm, 0 if empty else tn, b, n // 2,
         m, per, K=2, RT=rt, NB=f.n_blocks(b), NW=nw, REP=rep, ATOMIC=True, EMULATE=False, PDL=False, EVEN=even, PF=pf if even else 1,
         num_warps=nw, num_stages=1, **({"maxnreg": regs} if regs else {}))
 

@@ -1,18 +1,28 @@
 """Device timeline of CUDA-graph decode replays (torch.profiler over graph replays):
 
     python -m benchmarks.replay_profile [--shape llama-2-7b] [--format qtip2] [--context 128] [--steps 5]
+    python -m benchmarks.replay_profile --ablate hadamard,frag,attention
+
 
 Captures the engine's batch-1 decode graph (`CudaGraphDecoder`) for a random-weight model, replays it
 `--steps` times under the profiler and prints, per step: kernels, the span from the first kernel's
 start to the last one's end, the summed kernel time (above the span when PDL overlaps launches),
 the gaps between kernels, and the top kernels. Unlike `profile_step` (eager steps) this is the
 graph the decode loop replays. Needs a CUDA GPU; LOWBIT_PDL=0 compares without overlap.
+
+`--ablate` answers what each kernel class costs on the replayed step's critical path (the
+profiler's per-kernel sums cannot: with PDL the kernels overlap, and the profiler itself slows
+launches): it captures the graph again with one class of launches left out (its outputs are then
+stale or garbage, which changes no kernel's time) and times plain replays, no profiler, against
+the whole graph's.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 from collections import defaultdict
+from unittest import mock
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -21,32 +31,104 @@ from lowbit.engine.cuda_graphs import CudaGraphDecoder
 from lowbit.quantized_models.synthetic import random_model
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shape", default="llama-2-7b")
-    ap.add_argument("--format", default="qtip2")
-    ap.add_argument("--context", type=int, default=128)
-    ap.add_argument("--steps", type=int, default=5)
-    args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("error: replay_profile needs a CUDA GPU")
-        return 2
+def _skip_hadamard(x, out=None, out_dtype=None, **_):
+    return out if out is not None else torch.empty(x.shape, dtype=out_dtype or x.dtype, device=x.device)
+
+
+def _skip_attention(q, *_, out=None, **__):
+    return out if out is not None else torch.empty_like(q)
+
+
+# Launch classes `--ablate` can leave out, each by the function the QTIP path calls for it.
+ABLATIONS = {
+    "hadamard": ("lowbit.kernels.qtip_triton.hadamard_transform", _skip_hadamard),
+    "frag": ("lowbit.kernels.qtip_triton.frag_matmul", lambda *a, **k: None),
+    "attention": ("lowbit.kernels.attention.paged_decode_attention", _skip_attention),
+}
+
+
+def _decoder(model, context: int):
+    """The engine's batch-1 decode graph for `model` at `context` tokens, captured and warmed."""
     dev = torch.device("cuda")
-    model = random_model(args.shape, args.format, device=dev)
     cfg, block = model.config, 16
-    per = -(-(args.context + 1) // block)
+    per = -(-(context + 1) // block)
     shape = (cfg.num_layers, per + 1, block, cfg.num_kv_heads, cfg.head_dim)
     kc = torch.zeros(shape, dtype=model.dtype, device=dev)
     vc = torch.zeros_like(kc)
     dec = CudaGraphDecoder(model, kc, vc, per, scratch_slot=per * block, buckets=[1])
     dec.capture()
-    p = torch.tensor([args.context], device=dev)
+    p = torch.tensor([context], device=dev)
     dec.run(torch.tensor([5], device=dev), p, p.clone(), torch.arange(per, dtype=torch.int32, device=dev)[None],
             (p + 1).int())
     graph = dec.graphs[1][0]
     for _ in range(20):
         graph.replay()
     torch.cuda.synchronize()
+    return dec, graph
+
+
+def _replay_ms(graph, steps: int, rounds: int = 5) -> float:
+    """Median over rounds of the mean replay time (CUDA events around `steps` back-to-back replays)."""
+    times = []
+    for _ in range(rounds):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(steps):
+            graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / steps)
+    return sorted(times)[len(times) // 2]
+
+
+def ablate(model, context: int, names: list[str], steps: int = 200) -> int:
+    """Replay time of the whole graph and of graphs with one launch class left out."""
+    rows = []
+    for name in ["none", *names]:
+        with contextlib.ExitStack() as stack:
+            if name != "none":
+                target, fake = ABLATIONS[name]
+                stack.enter_context(mock.patch(target, fake))
+            dec, graph = _decoder(model, context)
+            kernels = _count_kernels(graph)
+            rows.append((name, kernels, _replay_ms(graph, steps)))
+            del dec, graph
+    base = rows[0][2]
+    print("| left out | kernels/step | replay ms/step | saved ms | saved % |")
+    print("|---|---|---|---|---|")
+    for name, kernels, ms in rows:
+        print(f"| {name} | {kernels} | {ms:.3f} | {base - ms:.3f} | {100 * (base - ms) / base:.0f}% |")
+    return 0
+
+
+def _count_kernels(graph) -> int:
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        graph.replay()
+        torch.cuda.synchronize()
+    return sum(e.device_type.name == "CUDA" for e in prof.events())
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", default="llama-2-7b")
+    ap.add_argument("--format", default="qtip2")
+    ap.add_argument("--context", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--ablate", default="", help=f"comma list of {sorted(ABLATIONS)}: time the graph without them")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("error: replay_profile needs a CUDA GPU")
+        return 2
+    model = random_model(args.shape, args.format, device=torch.device("cuda"))
+    if args.ablate:
+        names = [n for n in args.ablate.split(",") if n]
+        unknown = set(names) - set(ABLATIONS)
+        if unknown:
+            print(f"error: --ablate takes {sorted(ABLATIONS)}, got {sorted(unknown)}")
+            return 2
+        print(f"# {torch.cuda.get_device_name()} {args.shape} {args.format} batch 1 context {args.context}")
+        return ablate(model, args.context, names)
+    _dec, graph = _decoder(model, args.context)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(args.steps):
             graph.replay()

@@ -28,7 +28,10 @@ chosen layout, so:
 2. the prologue writes the replicated table at the start of that memory with `st.shared`;
 3. the loop reads it with `ld.shared`. Nothing between the prologue and the epilogue uses Triton's
    shared memory (no gathers, reductions or layout conversions in the loop, num_stages=1), so the
-   table stays intact until the cross-warp sum after the loop.
+   table stays intact until the loop ends;
+4. the epilogue sums the warps' accumulators in the same memory, also by hand (`_out_all`): one
+   barrier for all registers, where Triton's reduction per register paid three each (24 in a row
+   at 2 row tiles: ~1.5 µs of a launch's ~4 µs fixed cost, measured).
 Lane numbers come from `%laneid`. Every tensor is [32·NW], one element per thread; row tiles and
 n-blocks are tuples unrolled at compile time, so an elementwise inline-asm call runs all 32 lanes
 of a warp together, as `mma.sync` requires, and Triton has no layout to choose.
@@ -296,22 +299,60 @@ if triton is not None:
         return (a0, a1, a2, a3)
 
     @triton.jit
-    def _out(y_ptr, acc, rows, n, B, TM, stride_yb, NW: tl.constexpr, ATOMIC: tl.constexpr):
-        """Sum the warps' partials of one accumulator register [32·NW] and add/store them."""
-        v = tl.sum(tl.reshape(acc, [NW, 32]), 0)
-        _put(y_ptr, n * stride_yb + rows, v, (rows < TM * 16) & (n < B), ATOMIC)
+    def _smem_store(off, v, scratch_ptr, EMULATE: tl.constexpr):
+        """Store float32 v at byte offset `off` of the shared window (the emulation: of a scratch buffer)."""
+        if EMULATE:
+            tl.store(scratch_ptr + off // 4, v)
+        else:
+            tl.inline_asm_elementwise("st.shared.b32 [$1], $2;\n\tmov.u32 $0, 0;", "=r,r,r",
+                                      [_smem_base(off) + off, v.to(tl.int32, bitcast=True)], dtype=tl.int32,
+                                      is_pure=False, pack=1)
 
     @triton.jit
-    def _out_tile(y_ptr, c, row0, n0, B, TM, stride_yb, NW: tl.constexpr, ATOMIC: tl.constexpr):
-        """Lane (g, t) holds c0/c1 = y[n0 + 2t, n0 + 2t + 1][row0 + g] and c2/c3 for row0 + g + 8."""
-        c0, c1, c2, c3 = c
-        ln = tl.arange(0, 32)
-        rows = row0 + (ln >> 2)
-        n = n0 + 2 * (ln & 3)
-        _out(y_ptr, c0, rows, n, B, TM, stride_yb, NW, ATOMIC)
-        _out(y_ptr, c1, rows, n + 1, B, TM, stride_yb, NW, ATOMIC)
-        _out(y_ptr, c2, rows + 8, n, B, TM, stride_yb, NW, ATOMIC)
-        _out(y_ptr, c3, rows + 8, n + 1, B, TM, stride_yb, NW, ATOMIC)
+    def _smem_load(off, scratch_ptr, EMULATE: tl.constexpr):
+        """Float32 at byte offset `off` of the shared window (not pure: it must stay after the barrier)."""
+        if EMULATE:
+            v = tl.load(scratch_ptr + off // 4)
+        else:
+            v = tl.inline_asm_elementwise("ld.shared.b32 $0, [$1];", "=r,r", [_smem_base(off) + off],
+                                          dtype=tl.int32, is_pure=False, pack=1).to(tl.float32, bitcast=True)
+        return v
+
+    @triton.jit
+    def _out_all(y_ptr, scratch_ptr, acc, col, lane, i0, B, TM, stride_yb, RT: tl.constexpr, NB: tl.constexpr,
+                 NW: tl.constexpr, REP: tl.constexpr, ATOMIC: tl.constexpr, EMULATE: tl.constexpr):
+        """Sum every accumulator register over the warps and add/store it, one shared-memory
+        exchange for as many registers as the table's space holds (all of them in most launches):
+        each warp stores its registers (word (w·LC + k)·32 + lane), one barrier, each thread sums
+        NW words of an output. Triton's reduction per register paid three barriers each (24 in a
+        row at 2 row tiles). Register k = 4·(NB·r + b) + c of lane (g, t) holds
+        y[8b + 2t + (c & 1)][16·(i0 + r) + g + 8·(c >> 1)]."""
+        L: tl.constexpr = RT * NB * 4
+        CAP: tl.constexpr = (2048 * REP) // (128 * NW)  # registers a round: the table's bytes / a register's
+        LC: tl.constexpr = L if L <= CAP else CAP
+        ROUNDS: tl.constexpr = (L + LC - 1) // LC
+        PER: tl.constexpr = (LC + NW - 1) // NW  # outputs a thread sums per round
+        wid = col // 32
+        for g in tl.static_range(ROUNDS):
+            if g > 0:
+                tl.debug_barrier()  # the previous round's loads are done
+            for kk in tl.static_range(LC):
+                if g * LC + kk < L:
+                    reg = acc[(g * LC + kk) // (4 * NB)][((g * LC + kk) // 4) % NB][(g * LC + kk) % 4]
+                    _smem_store(((wid * LC + kk) * 32 + lane) * 4, reg, scratch_ptr, EMULATE)
+            tl.debug_barrier()
+            for q in tl.static_range(PER):
+                o = q * 32 * NW + col  # output: register kk of lane ln
+                kk = o // 32
+                ln = o % 32
+                v = _smem_load((kk * 32 + ln) * 4, scratch_ptr, EMULATE)
+                for w in tl.static_range(1, NW):
+                    v += _smem_load(((w * LC + kk) * 32 + ln) * 4, scratch_ptr, EMULATE)
+                k = g * LC + kk
+                c = k % 4
+                rows = (i0 + k // (4 * NB)) * 16 + (ln >> 2) + 8 * (c >> 1)
+                n = 8 * ((k // 4) % NB) + 2 * (ln & 3) + (c & 1)
+                _put(y_ptr, n * stride_yb + rows, v, (kk < LC) & (k < L) & (rows < TM * 16) & (n < B), ATOMIC)
 
     @triton.jit
     def _walk_start(codes_ptr, TM, TN, tiles_per_split, K: tl.constexpr, RT: tl.constexpr, NW: tl.constexpr,
@@ -347,7 +388,7 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["TM", "B", "tiles_per_split"])
     def _hyb_frag_kernel(
-        x_ptr, codes_ptr, lut_ptr, y_ptr,
+        x_ptr, codes_ptr, lut_ptr, y_ptr, scratch_ptr,
         TM, TN: tl.constexpr, B, stride_xb, stride_yb, tiles_per_split,
         K: tl.constexpr, RT: tl.constexpr, NB: tl.constexpr, NW: tl.constexpr, REP: tl.constexpr,
         ATOMIC: tl.constexpr, EMULATE: tl.constexpr, PDL: tl.constexpr, EVEN: tl.constexpr, PF: tl.constexpr,
@@ -426,10 +467,8 @@ if triton is not None:
                 acc = _frag_step(acc, words, xs, lane, sel, lut_ptr, lane_addr, K, RT, NB, NW, REP, EMULATE)
                 xs = xs_next
                 words = words_next
-        tl.debug_barrier()  # every warp is done with the table before the epilogue's reductions reuse it
-        for r in tl.static_range(RT):
-            for b in tl.static_range(NB):
-                _out_tile(y_ptr, acc[r][b], (i0 + r) * 16, 8 * b, B, TM, stride_yb, NW, ATOMIC)
+        tl.debug_barrier()  # every warp is done with the table before the epilogue's reduction reuses it
+        _out_all(y_ptr, scratch_ptr, acc, col, lane, i0, B, TM, stride_yb, RT, NB, NW, REP, ATOMIC, EMULATE)
 
     @triton.jit
     def _store_tile(wp, u, v, msk, stride_w, lane, sel, lut_ptr, lane_addr, K: tl.constexpr, REP: tl.constexpr,
@@ -532,8 +571,10 @@ def frag_matmul(codes: torch.Tensor, lut32: torch.Tensor, K: int, xh: torch.Tens
         raise ValueError(f"frag kernel takes ≤ {MAX_BATCH} contiguous fp16 rows, got {tuple(xh.shape)} {xh.dtype}")
     tm, tn = m // 16, n // 16
     grid = (triton.cdiv(tm, row_tiles), triton.cdiv(tn, tiles_per_split))
-    args = (xh.view(torch.int32), codes.view(torch.int32), lut32, out, tm, tn, B, xh.stride(0) // 2, out.stride(0),
-            tiles_per_split)
+    # the epilogue's warp sums go through shared memory; the emulation uses this buffer instead
+    scratch = torch.empty(512 * copies, dtype=torch.float32, device=out.device) if interpreting() else out
+    args = (xh.view(torch.int32), codes.view(torch.int32), lut32, out, scratch, tm, tn, B, xh.stride(0) // 2,
+            out.stride(0), tiles_per_split)
     if prefetch < 1:
         raise ValueError(f"frag kernel: prefetch depth must be ≥ 1, got {prefetch}")
     even = even_launch(tm, tn, B, row_tiles, num_warps, tiles_per_split)
