@@ -143,30 +143,42 @@ if triton is not None:
         return tl.split(tl.permute(tl.reshape(t, [R, 2, HALF]), (0, 2, 1)))
 
     @triton.jit
-    def _store_rotary(y_ptr, y, yoff, msk, head, tok, B, pos_ptr, f_ptr, kc_ptr, vc_ptr, slot_ptr, sc_s, sc_h,
-                      HQ, HKV, R: tl.constexpr, HALF: tl.constexpr, KV: tl.constexpr):
-        """Store rows of a fused q|k|v projection output, each row of the tile y [R, 2·HALF] one
-        head (`head`, of token `tok`; both broadcast to [R, 1]): q and k heads rotated as
-        `fused.rotary_reference` does (rotate-half, at the token's position, on the values rounded
-        to the output dtype), v as it is; with KV also the rotated k and the v heads at the token's
-        slot of the caches [slots, Hkv, 2·HALF] (strides sc_s, sc_h)."""
-        dt = y_ptr.dtype.element_ty
-        a, b = _halves(y.to(dt).to(tl.float32), R, HALF)
-        o1, o2 = _halves(yoff, R, HALF)
-        m1, _m2 = _halves(msk.to(tl.int8), R, HALF)
-        m = m1 != 0
+    def _rotary_inputs(pos_ptr, f_ptr, slot_ptr, tok, B, dt: tl.constexpr, HALF: tl.constexpr, KV: tl.constexpr):
+        """(cos, sin) [.., HALF] of each row's token position (rounded to the output dtype, as
+        `fused.rotary_reference` rounds them) and the token's cache slot (0 without KV). Loaded
+        right after the wait, so these round trips overlap the transform instead of following it."""
         pos = tl.load(pos_ptr + tok, mask=tok < B, other=0).to(tl.float32)
         d = tl.arange(0, HALF)[None, :]
         freq = pos * tl.load(f_ptr + d)
         c = tl.cos(freq).to(dt).to(tl.float32)
         s = tl.sin(freq).to(dt).to(tl.float32)
+        if KV:
+            slot = tl.load(slot_ptr + tok, mask=tok < B, other=0).to(tl.int64)
+        else:
+            slot = tok * 0
+        return c, s, slot
+
+    @triton.jit
+    def _store_rotary(y_ptr, y, yoff, msk, head, cs, kc_ptr, vc_ptr, sc_s, sc_h, HQ, HKV, R: tl.constexpr,
+                      HALF: tl.constexpr, KV: tl.constexpr):
+        """Store rows of a fused q|k|v projection output, each row of the tile y [R, 2·HALF] one
+        head (`head`, broadcast to [R, 1]): q and k heads rotated as `fused.rotary_reference` does
+        (rotate-half, at the token's position, on the values rounded to the output dtype; cs from
+        `_rotary_inputs`), v as it is; with KV also the rotated k and the v heads at the token's
+        slot of the caches [slots, Hkv, 2·HALF] (strides sc_s, sc_h)."""
+        c, s, slot = cs
+        dt = y_ptr.dtype.element_ty
+        a, b = _halves(y.to(dt).to(tl.float32), R, HALF)
+        o1, o2 = _halves(yoff, R, HALF)
+        m1, _m2 = _halves(msk.to(tl.int8), R, HALF)
+        m = m1 != 0
+        d = tl.arange(0, HALF)[None, :]
         rot = head < HQ + HKV
         r1 = tl.where(rot, a * c - b * s, a).to(dt)
         r2 = tl.where(rot, b * c + a * s, b).to(dt)
         tl.store(y_ptr + o1, r1, mask=m)
         tl.store(y_ptr + o2, r2, mask=m)
         if KV:
-            slot = tl.load(slot_ptr + tok, mask=tok < B, other=0).to(tl.int64)
             is_k = (head >= HQ) & (head < HQ + HKV)
             is_v = (head >= HQ + HKV) & (head < HQ + 2 * HKV)
             dst = slot * sc_s + tl.where(is_k, head - HQ, head - HQ - HKV) * sc_h + d
@@ -176,6 +188,19 @@ if triton is not None:
             tl.store(kc_ptr + dst + HALF, r2, mask=mk)
             tl.store(vc_ptr + dst, r1, mask=mv)
             tl.store(vc_ptr + dst + HALF, r2, mask=mv)
+
+    @triton.jit
+    def _epilogue_weights(post_ptr, bias_ptr, pos2, msk, HAS_POST: tl.constexpr, HAS_BIAS: tl.constexpr):
+        """The output's post scale and bias (1 and 0 where absent), loaded first: they are weights,
+        so this happens before the wait; loaded where they are used they added a memory round
+        trip after the transform."""
+        post = 1.0
+        bias = 0.0
+        if HAS_POST:
+            post = tl.load(post_ptr + pos2, mask=msk, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + pos2, mask=msk, other=0.0).to(tl.float32)
+        return post, bias
 
     @triton.jit(do_not_specialize=["B", "zero_per_prog", "zero_numel"])
     def _hadamard_kernel(
@@ -199,10 +224,17 @@ if triton is not None:
         base = ch * CH
         cols = tl.arange(0, PP2)
         cmask = cols < P2
+        dt: tl.constexpr = y_ptr.dtype.element_ty
         if KS == 1:
-            wait_prior(PDL)
             rows = pid_b * BR + tl.arange(0, BR)
             rmask = rows < B
+            msk = rmask[:, None] & cmask[None, :]
+            pos2 = base + c1 * P2 + cols[None, :] + rows[:, None] * 0
+            post, bias = _epilogue_weights(post_ptr, bias_ptr, pos2, msk, HAS_POST, HAS_BIAS)
+            wait_prior(PDL)
+            tok = rows[:, None]
+            if ROT:
+                cs = _rotary_inputs(pos_ptr, f_ptr, slot_ptr, tok, B, dt, HALF, KV)
             r2 = rows[:, None]
             z, q = _signed_blocks(x_ptr, aux_ptr, w_ptr, pre_ptr, ro_ptr, r2 * stride_xb, r2 * stride_ab,
                                   r2 * stride_rb, base, rmask[:, None], cols[None, :], cmask[None, :], c1, True,
@@ -210,12 +242,9 @@ if triton is not None:
             z = _fwht_rows(z, BR, PP2, LOGP2)
             if MODE == 2:
                 z = z * tl.rsqrt(tl.sum(q, 1) / CH + eps)[:, None]  # the RMS scale: H is linear
-            msk = rmask[:, None] & cmask[None, :]
-            pos2 = base + c1 * P2 + cols[None, :] + rows[:, None] * 0
             yoff = rows[:, None] * stride_yb + pos2
             R: tl.constexpr = BR
             head = c1  # ROT: P2 is one head
-            tok = rows[:, None]
         else:
             # one row of x; IB rows of A_k's output: z = A[r_out] @ U over all k rows at once (one
             # operand staging for the tensor cores; a loop over 16-row slices of U paid one per slice,
@@ -223,8 +252,15 @@ if triton is not None:
             b = pid_b
             r_out = pid_i * IB + tl.arange(0, IB)
             i = tl.arange(0, KP)
-            a = tl.load(a_ptr + r_out[:, None] * KP + i[None, :])  # a constant: read before the wait
+            rmask = (r_out < KS) & (r_out * 0 + b < B)
+            msk = rmask[:, None] & cmask[None, :]
+            pos2 = base + r_out[:, None] * P + c1 * P2 + cols[None, :]
+            a = tl.load(a_ptr + r_out[:, None] * KP + i[None, :])  # constants: read before the wait
+            post, bias = _epilogue_weights(post_ptr, bias_ptr, pos2, msk, HAS_POST, HAS_BIAS)
             wait_prior(PDL)
+            tok = b
+            if ROT:
+                cs = _rotary_inputs(pos_ptr, f_ptr, slot_ptr, tok, B, dt, HALF, KV)
             u, q = _signed_blocks(x_ptr, aux_ptr, w_ptr, pre_ptr, ro_ptr, b * stride_xb, b * stride_ab, b * stride_rb,
                                   base + i[:, None] * P, (i < KS)[:, None] & (i[:, None] * 0 + b < B),
                                   cols[None, :], cmask[None, :], c1, pid_i == 0, P1, P2, MODE, HAS_AUX, HAS_PRE)
@@ -232,23 +268,14 @@ if triton is not None:
             z = _fwht_rows(z, IB, PP2, LOGP2)
             if MODE == 2:
                 z = z * tl.rsqrt(tl.sum(q) / CH + eps)
-            rmask = (r_out < KS) & (r_out * 0 + b < B)
-            msk = rmask[:, None] & cmask[None, :]
-            pos2 = base + r_out[:, None] * P + c1 * P2 + cols[None, :]
             yoff = b * stride_yb + pos2
             R: tl.constexpr = IB
             head = (r_out * (P // (2 * HALF)) + c1)[:, None]  # ROT: a head a row (P2 = head_dim)
-            tok = b
-        y = z * alpha
-        if HAS_POST:
-            y = y * tl.load(post_ptr + pos2, mask=msk, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            y = y + tl.load(bias_ptr + pos2, mask=msk, other=0.0).to(tl.float32)
+        y = z * alpha * post + bias
         if ROT:
-            _store_rotary(y_ptr, y, yoff, msk, head, tok, B, pos_ptr, f_ptr, kc_ptr, vc_ptr, slot_ptr, sc_s, sc_h,
-                          HQ, HKV, R, HALF, KV)
+            _store_rotary(y_ptr, y, yoff, msk, head, cs, kc_ptr, vc_ptr, sc_s, sc_h, HQ, HKV, R, HALF, KV)
         else:
-            tl.store(y_ptr + yoff, y.to(y_ptr.dtype.element_ty), mask=msk)
+            tl.store(y_ptr + yoff, y.to(dt), mask=msk)
         if ZERO:
             _zero_share(zero_ptr, zero_per_prog, zero_numel)
 
@@ -286,12 +313,17 @@ if triton is not None:
         program reads its row's chunk once), then R = S_Q by a product (R_DOT) or a butterfly. With
         EXACT16 the host vouches that x is fp16/bf16 and pre is ±1 (or absent), so pre ⊙ x is exact in
         x's dtype and L's product takes one half-precision dot instead of two tf32 ones."""
-        wait_prior(PDL)
         b = tl.program_id(0)
         base = tl.program_id(1) * (M * Q)
         r_out = tl.program_id(2) * IB + tl.arange(0, IB)
         kk = tl.arange(0, BK)
         c = tl.arange(0, Q)
+        pos2 = base + r_out[:, None] * Q + c[None, :]
+        omask = (r_out < M)[:, None] & (c < Q)[None, :]
+        post, bias = _epilogue_weights(post_ptr, bias_ptr, pos2, omask, HAS_POST, HAS_BIAS)
+        wait_prior(PDL)
+        if ROT:
+            cs = _rotary_inputs(pos_ptr, f_ptr, slot_ptr, b, B, y_ptr.dtype.element_ty, HALF, KV)
         row = x_ptr + b * stride_xb + base
         up_row = aux_ptr + b * stride_ab + base
         acc = tl.zeros([IB, Q], tl.float32)
@@ -317,18 +349,12 @@ if triton is not None:
             acc = _dot_exact_left(acc, r, tl.zeros([IB, Q], tl.float32))
         else:
             acc = _fwht_rows(acc, IB, Q, LOGQ)
-        pos2 = base + r_out[:, None] * Q + c[None, :]
-        msk = (r_out < M)[:, None] & (c < Q)[None, :]
-        y = acc * alpha
-        if HAS_POST:
-            y = y * tl.load(post_ptr + pos2, mask=msk, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            y = y + tl.load(bias_ptr + pos2, mask=msk, other=0.0).to(tl.float32)
+        y = acc * alpha * post + bias
         if ROT:  # Q = head_dim: a head a row of L
-            _store_rotary(y_ptr, y, b * stride_yb + pos2, msk, r_out[:, None], b, B, pos_ptr, f_ptr, kc_ptr, vc_ptr,
-                          slot_ptr, sc_s, sc_h, HQ, HKV, IB, HALF, KV)
+            _store_rotary(y_ptr, y, b * stride_yb + pos2, omask, r_out[:, None], cs, kc_ptr, vc_ptr, sc_s, sc_h, HQ,
+                          HKV, IB, HALF, KV)
         else:
-            tl.store(y_ptr + b * stride_yb + pos2, y.to(y_ptr.dtype.element_ty), mask=msk)
+            tl.store(y_ptr + b * stride_yb + pos2, y.to(y_ptr.dtype.element_ty), mask=omask)
         if ZERO:
             _zero_share(zero_ptr, zero_per_prog, zero_numel)
 
