@@ -332,6 +332,7 @@ if triton is not None:
         LC: tl.constexpr = L if L <= CAP else CAP
         ROUNDS: tl.constexpr = (L + LC - 1) // LC
         PER: tl.constexpr = (LC + NW - 1) // NW  # outputs a thread sums per round
+        tl.static_assert(NW * LC * 128 <= 2048 * REP, "frag epilogue: a round must fit the table's memory")
         wid = col // 32
         for g in tl.static_range(ROUNDS):
             if g > 0:
@@ -345,9 +346,12 @@ if triton is not None:
                 o = q * 32 * NW + col  # output: register kk of lane ln
                 kk = o // 32
                 ln = o % 32
-                v = _smem_load((kk * 32 + ln) * 4, scratch_ptr, EMULATE)
+                kr = kk
+                if LC % NW != 0:  # threads past the round's registers read its last one (their sums are dropped)
+                    kr = tl.minimum(kk, LC - 1)
+                v = _smem_load((kr * 32 + ln) * 4, scratch_ptr, EMULATE)
                 for w in tl.static_range(1, NW):
-                    v += _smem_load(((w * LC + kk) * 32 + ln) * 4, scratch_ptr, EMULATE)
+                    v += _smem_load(((w * LC + kr) * 32 + ln) * 4, scratch_ptr, EMULATE)
                 k = g * LC + kk
                 c = k % 4
                 rows = (i0 + k // (4 * NB)) * 16 + (ln >> 2) + 8 * (c >> 1)
