@@ -534,6 +534,7 @@ GPU_RUNS = [
     (qt.QTIPConfig("frag", 64, 64, 8, 2, 4, table_copies=16, prefetch=4, max_registers=80), 16),
     (qt.QTIPConfig("frag", 32, 128, 8, 2, 8, table_copies=16), 16),
     (qt.QTIPConfig("frag", 16, 128, 8, 1, 8, table_copies=16), 50),
+    (qt.QTIPConfig("frag", 16, 256, 8, 1, 16, table_copies=8), 20),  # epilogue rounds of 8 registers on 16 warps
     (qt.QTIPConfig("flat", 16, 512, 1, 2), 1),
     (qt.QTIPConfig("flat", 32, 512, 2, 1), 2),
     (qt.QTIPConfig("gemv", 16, 256, 1, 1), 1),
