@@ -19,3 +19,25 @@ def test_profile_step_reports_prefill_and_decode_per_format(capsys):
     for variant in ("fp16", "qtip2"):  # and the host side: the 3 Python functions with most own time
         assert f"== {variant} prefill host time (cProfile, 1 runs)" in out
     assert len(re.findall(r"^ +[0-9.]+ ms own +[0-9.]+ ms total", out, re.M)) == 6
+
+
+def test_engine_streams_times_decode_and_mixed_steps_per_setting(capsys, tmp_path):
+    import json
+
+    from benchmarks import engine_streams
+
+    out_json = tmp_path / "rows.json"
+    assert engine_streams.main(["--models", "random:tiny:fp16,random:tiny:qtip2", "--device", "cpu", "--streams", "4",
+                                "--seconds", "60", "--warmup", "0.5", "--max-steps", "30", "--prompt-tokens", "6-10",
+                                "--output-tokens", "3-5", "--prefill-wait", "0,3", "--prefill-min-waiting", "3", "--kv-cache-blocks", "32",
+                                "--json", str(out_json)]) == 0
+    rows = json.loads(out_json.read_text())
+    assert [(r["model"], r["prefill_wait"]) for r in rows] == [
+        ("random:tiny:fp16", 0), ("random:tiny:fp16", 3), ("random:tiny:qtip2", 0), ("random:tiny:qtip2", 3)]
+    for r in rows:
+        assert r["decode_steps"] + r["mixed_steps"] == 30 and r["mixed_steps"] >= 1 and r["decode_steps"] >= 1
+        assert r["output_tok_s"] > 0 and r["ttft_ms"]["n"] >= 4 and r["itl_ms"]["p50"] > 0
+    # Outputs of 3-5 tokens: each 4-stream round of prompts arrives within a few steps, and waiting
+    # lets them share prefill steps.
+    assert rows[1]["mixed_steps"] < rows[0]["mixed_steps"] and rows[3]["mixed_steps"] < rows[2]["mixed_steps"]
+    assert "| random:tiny:qtip2 | 3 |" in capsys.readouterr().out

@@ -6,6 +6,12 @@ leaves. Waiting sequences are admitted after them while the budget, the concurre
 (`max_num_seqs`) and free KV blocks allow. When a running sequence needs a block and none is free,
 the newest running sequence is preempted: its blocks go back to the pool and it waits at the front
 of the queue to be recomputed later. So the engine never runs out of memory; it slows down.
+
+Prefill coalescing: a step that carries a prompt runs eagerly, and for quantized weights it also
+decodes every weight to fp16 once (their prefill path), whatever the number of prompt tokens. With
+many streams a prompt arrives nearly every step, so while sequences are decoding, new prompts wait
+until `prefill_min_waiting` of them queue or the oldest has waited `prefill_wait_steps` steps, and
+then share one prefill step (TGI's `max_waiting_tokens` rule). An idle engine admits at once.
 """
 
 from __future__ import annotations
@@ -18,11 +24,14 @@ from .request import Sequence
 
 
 class Scheduler:
-    def __init__(self, cache: KVCache, config: EngineConfig):
+    def __init__(self, cache: KVCache, config: EngineConfig, default_wait_steps: int = 0):
         self.cache = cache
         self.pool = cache.pool
         self.max_seqs = config.max_num_seqs
         self.max_tokens = config.max_num_batched_tokens
+        self.wait_steps = default_wait_steps if config.prefill_wait_steps is None else config.prefill_wait_steps
+        self.min_waiting = config.prefill_min_waiting or max(1, config.max_num_seqs // 8)
+        self.held_steps = 0  # steps the waiting queue has been held back
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.preemptions = 0
@@ -48,6 +57,18 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
 
+    def _admitting(self) -> bool:
+        """Whether this step takes waiting prompts (the coalescing rule in the module docstring)."""
+        if not self.waiting or len(self.running) >= self.max_seqs:
+            return False
+        prefilling = any(seq.remaining > 1 for seq in self.running)  # the step runs eagerly anyway
+        if (prefilling or not self.running or self.held_steps >= self.wait_steps
+                or len(self.waiting) >= self.min_waiting or len(self.running) + len(self.waiting) <= self.min_waiting):
+            self.held_steps = 0
+            return True
+        self.held_steps += 1
+        return False
+
     def schedule(self) -> list[tuple[Sequence, int]]:
         budget = self.max_tokens
         batch: list[tuple[Sequence, int]] = []
@@ -68,7 +89,8 @@ class Scheduler:
             seq.blocks += self.pool.allocate(need)
             batch.append((seq, n))
             budget -= n
-        while self.waiting and budget > 0 and len(self.running) < self.max_seqs:
+        admitting = self._admitting()
+        while admitting and self.waiting and budget > 0 and len(self.running) < self.max_seqs:
             seq = self.waiting[0]
             n = min(seq.remaining, budget)
             need = self.cache.blocks_needed(seq.blocks, seq.num_computed + n)

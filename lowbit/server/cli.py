@@ -26,6 +26,9 @@ _HELP = {
     "gpu_memory_utilization": "fraction of GPU memory the server may use (weights + KV cache + activations)",
     "cpu_kv_cache_gib": "KV cache size on CPU, GiB",
     "cuda_graphs": "capture decode steps in CUDA graphs",
+    "prefill_wait_steps": "while sequences decode, a new prompt may wait this many steps to share a prefill "
+                          "step with later ones (default: 0 for fp16 weights, 8 for quantized)",
+    "prefill_min_waiting": "admit waiting prompts at once when this many wait (default: max-num-seqs / 8)",
     "host": "address to listen on",
     "port": "port to listen on",
     "served_model_name": "model name in the API (default: the model path's last component)",
