@@ -107,3 +107,91 @@ def test_paged_decode_matches_reference_gpu(B, Hq, Hkv, D, page, lens, dtype):
     _check(q, k, v, bt, cl, 1 / math.sqrt(D), tol)
     for splits in (1, 5):
         _check(q, k, v, bt, cl, 1 / math.sqrt(D), tol, splits=splits)
+
+
+# ---- paged prefill attention: every prompt chunk of a step in one launch ----------------------------
+
+def _prefill_case(Hq, Hkv, D, page, chunks, device, dtype, seed=0, decode_rows=2):
+    """chunks: (query count, context length) per chunk, the chunk's keys at the end of its context.
+    Rows of q are laid out chunk after chunk with `decode_rows` other rows before each chunk (the
+    decodes a mixed step holds); the kernel must leave those rows alone."""
+    g = torch.Generator().manual_seed(seed)
+    need = sum(-(-ctx // page) for _, ctx in chunks)
+    num_blocks = need + 3
+    k_cache = torch.randn(num_blocks, page, Hkv, D, generator=g).to(dtype)
+    v_cache = torch.randn(num_blocks, page, Hkv, D, generator=g).to(dtype)
+    perm = torch.randperm(num_blocks, generator=g).tolist()
+    width = max(-(-ctx // page) for _, ctx in chunks) + 1
+    spans, tables, row = [], [], 0
+    for nq, ctx in chunks:
+        row += decode_rows
+        nb = -(-ctx // page)
+        tables.append(perm[:nb] + [-1] * (width - nb))  # a page past the context is never read
+        perm = perm[nb:]
+        spans.append((row, nq, ctx))
+        row += nq
+    q = torch.randn(row + decode_rows, Hq, D, generator=g).to(dtype)
+    spans_t = torch.tensor(spans, dtype=torch.int32)
+    tables_t = torch.tensor(tables, dtype=torch.int32)
+    return [x.to(device) for x in (q, k_cache, v_cache, spans_t, tables_t)], spans
+
+
+def _check_prefill(Hq, Hkv, D, page, chunks, device, dtype, tol, block_m, block_n=16, seed=0):
+    (q, k, v, spans_t, tables_t), spans = _prefill_case(Hq, Hkv, D, page, chunks, device, dtype, seed)
+    scale = 1 / math.sqrt(D)
+    tiles = torch.tensor(_att.prefill_tiles(spans, block_m), dtype=torch.int32, device=device).view(-1, 2)
+    out = torch.full_like(q, float("nan"))
+    _att.paged_prefill_attention(q, k, v, spans_t, tables_t, scale, out, tiles, block_m=block_m, block_n=block_n)
+    ref = torch.full((q.shape[0], Hq, D), float("nan"), dtype=torch.float64, device=device)
+    _att.paged_prefill_attention_reference(q.double(), k.double(), v.double(), spans_t, tables_t, scale, ref)
+    covered = torch.zeros(q.shape[0], dtype=torch.bool)
+    for start, nq, _ in spans:
+        covered[start:start + nq] = True
+    covered = covered.to(device)
+    assert torch.isnan(out[~covered]).all(), "rows outside the chunks were written"
+    assert not torch.isnan(out[covered]).any(), "chunk rows left unwritten (NaN)"
+    got, want = out[covered].double(), ref[covered]
+    err = (got - want).norm() / want.norm()
+    assert err < tol, f"relative error {err:.2e} >= {tol}"
+    # per chunk too: a wrong mask on one short chunk would hide in the norm of a long one
+    for start, nq, _ in spans:
+        e = (out[start:start + nq].double() - ref[start:start + nq]).norm() / ref[start:start + nq].norm()
+        assert e < tol, (start, nq, float(e))
+
+
+PREFILL_CPU_CASES = [
+    # Hq, Hkv, D, page, chunks (query count, context length), block_m
+    (4, 4, 16, 16, [(5, 5)], 16),  # one fresh prompt
+    (8, 2, 32, 8, [(20, 20), (3, 40), (17, 17)], 16),  # GQA 4; a chunk after 37 cached tokens; nq > block_m
+    (6, 3, 24, 4, [(33, 50), (2, 2)], 16),  # D not a power of two, tiny pages, G = 2
+    (4, 1, 16, 16, [(40, 40)], 32),  # MQA, two tiles, the second one partial
+]
+
+
+@pytest.mark.parametrize("Hq,Hkv,D,page,chunks,block_m", PREFILL_CPU_CASES)
+def test_paged_prefill_matches_reference_cpu(Hq, Hkv, D, page, chunks, block_m):
+    if torch.cuda.is_available():
+        pytest.skip("CPU interpreter test")
+    _check_prefill(Hq, Hkv, D, page, chunks, "cpu", torch.float16, 3e-3, block_m, seed=len(chunks) + D)
+
+
+def test_prefill_tiles_cover_every_query_once():
+    spans = [(0, 5, 5), (9, 64, 70), (80, 65, 65)]
+    tiles = _att.prefill_tiles(spans, 32)
+    pairs = list(zip(tiles[::2], tiles[1::2], strict=True))
+    assert pairs == [(0, 0), (1, 0), (1, 32), (2, 0), (2, 32), (2, 64)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("Hq,Hkv,chunks", [
+    (32, 32, [(128, 128)]),  # Llama-2-7B, one prompt
+    (32, 32, [(int(n), int(n)) for n in torch.randint(2, 200, (12,), generator=torch.Generator().manual_seed(3))]),
+    (32, 8, [(1000, 1000), (512, 3000), (7, 7), (300, 2348)]),  # Llama-3-8B GQA, chunked prompts
+    (64, 8, [(257, 257), (64, 64), (65, 1000)]),  # Llama-2-70B heads
+])
+def test_paged_prefill_matches_reference_gpu(Hq, Hkv, chunks, dtype):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    tol = 3e-3 if dtype == torch.float16 else 2e-2
+    _check_prefill(Hq, Hkv, 128, 16, chunks, "cuda", dtype, tol, _att.PREFILL_BLOCK_M, 64, seed=len(chunks))

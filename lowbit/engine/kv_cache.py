@@ -10,8 +10,15 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels.attention import (
+    paged_decode_attention,
+    paged_decode_attention_reference,
+    paged_prefill_attention,
+    paged_prefill_attention_reference,
+    prefill_tiles,
+)
 from ..kernels.fused import store_kv
-from ..quantized_models.attention import AttentionContext, causal_attention, slot_views
+from ..quantized_models.attention import AttentionContext, slot_views
 
 
 class OutOfBlocks(Exception):
@@ -77,8 +84,9 @@ class PagedAttention(AttentionContext):
 
     The step's N tokens are grouped per sequence: `spans` lists (start row, query count, context
     length after this step, block table). Each call writes the step's k/v into their slots, then
-    attends: the single-query rows (decodes) in one batched paged-decode call (Triton on CUDA),
-    each multi-query span (a prefill chunk) over its gathered context. Mixed steps are the common
+    attends: the single-query rows (decodes) in one batched paged-decode call, the multi-query spans
+    (prefill chunks) all in one paged-prefill call (Triton on CUDA; on CPU the reference, each chunk
+    over its gathered context). Mixed steps are the common
     case under load (new requests join running ones), so decodes must not fall to the per-sequence
     path: under 64 streams it took 70% of the engine's time (benchmarks/RESULTS.md).
     """
@@ -91,11 +99,21 @@ class PagedAttention(AttentionContext):
         dev = slot_mapping.device
         bs = cache.block_size
         decodes = [(start, ctx, blocks) for start, nq, ctx, blocks in spans if nq == 1]
-        # block indices of each prefill span, made once per step rather than once per layer
-        self.prefills = [(start, nq, ctx, torch.tensor(blocks[: -(-ctx // bs)], device=dev))
-                         for start, nq, ctx, blocks in spans if nq > 1]
-        self.decode_only = not self.prefills
+        prefills = [(start, nq, ctx, blocks[: -(-ctx // bs)]) for start, nq, ctx, blocks in spans if nq > 1]
+        self.decode_only = not prefills
         self.decode_rows = None
+        if prefills:
+            # All chunks' metadata in one host-to-device copy, made once per step: (start, nq, ctx)
+            # per chunk, their page tables, and the kernel's tiles.
+            width = max(len(b) for *_, b in prefills)
+            meta = [(start, nq, ctx) for start, nq, ctx, _ in prefills]
+            tables = [p for *_, b in prefills for p in b + [0] * (width - len(b))]
+            tiles = prefill_tiles(meta)
+            flat = torch.tensor([v for m in meta for v in m] + tables + tiles, dtype=torch.int32).to(dev)
+            n_meta, n_tab = 3 * len(meta), len(tables)
+            self.prefill_spans = flat[:n_meta].view(-1, 3)
+            self.prefill_tables = flat[n_meta:n_meta + n_tab].view(len(meta), width)
+            self.prefill_tiles = flat[n_meta + n_tab:].view(-1, 2)
         if decodes:
             width = max(len(b) for *_, b in decodes)
             self.block_tables = torch.tensor([b + [0] * (width - len(b)) for *_, b in decodes], dtype=torch.int32,
@@ -105,8 +123,6 @@ class PagedAttention(AttentionContext):
                 self.decode_rows = torch.tensor([start for start, _, _ in decodes], device=dev)
 
     def _decode(self, q, kc, vc):
-        from ..kernels.attention import paged_decode_attention, paged_decode_attention_reference
-
         attend = paged_decode_attention if q.is_cuda else paged_decode_attention_reference
         return attend(q, kc, vc, self.block_tables, self.context_lens, self.scale)
 
@@ -115,7 +131,6 @@ class PagedAttention(AttentionContext):
 
     def attend(self, layer, q, k, v, stored=False):
         kc, vc = self.cache.k[layer], self.cache.v[layer]
-        hkv, d = kc.shape[-2], kc.shape[-1]
         if not stored:
             store_kv(k, v, *self.kv_slots(layer))
         if self.decode_only:
@@ -123,10 +138,9 @@ class PagedAttention(AttentionContext):
         out = torch.empty_like(q)
         if self.decode_rows is not None:
             out.index_copy_(0, self.decode_rows, self._decode(q.index_select(0, self.decode_rows), kc, vc))
-        for start, nq, ctx_len, idx in self.prefills:
-            keys = kc[idx].reshape(-1, hkv, d)[:ctx_len].transpose(0, 1)[None]
-            vals = vc[idx].reshape(-1, hkv, d)[:ctx_len].transpose(0, 1)[None]
-            qs = q[start:start + nq].transpose(0, 1)[None]
-            o = causal_attention(qs, keys, vals, offset=ctx_len - nq)
-            out[start:start + nq] = o[0].transpose(0, 1)
+        if q.is_cuda:
+            paged_prefill_attention(q, kc, vc, self.prefill_spans, self.prefill_tables, self.scale, out,
+                                    self.prefill_tiles)
+        else:
+            paged_prefill_attention_reference(q, kc, vc, self.prefill_spans, self.prefill_tables, self.scale, out)
         return out

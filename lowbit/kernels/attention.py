@@ -17,6 +17,12 @@ into SPLITS ranges (flash-decoding); each program writes its unnormalised partia
 sum l, accumulator) and a second small kernel merges them. The number of splits depends only on
 shapes known on the host (B, Hkv, max_blocks), never on context_lens, so a call can be captured in
 a CUDA graph and replayed with other lengths.
+
+Paged prefill attention (`paged_prefill_attention`): the prompt chunks of an engine step, any
+number of them of any lengths, in one launch. A program owns BLOCK_M queries of one chunk and one
+query head, walks the chunk's pages up to its last query's position with the same online-softmax
+tile as decode, masked causally (query at position p sees keys 0..p, the chunk's own keys stored
+in the pages before the call). The host lists the (chunk, first query) tiles once per step.
 """
 
 from __future__ import annotations
@@ -65,8 +71,10 @@ if triton is not None:
     @triton.jit
     def _attend_tile(q, k_ptr, v_ptr, bt_ptr, b, hkv, t0, end, m_i, l_i, acc,
                      qk_scale, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_btb,
-                     D: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
-        """One BLOCK_N-token tile of the online softmax: gather K/V rows through the page table."""
+                     D: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
+                     qpos, CAUSAL: tl.constexpr):
+        """One BLOCK_N-token tile of the online softmax: gather K/V rows through the page table.
+        CAUSAL: query row i sees only key positions <= qpos[i]."""
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         tok = t0 + offs_n
@@ -83,7 +91,10 @@ if triton is not None:
             mask=kv_mask, other=0.0,
         )
         s = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_G, BLOCK_N], fp32
-        s = tl.where(n_mask[None, :], s, float("-inf"))
+        if CAUSAL:
+            s = tl.where(n_mask[None, :] & (tok[None, :] <= qpos[:, None]), s, float("-inf"))
+        else:
+            s = tl.where(n_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
@@ -137,13 +148,13 @@ if triton is not None:
             while t0 < end:
                 m_i, l_i, acc = _attend_tile(q, k_ptr, v_ptr, bt_ptr, b, hkv, t0, end, m_i, l_i, acc,
                                              qk_scale, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_btb,
-                                             D, BLOCK_D, PAGE, BLOCK_N)
+                                             D, BLOCK_D, PAGE, BLOCK_N, 0, False)
                 t0 += BLOCK_N
         else:
             for t0 in range(start, end, BLOCK_N):
                 m_i, l_i, acc = _attend_tile(q, k_ptr, v_ptr, bt_ptr, b, hkv, t0, end, m_i, l_i, acc,
                                              qk_scale, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_btb,
-                                             D, BLOCK_D, PAGE, BLOCK_N)
+                                             D, BLOCK_D, PAGE, BLOCK_N, 0, False)
 
         if SPLITS == 1:
             l_safe = tl.where(l_i > 0, l_i, 1.0)
@@ -191,6 +202,55 @@ if triton is not None:
         tl.store(
             out_ptr + b * s_ob + h * s_oh + offs_d, (num / den).to(out_ptr.dtype.element_ty), mask=d_mask
         )
+
+    @triton.jit
+    def _paged_prefill_kernel(
+        q_ptr, k_ptr, v_ptr, out_ptr, tiles_ptr, spans_ptr, bt_ptr,
+        qk_scale,  # softmax scale · log2(e)
+        s_qn, s_qh,
+        s_kb, s_kt, s_kh,
+        s_vb, s_vt, s_vh,
+        s_btb,
+        s_on, s_oh,
+        G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LOOP_WHILE: tl.constexpr,
+    ):
+        tile = tl.program_id(0)
+        h = tl.program_id(1)
+        hkv = h // G
+        span = tl.load(tiles_ptr + 2 * tile)
+        m0 = tl.load(tiles_ptr + 2 * tile + 1)
+        row0 = tl.load(spans_ptr + 3 * span)
+        nq = tl.load(spans_ptr + 3 * span + 1)
+        ctx = tl.load(spans_ptr + 3 * span + 2)
+
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        qi = m0 + offs_m
+        qmask = (qi < nq)[:, None] & (offs_d < D)[None, :]
+        rows = (row0 + qi).to(tl.int64)
+        q = tl.load(q_ptr + rows[:, None] * s_qn + h * s_qh + offs_d[None, :], mask=qmask, other=0.0)
+        qpos = ctx - nq + qi  # the key position of each query; it sees keys 0..qpos
+        end = tl.minimum(ctx, ctx - nq + m0 + BLOCK_M)  # keys past the tile's last query: all masked
+
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        if LOOP_WHILE:  # loaded loop bounds: see _paged_decode_kernel
+            t0 = end * 0
+            while t0 < end:
+                m_i, l_i, acc = _attend_tile(q, k_ptr, v_ptr, bt_ptr, span, hkv, t0, end, m_i, l_i, acc,
+                                             qk_scale, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_btb,
+                                             D, BLOCK_D, PAGE, BLOCK_N, qpos, True)
+                t0 += BLOCK_N
+        else:
+            for t0 in range(0, end, BLOCK_N):
+                m_i, l_i, acc = _attend_tile(q, k_ptr, v_ptr, bt_ptr, span, hkv, t0, end, m_i, l_i, acc,
+                                             qk_scale, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_btb,
+                                             D, BLOCK_D, PAGE, BLOCK_N, qpos, True)
+        o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(out_ptr + rows[:, None] * s_on + h * s_oh + offs_d[None, :], o.to(out_ptr.dtype.element_ty),
+                 mask=qmask)
 
 
 _NUM_SMS: dict[int, int] = {}
@@ -279,4 +339,60 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
             SPLITS=splits, BLOCK_S=max(2, triton.next_power_of_2(splits)), D=D, BLOCK_D=BLOCK_D,
             num_warps=4, **launch_options(q),
         )
+    return out
+
+
+PREFILL_BLOCK_M = 64  # query rows of a prefill tile: the host's tile list is cut at this size
+
+
+def prefill_tiles(spans: list[tuple[int, int, int]], block_m: int = PREFILL_BLOCK_M) -> list[int]:
+    """Flat (span index, first query of the tile) pairs covering every query of `spans`
+    ((first row, query count, context length) each): the prefill kernel's grid."""
+    return [v for i, (_, nq, _) in enumerate(spans) for m0 in range(0, nq, block_m) for v in (i, m0)]
+
+
+def paged_prefill_attention_reference(q, k_cache, v_cache, spans, block_tables, scale, out):
+    """Oracle of `paged_prefill_attention`: each span's queries attend causally over its context
+    gathered from the pages (the step's own keys already stored there); writes out's span rows."""
+    from ..quantized_models.attention import causal_attention
+
+    page, Hkv, D = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
+    for i, (start, nq, ctx) in enumerate(spans.tolist()):
+        idx = block_tables[i, : -(-ctx // page)].long()
+        keys = k_cache[idx].reshape(-1, Hkv, D)[:ctx].transpose(0, 1)[None]
+        vals = v_cache[idx].reshape(-1, Hkv, D)[:ctx].transpose(0, 1)[None]
+        o = causal_attention(q[start:start + nq].transpose(0, 1)[None], keys, vals, offset=ctx - nq, scale=scale)
+        out[start:start + nq] = o[0].transpose(0, 1)
+    return out
+
+
+def paged_prefill_attention(q, k_cache, v_cache, spans, block_tables, scale, out, tiles, *,
+                            block_m=PREFILL_BLOCK_M, block_n=64, num_warps=4):
+    """Every prefill chunk of a step in one launch: span i's queries q[start:start+nq] (positions
+    ctx-nq .. ctx-1) attend causally over keys 0..ctx-1 of its pages (this step's keys already
+    stored). spans int32 [S, 3] (start row, nq, ctx), block_tables int32 [S, W], tiles int32 [T, 2]
+    (`prefill_tiles` with the same block_m). Writes the spans' rows of out [N, Hq, D]; other rows
+    are left alone. Same result as `paged_prefill_attention_reference`; no host sync, one launch
+    whatever the chunk lengths (per-span SDPA calls planned a cuDNN graph per new shape and synced,
+    benchmarks/RESULTS.md ninth session)."""
+    N, Hq, D = q.shape
+    num_blocks, page, Hkv, Dk = k_cache.shape
+    if Dk != D or v_cache.shape != k_cache.shape or Hq % Hkv:
+        raise ValueError(f"q {tuple(q.shape)} / k_cache {tuple(k_cache.shape)} / v_cache {tuple(v_cache.shape)} mismatch")
+    if D < 16 or q.stride(-1) != 1 or k_cache.stride(-1) != 1 or out.stride(-1) != 1:
+        raise ValueError("head_dim must be at least 16 and contiguous")
+    T = tiles.shape[0]
+    if T == 0:
+        return out
+    _paged_prefill_kernel[(T, Hq)](
+        q, k_cache, v_cache, out, tiles, spans, block_tables,
+        float(scale) * math.log2(math.e),
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0),
+        out.stride(0), out.stride(1),
+        G=Hq // Hkv, D=D, BLOCK_D=triton.next_power_of_2(D), PAGE=page, BLOCK_M=block_m, BLOCK_N=block_n,
+        LOOP_WHILE=interpreting(), num_warps=num_warps,
+    )
     return out

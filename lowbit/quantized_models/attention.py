@@ -33,14 +33,16 @@ def slot_views(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor
     return k_cache.view(-1, hkv, d), v_cache.view(-1, hkv, d), slots
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: int = 0) -> torch.Tensor:
-    """q [B, Hq, T, D] against k, v [B, Hkv, S, D], query i sitting at key position offset + i."""
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: int = 0,
+                     scale: float | None = None) -> torch.Tensor:
+    """q [B, Hq, T, D] against k, v [B, Hkv, S, D], query i sitting at key position offset + i;
+    scale None: 1/sqrt(D)."""
     t, s = q.shape[-2], k.shape[-2]
     gqa = q.shape[1] != k.shape[1]
     if offset == 0 and t == s:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa, scale=scale)
     mask = torch.arange(s, device=q.device)[None, :] <= (offset + torch.arange(t, device=q.device))[:, None]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa, scale=scale)
 
 
 class CausalNoCache(AttentionContext):
