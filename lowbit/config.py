@@ -26,8 +26,8 @@ class EngineConfig:
     cpu_kv_cache_gib: float = 1.0
     cuda_graphs: bool = True  # capture decode steps on CUDA
     # While sequences decode, a new prompt may wait up to this many steps so that prompts arriving
-    # close together share one prefill step; None: by weight format (see Scheduler).
-    prefill_wait_steps: int | None = None
+    # close together share one prefill step (engine/scheduler.py; benchmarks/RESULTS.md ninth session).
+    prefill_wait_steps: int = 8
     prefill_min_waiting: int | None = None  # admit at once when this many wait; None: max_num_seqs // 8
 
     def __post_init__(self):
@@ -38,7 +38,7 @@ class EngineConfig:
             (self.block_size in (8, 16, 32, 64), "block_size must be 8, 16, 32 or 64"),
             (0.05 <= self.gpu_memory_utilization <= 0.99, "gpu_memory_utilization must be in [0.05, 0.99]"),
             (self.kv_cache_blocks is None or self.kv_cache_blocks >= 2, "kv_cache_blocks must be >= 2"),
-            (self.prefill_wait_steps is None or self.prefill_wait_steps >= 0, "prefill_wait_steps must be >= 0"),
+            (self.prefill_wait_steps >= 0, "prefill_wait_steps must be >= 0"),
             (self.prefill_min_waiting is None or self.prefill_min_waiting >= 1, "prefill_min_waiting must be >= 1"),
         ]
         for ok, why in checks:

@@ -144,6 +144,24 @@ def test_detokenizer_never_splits_characters_and_holds_back_stop_prefixes(engine
     assert d.visible_text(False) == "abc " and d.visible_text(True) == "abc STOP"
 
 
+def test_detokenizer_fast_path_gives_the_wrappers_text(engine):
+    """The Rust decode called directly (the fast path) and transformers' decode give the same text
+    for random token streams, special tokens included."""
+    import random
+
+    tok = engine.tokenizer
+    assert IncrementalDetokenizer(tok, [], [])._decode_fn == tok.backend_tokenizer.decode
+    rng = random.Random(0)
+    for _ in range(20):
+        ids = [rng.randrange(len(tok)) for _ in range(40)] + tok.encode(" café 🙂 <|im_end|> ok")
+        fast, slow = IncrementalDetokenizer(tok, ids[:3], []), IncrementalDetokenizer(tok, ids[:3], [])
+        slow._decode_fn = tok.decode
+        for t in ids[3:]:
+            fast.add(t)
+            slow.add(t)
+        assert fast.text == slow.text
+
+
 def test_limits_and_queue(smollm2):
     e = make_engine(smollm2, max_queue=1, max_model_len=64)
     ids = encode(e, "hello")

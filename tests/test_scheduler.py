@@ -25,10 +25,10 @@ def run_step(s: Scheduler) -> list[tuple[Sequence, int]]:
     return batch
 
 
-def make(wait: int | None = None, min_waiting: int | None = None, default: int = 0, max_seqs: int = 16) -> Scheduler:
+def make(wait: int = 0, min_waiting: int | None = None, max_seqs: int = 16) -> Scheduler:
     cache = KVCache(1, 64, 16, 1, 8, "cpu", torch.float32)
     cfg = EngineConfig(max_num_seqs=max_seqs, prefill_wait_steps=wait, prefill_min_waiting=min_waiting)
-    return Scheduler(cache, cfg, default_wait_steps=default)
+    return Scheduler(cache, cfg)
 
 
 def decoding(s: Scheduler, n: int) -> list[Sequence]:
@@ -101,20 +101,11 @@ def test_a_step_that_carries_a_prompt_chunk_takes_waiting_prompts():
     assert [n for q, n in batch if q is c] == [5]
 
 
-def test_engine_default_by_weight_format_and_the_flag_wins(smollm2):
-    from lowbit.engine.engine import PREFILL_WAIT_STEPS_QUANTIZED
-
-    cases = [({}, "dense", 0), ({}, "gguf", PREFILL_WAIT_STEPS_QUANTIZED), ({"prefill_wait_steps": 2}, "gguf", 2),
-             ({"prefill_wait_steps": 0}, "qtip", 0)]
-    fmt = smollm2.fmt
-    try:
-        for kw, f, want in cases:
-            smollm2.fmt = f
-            e = Engine(EngineConfig(kv_cache_blocks=8, **kw), model=smollm2)
-            assert e.scheduler.wait_steps == want, (kw, f)
-            assert e.scheduler.min_waiting == 64 // 8
-    finally:
-        smollm2.fmt = fmt
+def test_engine_takes_the_settings(smollm2):
+    e = Engine(EngineConfig(kv_cache_blocks=8), model=smollm2)
+    assert (e.scheduler.wait_steps, e.scheduler.min_waiting) == (EngineConfig.prefill_wait_steps, 64 // 8)
+    e = Engine(EngineConfig(kv_cache_blocks=8, prefill_wait_steps=0, prefill_min_waiting=3), model=smollm2)
+    assert (e.scheduler.wait_steps, e.scheduler.min_waiting) == (0, 3)
 
 
 @pytest.mark.parametrize("field,value", [("prefill_wait_steps", -1), ("prefill_min_waiting", 0)])

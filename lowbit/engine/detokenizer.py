@@ -8,6 +8,10 @@ sequence) waits for more tokens.
 
 Stop strings: the text is cut before the first stop string, and the visible text holds back any
 tail that could still grow into one.
+
+Speed: under 64 streams the engine detokenizes 64 tokens a step on the host while the GPU waits.
+transformers' `decode` wrapper cost ~4x the Rust decode it calls (H100 host, benchmarks/RESULTS.md
+ninth session), so a fast tokenizer without post-decode clean-up is called directly.
 """
 
 from __future__ import annotations
@@ -25,8 +29,12 @@ class IncrementalDetokenizer:
         self.text = ""
         self.stopped = False
 
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        direct = backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", True)
+        self._decode_fn = backend.decode if direct else tokenizer.decode if tokenizer is not None else None
+
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        return self._decode_fn(ids, skip_special_tokens=True)
 
     def add(self, token_id: int) -> bool:
         """Append one generated token; returns True when a stop string appeared (text cut before it)."""

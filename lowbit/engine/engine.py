@@ -36,10 +36,6 @@ _DTYPES = {"float16": torch.float16, "fp16": torch.float16, "half": torch.float1
            "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
 
 
-# Default `prefill_wait_steps` for quantized weights (benchmarks/RESULTS.md, ninth session).
-PREFILL_WAIT_STEPS_QUANTIZED = 8
-
-
 class QueueFullError(RuntimeError):
     """Too many requests are waiting; the caller should retry later (HTTP 429)."""
 
@@ -72,9 +68,7 @@ class Engine:
         self.eos_ids = set(mc.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
-        # Quantized weights are decoded to fp16 in every prefill step: coalesce prompts (scheduler.py).
-        wait = 0 if getattr(model, "fmt", "dense") == "dense" else PREFILL_WAIT_STEPS_QUANTIZED
-        self.scheduler = Scheduler(self.cache, config, default_wait_steps=wait)
+        self.scheduler = Scheduler(self.cache, config)
         self.runner = ModelRunner(model, self.cache, config, self.max_model_len)
         self._lock = threading.Lock()
         self._wake = threading.Event()

@@ -7,11 +7,14 @@ leaves. Waiting sequences are admitted after them while the budget, the concurre
 the newest running sequence is preempted: its blocks go back to the pool and it waits at the front
 of the queue to be recomputed later. So the engine never runs out of memory; it slows down.
 
-Prefill coalescing: a step that carries a prompt runs eagerly, and for quantized weights it also
-decodes every weight to fp16 once (their prefill path), whatever the number of prompt tokens. With
-many streams a prompt arrives nearly every step, so while sequences are decoding, new prompts wait
-until `prefill_min_waiting` of them queue or the oldest has waited `prefill_wait_steps` steps, and
-then share one prefill step (TGI's `max_waiting_tokens` rule). An idle engine admits at once.
+Prefill coalescing: a step that carries a prompt runs eagerly (no CUDA graph) and reads every
+weight once more (quantized weights are also decoded to fp16 for it), whatever the number of prompt
+tokens. With many streams a prompt arrives nearly every step, so while sequences are decoding, new
+prompts wait until `prefill_min_waiting` of them queue or the oldest has waited `prefill_wait_steps`
+steps, and then share one prefill step (TGI's `max_waiting_tokens` rule). An idle engine, a light
+load (no more sequences than `prefill_min_waiting`) and a step that carries a prompt chunk anyway
+admit at once. Measured under 64 streams: fp16 2644-3091 -> 4645 tok/s, QTIP 2-bit 1608-1711 ->
+2770 (benchmarks/RESULTS.md, ninth session).
 """
 
 from __future__ import annotations
@@ -24,12 +27,12 @@ from .request import Sequence
 
 
 class Scheduler:
-    def __init__(self, cache: KVCache, config: EngineConfig, default_wait_steps: int = 0):
+    def __init__(self, cache: KVCache, config: EngineConfig):
         self.cache = cache
         self.pool = cache.pool
         self.max_seqs = config.max_num_seqs
         self.max_tokens = config.max_num_batched_tokens
-        self.wait_steps = default_wait_steps if config.prefill_wait_steps is None else config.prefill_wait_steps
+        self.wait_steps = config.prefill_wait_steps
         self.min_waiting = config.prefill_min_waiting or max(1, config.max_num_seqs // 8)
         self.held_steps = 0  # steps the waiting queue has been held back
         self.waiting: deque[Sequence] = deque()

@@ -27,7 +27,7 @@ _HELP = {
     "cpu_kv_cache_gib": "KV cache size on CPU, GiB",
     "cuda_graphs": "capture decode steps in CUDA graphs",
     "prefill_wait_steps": "while sequences decode, a new prompt may wait this many steps to share a prefill "
-                          "step with later ones (default: 0 for fp16 weights, 8 for quantized)",
+                          "step with later ones (0: join the next step)",
     "prefill_min_waiting": "admit waiting prompts at once when this many wait (default: max-num-seqs / 8)",
     "host": "address to listen on",
     "port": "port to listen on",
