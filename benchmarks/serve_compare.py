@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -31,14 +32,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve_and_load(model: str, args, out_dir: Path) -> list[dict]:
+def serve_and_load(model: str, args, out_dir: Path, extra: str = "") -> list[dict]:
     port = _free_port()
-    log_path = out_dir / f"serve_{model.replace(':', '_').replace('/', '_')}.log"
+    tag = (model + ("_" + extra if extra else "")).replace(':', '_').replace('/', '_').replace(' ', '_')
+    log_path = out_dir / f"serve_{tag}.log"
     log = open(log_path, "w+")
     cmd = [sys.executable, "-m", "lowbit.cli", "serve", "--model", model, "--port", str(port),
            "--max-num-seqs", str(max(args.clients)), "--log-level", "warning"]
     if args.tokenizer:
         cmd += ["--tokenizer", args.tokenizer]
+    cmd += shlex.split(extra)
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     t0 = time.monotonic()
     try:
@@ -48,14 +51,14 @@ def serve_and_load(model: str, args, out_dir: Path) -> list[dict]:
             time.sleep(1)
         startup = time.monotonic() - t0
         print(f"# {model}: serving after {startup:.0f} s", flush=True)
-        json_path = out_dir / f"load_{model.replace(':', '_').replace('/', '_')}.json"
+        json_path = out_dir / f"load_{tag}.json"
         loadgen.main(["--url", f"http://127.0.0.1:{port}", "--clients", ",".join(map(str, args.clients)),
                       "--duration", str(args.duration), "--prompt-tokens", args.prompt_tokens,
                       "--output-tokens", args.output_tokens, "--json", str(json_path)])
         result = json.loads(json_path.read_text())
         reports = result.get("sweep", [result])
         for r in reports:
-            r["model"], r["startup_s"] = model, startup
+            r["model"], r["startup_s"] = (f"{model} {extra}" if extra else model), startup
         return reports
     finally:
         proc.send_signal(signal.SIGINT)
@@ -78,6 +81,8 @@ def main(argv=None) -> int:
     ap.add_argument("--duration", type=float, default=20.0)
     ap.add_argument("--prompt-tokens", default="64-128")
     ap.add_argument("--output-tokens", default="64-128")
+    ap.add_argument("--server-args", default="",
+                    help="';'-separated sets of extra `lowbit serve` flags: each model runs once per set")
     ap.add_argument("--start-timeout", type=float, default=300.0)
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     args = ap.parse_args(argv)
@@ -86,8 +91,9 @@ def main(argv=None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     for model in args.models.split(","):
-        rows += serve_and_load(model, args, out_dir)
-        print(table(rows), flush=True)
+        for extra in args.server_args.split(";"):
+            rows += serve_and_load(model, args, out_dir, extra.strip())
+            print(table(rows), flush=True)
     (out_dir / "serve_compare.json").write_text(json.dumps(rows, indent=1))
     print("\n" + table(rows))
     return 0 if all(r["passed"] for r in rows) else 1

@@ -54,3 +54,11 @@ class ServerConfig:
     api_key: str | None = field(default_factory=lambda: os.environ.get("LOWBIT_API_KEY") or None)
     max_request_bytes: int = 1 << 20  # bodies above this get 413 before parsing
     log_level: str = "info"
+    # The engine thread and the HTTP event loop share the GIL. A thread that wants it back waits up
+    # to Python's switch interval (5 ms by default) while the loop is busy streaming; the engine
+    # thread wants it back after every GPU sync, so under many streams each step lost up to that.
+    gil_switch_interval_ms: float = 0.5
+
+    def __post_init__(self):
+        if not 0 < self.gil_switch_interval_ms <= 100:
+            raise ValueError("gil_switch_interval_ms must be in (0, 100]")

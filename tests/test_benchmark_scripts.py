@@ -41,3 +41,18 @@ def test_engine_streams_times_decode_and_mixed_steps_per_setting(capsys, tmp_pat
     # lets them share prefill steps.
     assert rows[1]["mixed_steps"] < rows[0]["mixed_steps"] and rows[3]["mixed_steps"] < rows[2]["mixed_steps"]
     assert "| random:tiny:qtip2 | 3 |" in capsys.readouterr().out
+
+
+def test_serve_compare_runs_each_model_per_server_flag_set(tmp_path, capsys):
+    import json
+
+    from benchmarks import serve_compare
+
+    rc = serve_compare.main(["--models", "random:tiny:fp16", "--clients", "2", "--duration", "2",
+                             "--prompt-tokens", "4-8", "--output-tokens", "4-8", "--out", str(tmp_path),
+                             "--server-args", "--device cpu --gil-switch-interval-ms 5; --device cpu"])
+    rows = json.loads((tmp_path / "serve_compare.json").read_text())
+    assert rc == 0 and [r["model"] for r in rows] == ["random:tiny:fp16 --device cpu --gil-switch-interval-ms 5",
+                                                      "random:tiny:fp16 --device cpu"]
+    assert all(r["requests"]["ok"] > 0 and r["passed"] for r in rows)
+    assert "gil-switch-interval-ms 5" in capsys.readouterr().out

@@ -35,6 +35,8 @@ _HELP = {
     "api_key": "require `Authorization: Bearer KEY` on /v1 (default: env LOWBIT_API_KEY)",
     "max_request_bytes": "request bodies above this get HTTP 413",
     "log_level": "uvicorn log level",
+    "gil_switch_interval_ms": "how long a Python thread may keep the GIL from the engine thread "
+                              "(Python's default is 5 ms)",
 }
 _CHOICES = {"dtype": ["float16", "bfloat16", "float32"], "block_size": [8, 16, 32, 64],
             "log_level": ["critical", "error", "warning", "info", "debug", "trace"]}
@@ -100,6 +102,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         name = server_config.served_model_name or engine.model_name
         print(startup_line(server_config, name, engine.info()), flush=True)
 
+    sys.setswitchinterval(server_config.gil_switch_interval_ms / 1e3)
     app = create_app(server_config, engine_factory=lambda: Engine(engine_config), on_ready=on_ready)
     server = uvicorn.Server(uvicorn.Config(app, host=server_config.host, port=server_config.port,
                                            log_level=server_config.log_level, timeout_graceful_shutdown=10))
