@@ -253,6 +253,13 @@ if triton is not None:
                  mask=qmask)
 
 
+def _strides(q, k_cache, v_cache, block_tables, out) -> tuple[int, ...]:
+    """The strides both attention kernels take, in their argument order."""
+    return (q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
+            out.stride(0), out.stride(1))
+
+
 _NUM_SMS: dict[int, int] = {}
 
 
@@ -323,11 +330,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
     _paged_decode_kernel[(B, Hkv, splits)](
         q, k_cache, v_cache, block_tables, context_lens, out, part_acc, part_ml,
         float(scale) * math.log2(math.e),
-        q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        block_tables.stride(0),
-        out.stride(0), out.stride(1),
+        *_strides(q, k_cache, v_cache, block_tables, out),
         per,
         SPLITS=splits, G=G, BLOCK_G=BLOCK_G, D=D, BLOCK_D=BLOCK_D, PAGE=page, BLOCK_N=block_n,
         LOOP_WHILE=interpreting(),
@@ -387,11 +390,7 @@ def paged_prefill_attention(q, k_cache, v_cache, spans, block_tables, scale, out
     _paged_prefill_kernel[(T, Hq)](
         q, k_cache, v_cache, out, tiles, spans, block_tables,
         float(scale) * math.log2(math.e),
-        q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        block_tables.stride(0),
-        out.stride(0), out.stride(1),
+        *_strides(q, k_cache, v_cache, block_tables, out),
         G=Hq // Hkv, D=D, BLOCK_D=triton.next_power_of_2(D), PAGE=page, BLOCK_M=block_m, BLOCK_N=block_n,
         LOOP_WHILE=interpreting(), num_warps=num_warps,
     )
