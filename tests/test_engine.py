@@ -204,32 +204,6 @@ def test_async_stream_abort_frees_blocks(smollm2):
     assert outs[-1].finished and len(outs[-1].outputs[0].token_ids) >= 1
 
 
-def test_a_steps_outputs_reach_their_event_loop_in_one_call(smollm2):
-    """The engine thread wakes a request's event loop once a step for all its requests' outputs."""
-    from lowbit.engine import engine as engine_module
-
-    e = make_engine(smollm2)
-    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
-
-    async def main():
-        loop = asyncio.get_running_loop()
-        calls, plain = [], loop.call_soon_threadsafe
-        loop.call_soon_threadsafe = lambda cb, *args: (calls.append(cb), plain(cb, *args))[1]
-
-        async def one(p):
-            return [o async for o in e.generate(encode(e, p), params)]
-
-        return calls, await asyncio.gather(*(one(p) for p in PROMPTS[:4]))
-
-    try:
-        calls, outs = asyncio.run(main())
-    finally:
-        e.shutdown()
-    assert [len(o[-1].outputs[0].token_ids) for o in outs] == [6, 6, 6, 6]
-    assert calls and all(c is engine_module._put_all for c in calls)
-    assert len(calls) <= e.counters["steps_total"] < 4 * 6  # one hand-over a step, not one per output
-
-
 def test_block_pool():
     pool = BlockPool(5)
     assert pool.total == 4 and pool.scratch_block == 4

@@ -36,23 +36,6 @@ _DTYPES = {"float16": torch.float16, "fp16": torch.float16, "half": torch.float1
            "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
 
 
-class _LoopSink:
-    """Where a request's outputs go: a queue read on its asyncio loop. The engine thread hands each
-    loop a whole step's outputs in one call (`Engine._flush`): one wake-up of the event loop a step,
-    not one per request, each of which also competed for the GIL with the engine thread."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue):
-        self.loop, self.queue = loop, queue
-
-    def __call__(self, item) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-
-
-def _put_all(items: list) -> None:
-    for queue, item in items:
-        queue.put_nowait(item)
-
-
 class QueueFullError(RuntimeError):
     """Too many requests are waiting; the caller should retry later (HTTP 429)."""
 
@@ -95,7 +78,6 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._recent: deque[tuple[float, int]] = deque()
-        self._outbox: dict[asyncio.AbstractEventLoop, list] = {}  # outputs not yet handed to their loops
         self.counters = {"prompt_tokens_total": 0, "generation_tokens_total": 0, "steps_total": 0}
         self.ready = True
 
@@ -181,7 +163,7 @@ class Engine:
         req = self.make_request(prompt_ids, params, request_id, prompt)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
-        req.sink = _LoopSink(loop, queue)
+        req.sink = lambda item: loop.call_soon_threadsafe(queue.put_nowait, item)
         self.start()
         self.submit(req)
         finished = False
@@ -224,7 +206,6 @@ class Engine:
             self._thread = None
         for req in list(self._requests.values()):
             self._end(req, "abort")
-        self._flush()
 
     def _loop(self) -> None:
         while not self._stopping:
@@ -243,8 +224,8 @@ class Engine:
             for seq in req.seqs:
                 self.scheduler.finish(seq)
             self._requests.pop(req.id, None)
-            self._send(req, RuntimeError(f"internal error while generating: {error}"))
-        self._flush()
+            if req.sink is not None:
+                req.sink(RuntimeError(f"internal error while generating: {error}"))
 
     def _end(self, req: Request, reason: str) -> None:
         for seq in req.seqs:
@@ -252,21 +233,8 @@ class Engine:
                 seq.finish_reason = reason
             self.scheduler.finish(seq)
         self._requests.pop(req.id, None)
-        self._send(req, req.output())
-
-    def _send(self, req: Request, item) -> None:
-        if isinstance(req.sink, _LoopSink):
-            self._outbox.setdefault(req.sink.loop, []).append((req.sink.queue, item))
-        elif req.sink is not None:
-            req.sink(item)
-
-    def _flush(self) -> None:
-        box, self._outbox = self._outbox, {}
-        for loop, items in box.items():
-            try:
-                loop.call_soon_threadsafe(_put_all, items)
-            except RuntimeError:  # that loop is closed: nobody is reading these outputs
-                pass
+        if req.sink is not None:
+            req.sink(req.output())
 
     def _admit(self) -> None:
         with self._lock:
@@ -283,15 +251,9 @@ class Engine:
             if rid in self._requests:
                 self._end(self._requests[rid], "abort")
 
+    @torch.inference_mode()
     def step(self) -> bool:
         """One scheduling + model step; returns False when there was nothing to do."""
-        try:
-            return self._step()
-        finally:
-            self._flush()
-
-    @torch.inference_mode()
-    def _step(self) -> bool:
         self._admit()
         batch = self.scheduler.schedule()
         if not batch:
@@ -317,8 +279,8 @@ class Engine:
         for req in touched.values():
             if req.finished:
                 self._end(req, "stop")
-            else:
-                self._send(req, req.output())
+            elif req.sink is not None:
+                req.sink(req.output())
         return True
 
     def _append(self, seq: Sequence, tok: int, entry: dict | None) -> None:
