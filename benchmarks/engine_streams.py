@@ -26,6 +26,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.profile_step import host_profile, top_kernels
 from load_tests.loadgen import Distribution, percentiles
+from lowbit.bench import sync_device
 from lowbit.config import EngineConfig
 from lowbit.engine import Engine, SamplingParams
 
@@ -37,11 +38,6 @@ class Stream:
         self.req = None
         self.submitted = 0.0
         self.times: list[float] = []
-
-
-def sync(eng: Engine) -> None:
-    if eng.model.device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def run_streams(eng: Engine, streams: int, seconds: float, prompt: Distribution, output: Distribution,
@@ -68,7 +64,7 @@ def run_streams(eng: Engine, streams: int, seconds: float, prompt: Distribution,
     ttft, itl, generated = [], [], 0
     eng.scheduler.schedule = recording_schedule
     try:
-        sync(eng)
+        sync_device(eng.model.device)
         t_start = time.perf_counter()
         while time.perf_counter() - t_start < seconds and (max_steps is None or sum(map(len, steps.values())) < max_steps):
             t0 = time.perf_counter()

@@ -195,3 +195,19 @@ def test_paged_prefill_matches_reference_gpu(Hq, Hkv, chunks, dtype):
         pytest.skip("needs CUDA")
     tol = 3e-3 if dtype == torch.float16 else 2e-2
     _check_prefill(Hq, Hkv, 128, 16, chunks, "cuda", dtype, tol, _att.PREFILL_BLOCK_M, 64, seed=len(chunks))
+
+
+def test_both_launches_refuse_bad_shapes_with_the_same_messages():
+    kc = torch.zeros(4, 16, 4, 16)
+    spans, tables, tiles = (torch.zeros(1, 3, dtype=torch.int32), torch.zeros(1, 1, dtype=torch.int32),
+                            torch.zeros(1, 2, dtype=torch.int32))
+    bt, lens = torch.zeros(2, 1, dtype=torch.int32), torch.ones(2, dtype=torch.int32)
+    cases = [(torch.zeros(2, 6, 16), kc, "not a multiple of 4 kv heads"),
+             (torch.zeros(2, 8, 32), kc, "mismatch"),
+             (torch.zeros(2, 8, 8), torch.zeros(4, 16, 4, 8), "at least 16"),
+             (torch.zeros(2, 16, 8).transpose(1, 2), kc, "contiguous")]
+    for q, k, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            paged_decode_attention(q, k, k, bt, lens, 0.25)
+        with pytest.raises(ValueError, match=msg):
+            _att.paged_prefill_attention(q, k, k, spans, tables, 0.25, torch.empty_like(q), tiles)

@@ -79,6 +79,13 @@ class KVCache:
         return [blocks[t // bs] * bs + t % bs for t in range(start, end)]
 
 
+def padded_tables(tables: list[list[int]]) -> tuple[int, list[int]]:
+    """(width, flat row-major list): block tables of unequal lengths padded with block 0 to the
+    longest, the layout the attention kernels and the decode graphs read."""
+    width = max(len(t) for t in tables)
+    return width, [b for t in tables for b in t + [0] * (width - len(t))]
+
+
 class PagedAttention(AttentionContext):
     """Attention for one engine step over the paged cache.
 
@@ -105,9 +112,8 @@ class PagedAttention(AttentionContext):
         if prefills:
             # All chunks' metadata in one host-to-device copy, made once per step: (start, nq, ctx)
             # per chunk, their page tables, and the kernel's tiles.
-            width = max(len(b) for *_, b in prefills)
+            width, tables = padded_tables([b for *_, b in prefills])
             meta = [(start, nq, ctx) for start, nq, ctx, _ in prefills]
-            tables = [p for *_, b in prefills for p in b + [0] * (width - len(b))]
             tiles = prefill_tiles(meta)
             flat = torch.tensor([v for m in meta for v in m] + tables + tiles, dtype=torch.int32).to(dev)
             n_meta, n_tab = 3 * len(meta), len(tables)
@@ -115,9 +121,8 @@ class PagedAttention(AttentionContext):
             self.prefill_tables = flat[n_meta:n_meta + n_tab].view(len(meta), width)
             self.prefill_tiles = flat[n_meta + n_tab:].view(-1, 2)
         if decodes:
-            width = max(len(b) for *_, b in decodes)
-            self.block_tables = torch.tensor([b + [0] * (width - len(b)) for *_, b in decodes], dtype=torch.int32,
-                                             device=dev)
+            width, tables = padded_tables([b for *_, b in decodes])
+            self.block_tables = torch.tensor(tables, dtype=torch.int32, device=dev).view(-1, width)
             self.context_lens = torch.tensor([c for _, c, _ in decodes], dtype=torch.int32, device=dev)
             if not self.decode_only:  # else the decodes are all the rows, in order
                 self.decode_rows = torch.tensor([start for start, _, _ in decodes], device=dev)

@@ -13,7 +13,7 @@ import torch
 
 from ..config import EngineConfig
 from .cuda_graphs import CudaGraphDecoder
-from .kv_cache import KVCache, PagedAttention
+from .kv_cache import KVCache, PagedAttention, padded_tables
 from .request import Sequence
 
 
@@ -63,8 +63,8 @@ class ModelRunner:
         decode_only = all(n == 1 for _, n in batch)
         if self.graphs is not None and decode_only and self.graphs.bucket_for(len(batch)) is not None:
             # One host-to-device copy for everything the graph reads (each copy costs a sync).
-            n, width = len(batch), max(len(s.blocks) for s, _ in batch)
-            tables = [b for s, _ in batch for b in s.blocks + [0] * (width - len(s.blocks))]
+            n = len(batch)
+            width, tables = padded_tables([s.blocks for s, _ in batch])
             flat = self._tensor(ids + pos + slots + [c for _, _, c, _ in spans] + tables)
             ids_t, pos_t, slots_t, lens_t = flat[:4 * n].view(4, n)
             res.sample_logits = self.graphs.run(ids_t, pos_t, slots_t, flat[4 * n:].view(n, width).int(),

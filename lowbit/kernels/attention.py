@@ -253,6 +253,20 @@ if triton is not None:
                  mask=qmask)
 
 
+def _check_inputs(q, k_cache, v_cache, out=None) -> None:
+    """What both attention kernels need of q [.., Hq, D] and the caches [blocks, page, Hkv, D]."""
+    Hq, D = q.shape[-2], q.shape[-1]
+    Hkv, Dk = k_cache.shape[2], k_cache.shape[3]
+    if Dk != D or v_cache.shape != k_cache.shape:
+        raise ValueError(f"q {tuple(q.shape)} / k_cache {tuple(k_cache.shape)} / v_cache {tuple(v_cache.shape)} mismatch")
+    if Hq % Hkv:
+        raise ValueError(f"{Hq} query heads are not a multiple of {Hkv} kv heads")
+    if D < 16:
+        raise ValueError("head_dim must be at least 16")
+    if any(t.stride(-1) != 1 for t in (q, k_cache, v_cache) + (() if out is None else (out,))):
+        raise ValueError("the last (head_dim) dimension must be contiguous")
+
+
 def _strides(q, k_cache, v_cache, block_tables, out) -> tuple[int, ...]:
     """The strides both attention kernels take, in their argument order."""
     return (q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -296,15 +310,8 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
     the heuristics (for benchmarks and tests).
     """
     B, Hq, D = q.shape
-    num_blocks, page, Hkv, Dk = k_cache.shape
-    if Dk != D or v_cache.shape != k_cache.shape:
-        raise ValueError(f"q {tuple(q.shape)} / k_cache {tuple(k_cache.shape)} / v_cache {tuple(v_cache.shape)} mismatch")
-    if Hq % Hkv:
-        raise ValueError(f"{Hq} query heads are not a multiple of {Hkv} kv heads")
-    if D < 16:
-        raise ValueError("head_dim must be at least 16")
-    if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
-        raise ValueError("the last (head_dim) dimension must be contiguous")
+    _, page, Hkv, _ = k_cache.shape
+    _check_inputs(q, k_cache, v_cache)
     G = Hq // Hkv
     block_tables = block_tables.to(torch.int32)
     context_lens = context_lens.to(torch.int32)
@@ -378,12 +385,9 @@ def paged_prefill_attention(q, k_cache, v_cache, spans, block_tables, scale, out
     are left alone. Same result as `paged_prefill_attention_reference`; no host sync, one launch
     whatever the chunk lengths (per-span SDPA calls planned a cuDNN graph per new shape and synced,
     benchmarks/RESULTS.md ninth session)."""
-    N, Hq, D = q.shape
-    num_blocks, page, Hkv, Dk = k_cache.shape
-    if Dk != D or v_cache.shape != k_cache.shape or Hq % Hkv:
-        raise ValueError(f"q {tuple(q.shape)} / k_cache {tuple(k_cache.shape)} / v_cache {tuple(v_cache.shape)} mismatch")
-    if D < 16 or q.stride(-1) != 1 or k_cache.stride(-1) != 1 or out.stride(-1) != 1:
-        raise ValueError("head_dim must be at least 16 and contiguous")
+    _, Hq, D = q.shape
+    _, page, Hkv, _ = k_cache.shape
+    _check_inputs(q, k_cache, v_cache, out)
     T = tiles.shape[0]
     if T == 0:
         return out
