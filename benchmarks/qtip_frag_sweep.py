@@ -1,8 +1,10 @@
 """Sweep of the QTIP fragment kernel's launch shapes, kernel alone, against its own fixed cost:
 
     python -m benchmarks.qtip_frag_sweep [--batch 1] [--pf 1,2,4] [--regs 0,64] [--shapes 4096x4096,...]
+        [--launches "rt,warps,copies[,warp columns[,xf]];..."]
 
-For QTIP 2-bit at the `--shapes` (default: three Llama-2-7B projections): every (row tiles, warps, table copies,
+For QTIP 2-bit at the `--shapes` (default: three Llama-2-7B projections): every (row tiles a warp, warps,
+table copies, warps along the columns (default all: one row group), x in the fragment order (xf = 1),
 split, prefetch depth, register cap) of the sweep, timed with `tuning.cold_us` (CUDA-graph replays, cold L2),
 and — at 4096×4096, batch 1, the first depth — the same launch with an empty loop (TN = 0: table
 build, epilogue and atomics only). The prefetch depth applies to launches without masks
@@ -25,21 +27,28 @@ from lowbit.kernels.tuning import cold_us
 LAUNCHES = ((2, 8, 16), (4, 8, 16), (4, 4, 16), (1, 16, 16), (2, 16, 16), (4, 8, 32))
 
 
-def _launch(lin, xh, y, rt, nw, rep, split, empty=False, pf=1, regs=0):
+def _launch(lin, xh, y, rt, nw, rep, split, empty=False, pf=1, regs=0, wc=0, xf=False):
     m, n = lin.out_features, lin.in_features
+    wc = wc or nw
     tm, tn, b = m // 16, n // 16, xh.shape[0]
-    per = triton.cdiv(triton.cdiv(tn, split), nw) * nw
-    grid = (triton.cdiv(tm, rt), triton.cdiv(tn, per))
-    even = not empty and f.even_launch(tm, tn, b, rt, nw, per)
+    per = triton.cdiv(triton.cdiv(tn, split), wc) * wc
+    grid = (triton.cdiv(tm, rt * (nw // wc)), triton.cdiv(tn, per))
+    even = not empty and f.even_launch(tm, tn, b, rt, nw, per, wc, xf)
+    xv = f.frag_x_order(xh, f.n_blocks(b)).view(torch.int64) if xf else xh.view(torch.int32)
     return lambda: f._hyb_frag_kernel[grid](
-        xh.view(torch.int32), lin.codes.view(torch.int32), qt._lut32(lin), y, y, tm, 0 if empty else tn, b, n // 2,
-        m, per, K=2, RT=rt, NB=f.n_blocks(b), NW=nw, REP=rep, ATOMIC=True, EMULATE=False, PDL=False, EVEN=even, PF=pf if even else 1,
-        num_warps=nw, num_stages=1, **({"maxnreg": regs} if regs else {}))
+        xv, lin.codes.view(torch.int32), qt._lut32(lin), y, y, tm, 0 if empty else tn, b, n // 2,
+        m, per, K=2, RT=rt, NB=f.n_blocks(b), NW=nw, WC=wc, REP=rep, ATOMIC=True, EMULATE=False, PDL=False,
+        EVEN=even, PF=pf if even else 1, XF=xf, num_warps=nw, num_stages=1, **({"maxnreg": regs} if regs else {}))
 
 
 def _flat(lin, xf, y, split):
     cfg = qt.QTIPConfig("flat", 16, 256, 1, split)
     return lambda: qt.decode_matmul(lin, xf, cfg, y)
+
+
+def _mma(lin, xh, y, split):
+    cfg = qt.QTIPConfig("mma", 64, 64, max(16, triton.next_power_of_2(xh.shape[0])), split)
+    return lambda: qt.decode_matmul(lin, xh, cfg, y)
 
 
 def _fp16(xh, m, n):
@@ -70,20 +79,23 @@ def main(argv=None) -> int:
         xh = torch.randn(args.batch, n, device=dev).half()
         y = torch.zeros(args.batch, m, device=dev)
         runs = []
-        for rt, nw, rep in launches:
+        for rt, nw, rep, *more in launches:
+            wc, xf = (list(more) + [0, 0])[:2]
             for split in splits:
                 for pf, regs in ((p, r) for p in depths for r in caps):
-                    us = cold_us(_launch(lin, xh, y, rt, nw, rep, split, pf=pf, regs=regs), dev)
-                    runs.append((round(us, 2), f"RT={rt} NW={nw} copies={rep} split={split} pf={pf} regs={regs}"))
+                    us = cold_us(_launch(lin, xh, y, rt, nw, rep, split, pf=pf, regs=regs, wc=wc, xf=bool(xf)), dev)
+                    runs.append((round(us, 2), f"RT={rt} NW={nw} WC={wc or nw} xf={xf} copies={rep} split={split} "
+                                               f"pf={pf} regs={regs}"))
                     line = f"{m}x{n} {runs[-1][1]}: {us:.2f} us"
-                    if m == n and args.batch == 1 and pf == depths[0] and regs == caps[0]:
+                    if m == n and args.batch == 1 and pf == depths[0] and regs == caps[0] and not more:
                         fixed = cold_us(_launch(lin, xh, y, rt, nw, rep, split, empty=True), dev)
                         line += f" (empty loop {fixed:.2f} us)"
                     print(line, flush=True)
         flat = min(cold_us(_flat(lin, xh.float(), y, s), dev) for s in (2, 4)) if args.batch <= 2 else float("nan")
+        mma = min(cold_us(_mma(lin, xh, y, s), dev) for s in (2, 4, 8, 16)) if args.batch >= 16 else float("nan")
         fp16 = cold_us(_fp16(xh, m, n), dev)
         best = min(runs)
-        print(f"{m}x{n}: best frag {best[0]:.2f} us ({best[1]}) | flat {flat:.2f} us | "
+        print(f"{m}x{n}: best frag {best[0]:.2f} us ({best[1]}) | flat {flat:.2f} us | mma {mma:.2f} us | "
               f"cuBLAS fp16 {fp16:.2f} us", flush=True)
     return 0
 

@@ -191,6 +191,49 @@ def test_hadamard_transform_real_lengths_gpu(n, rows, dtype):
     assert (y.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
+# n, rows, launch (None: `plan`'s) for the fragment-order output: the butterfly kernel with k = 1
+# and k > 1, the product kernel, a tensor-parallel split
+FRAG_ORDER_CASES = [(256, 3, None, 1), (172 * 16, 2, None, 1), (172 * 16, 12, None, 1), (64 * 12, 9, None, 1),
+                    (4096, 17, dict(q=64), 1), (512, 5, None, 2)]
+
+
+@pytest.mark.parametrize("n,rows,kw,chunks", FRAG_ORDER_CASES)
+def test_hadamard_writes_the_fragment_order(n, rows, kw, chunks):
+    """`frag_nb` writes the same values as the row-major output, permuted as `frag_x_order`
+    says; rows past x's are left as they were."""
+    from lowbit.kernels.qtip_frag_triton import frag_x_order, n_blocks
+
+    g = torch.Generator().manual_seed(n + rows)
+    x = torch.randn(rows, n, generator=g).half()
+    pre = (torch.randint(0, 2, (n,), generator=g) * 2 - 1).half()
+    launch = ht.dot_plan(n // chunks, **kw) if kw else None
+    opts = dict(transpose=True, chunks=chunks, pre=pre, alpha=1 / 32, out_dtype=torch.float16, pre_signs=True,
+                launch=launch)
+    nb = n_blocks(rows)
+    got = ht.hadamard_transform(x, frag_nb=nb, **opts)
+    want = frag_x_order(ht.hadamard_transform(x, **opts), nb)
+    assert got.shape == (8 * nb, n)
+    written = frag_x_order(torch.ones(rows, n), nb).bool()
+    assert torch.equal(got[written], want[written])
+    with pytest.raises(ValueError, match="fragment-order output"):
+        ht.hadamard_transform(x, frag_nb=nb, out=torch.empty(rows, n).half())
+    with pytest.raises(ValueError, match="fragment-order output"):
+        ht.hadamard_transform(torch.randn(8 * nb + 1, n), frag_nb=nb)
+
+
+def test_frag_x_order_places_each_b_fragment_in_one_word():
+    """Lane 4g + t of n-block b, tile column j finds x[8b + g, 16j + 2t + {0, 1}] and
+    x[8b + g, 16j + 8 + 2t + {0, 1}] in its 8-byte word (the mma's two B registers)."""
+    from lowbit.kernels.qtip_frag_triton import frag_x_order
+
+    x = torch.arange(16 * 48, dtype=torch.float32).reshape(16, 48).half()
+    words = frag_x_order(x, 2).view(-1).view(3, 2, 32, 4)  # j, b, lane, (h, e)
+    for j, b, g, t in ((0, 0, 0, 0), (2, 1, 7, 3), (1, 0, 5, 2)):
+        row = x[8 * b + g, 16 * j:16 * j + 16]
+        assert torch.equal(words[j, b, 4 * g + t], torch.stack([row[2 * t], row[2 * t + 1], row[8 + 2 * t],
+                                                                row[9 + 2 * t]]))
+
+
 def test_hadamard_transform_plain_and_cast():
     x = torch.randn(2, 3, 256).half()
     y = ht.hadamard_transform(x, out_dtype=torch.float32)
@@ -393,6 +436,14 @@ HYB_CASES = [
     (3, 96, 256, 2, qt.QTIPConfig("frag", 48, 128, 8, 1, 8)),  # even: 3 row tiles, 12 registers on 8 warps
     # 16 warps sum 8 registers a round (8 copies' space): half the threads' words lie past the round
     (2, 32, 256, 20, qt.QTIPConfig("frag", 16, 256, 8, 1, 16, table_copies=8)),
+    # row groups (warps along the rows as well as the columns), x in the fragment order
+    (2, 128, 128, 16, qt.QTIPConfig("frag", 64, 32, 8, 1, 4, frag_x=True)),  # even: 2 groups of 2 row tiles
+    (3, 96, 96, 37, qt.QTIPConfig("frag", 32, 32, 8, 2, 4, frag_x=True)),  # masked: 8 n-blocks, splits
+    (2, 64, 128, 12, qt.QTIPConfig("frag", 64, 16, 8, 1, 4, frag_x=True, prefetch=3)),  # even: 4 groups, 1 column
+    (4, 96, 64, 20, qt.QTIPConfig("frag", 32, 32, 8, 1, 4)),  # masked: row-major x in 2 groups
+    (2, 64, 64, 1, qt.QTIPConfig("frag", 32, 32, 8, 1, 4, frag_x=True)),  # even: one n-block
+    # masked (6 row tiles by 4), 64 rows, the epilogue in 2 rounds of 32 registers (8 table copies)
+    (2, 96, 128, 64, qt.QTIPConfig("frag", 64, 32, 8, 2, 4, table_copies=8, frag_x=True)),
     (2, 64, 256, 1, qt.QTIPConfig("flat", 16, 64, 1, 2)),
     (3, 96, 160, 1, qt.QTIPConfig("flat", 32, 64, 1, 1)),
     (4, 64, 96, 1, qt.QTIPConfig("flat", 16, 32, 1, 3, lut_smem=False)),
@@ -414,10 +465,12 @@ def test_frag_cases_cover_the_even_and_the_masked_loop():
     kinds = []
     for _, m, n, batch, cfg in HYB_CASES:
         if cfg.kind == "frag":
-            steps = -(-(n // 16) // cfg.num_warps)
-            per = -(-steps // cfg.split_k) * cfg.num_warps
-            kinds.append(even_launch(m // 16, n // 16, batch, cfg.rows // 16, cfg.num_warps, per))
-    assert kinds == [True, True, False, True, True, True, True, True, True, True, True, False, False, False, True, False]
+            rt, wc = cfg.frag_launch()
+            steps = -(-(n // 16) // wc)
+            per = -(-steps // cfg.split_k) * wc
+            kinds.append(even_launch(m // 16, n // 16, batch, rt, cfg.num_warps, per, wc, cfg.frag_x))
+    assert kinds == [True, True, False, True, True, True, True, True, True, True, True, False, False, False, True, False,
+                     True, False, True, False, True, False]
 
 
 @pytest.mark.skipif(not CPU, reason="CPU interpreter test")
@@ -485,7 +538,11 @@ def test_frag_launchers_reject_bad_launches_and_operands_cpu():
         qt.frag_matmul(lin.codes, lut, 2, torch.zeros(1, 64).half(), y, 1, 2, 2, False, prefetch=0)
     with pytest.raises(ValueError, match="register cap must be 24..255 \\(0: none\\), got 16"):
         qt.frag_matmul(lin.codes, lut, 2, torch.zeros(1, 64).half(), y, 1, 2, 2, False, max_registers=16)
-    with pytest.raises(ValueError, match="≤ 64 contiguous fp16 rows, got \\(65, 64\\)"):
+    with pytest.raises(ValueError, match="warp columns must divide the warps, got 3 of 4"):
+        qt.frag_matmul(lin.codes, lut, 2, torch.zeros(1, 64).half(), y, 1, 4, 4, False, warp_cols=3)
+    with pytest.raises(ValueError, match=r"x_frag: all 8·n-blocks of them\), got \(1, 64\) torch.float16 for 1 rows"):
+        qt.frag_matmul(lin.codes, lut, 2, torch.zeros(1, 64).half(), y, 1, 2, 2, False, x_frag=True)
+    with pytest.raises(ValueError, match="≤ 64 contiguous fp16 rows .*, got \\(65, 64\\)"):
         qt.frag_matmul(lin.codes, lut, 2, torch.zeros(65, 64).half(), torch.zeros(65, 32), 1, 2, 2, False)
     with pytest.raises(ValueError, match="frag dequant: row tiles .* got 2 and 4"):
         qt.frag_dequant(lin.codes, lut, 2, torch.zeros(32, 64).half(), copies=4)
@@ -535,6 +592,11 @@ GPU_RUNS = [
     (qt.QTIPConfig("frag", 32, 128, 8, 2, 8, table_copies=16), 16),
     (qt.QTIPConfig("frag", 16, 128, 8, 1, 8, table_copies=16), 50),
     (qt.QTIPConfig("frag", 16, 256, 8, 1, 16, table_copies=8), 20),  # epilogue rounds of 8 registers on 16 warps
+    # row groups and x in the fragment order: 4 groups of 2 row tiles at 64 rows, 2 of 4 at 16, masked at 50
+    (qt.QTIPConfig("frag", 128, 32, 8, 2, 8, table_copies=16, frag_x=True), 64),
+    (qt.QTIPConfig("frag", 128, 64, 8, 4, 8, table_copies=16, frag_x=True, prefetch=4), 16),
+    (qt.QTIPConfig("frag", 64, 32, 8, 2, 4, table_copies=16, frag_x=True, prefetch=1), 50),
+    (qt.QTIPConfig("frag", 64, 16, 8, 8, 4, table_copies=16), 32),  # row-major x, 4 groups of one column
     (qt.QTIPConfig("flat", 16, 512, 1, 2), 1),
     (qt.QTIPConfig("flat", 32, 512, 2, 1), 2),
     (qt.QTIPConfig("gemv", 16, 256, 1, 1), 1),

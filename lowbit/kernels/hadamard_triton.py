@@ -37,6 +37,7 @@ import torch
 
 from .hadamard import fwht, hadamard_factor, special_hadamard
 from .pdl import launch_options, wait_prior
+from .qtip_shared_triton import _frag_x_offset
 from .tuning import as_rows
 
 try:
@@ -202,6 +203,16 @@ if triton is not None:
             bias = tl.load(bias_ptr + pos2, mask=msk, other=0.0).to(tl.float32)
         return post, bias
 
+    @triton.jit
+    def _y_offsets(row, pos, stride_yb, XF: tl.constexpr):
+        """Offsets of y[row, pos]: row-major, or (XF > 0) the QTIP fragment kernel's x order for
+        XF n-blocks of 8 rows."""
+        if XF > 0:
+            off = _frag_x_offset(row + 0 * pos, pos, XF)
+        else:
+            off = row * stride_yb + pos
+        return off
+
     @triton.jit(do_not_specialize=["B", "zero_per_prog", "zero_numel"])
     def _hadamard_kernel(
         x_ptr, aux_ptr, w_ptr, ro_ptr, pre_ptr, post_ptr, bias_ptr, a_ptr, y_ptr, zero_ptr,
@@ -210,7 +221,7 @@ if triton is not None:
         KS: tl.constexpr, KP: tl.constexpr, P: tl.constexpr, P1: tl.constexpr, PP2: tl.constexpr,
         LOGP2: tl.constexpr, BR: tl.constexpr, IB: tl.constexpr, MODE: tl.constexpr, HAS_AUX: tl.constexpr,
         HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, HAS_BIAS: tl.constexpr, ZERO: tl.constexpr,
-        ROT: tl.constexpr, KV: tl.constexpr, HALF: tl.constexpr, PDL: tl.constexpr,
+        ROT: tl.constexpr, KV: tl.constexpr, HALF: tl.constexpr, PDL: tl.constexpr, XF: tl.constexpr,
     ):
         """Program (rows block, chunk, block of 16 rows of A_k's output, column block c1) writes
         output columns c1·P2 .. c1·P2 + P2 of its rows, P2 = P / P1. Every program reads its rows'
@@ -242,7 +253,7 @@ if triton is not None:
             z = _fwht_rows(z, BR, PP2, LOGP2)
             if MODE == 2:
                 z = z * tl.rsqrt(tl.sum(q, 1) / CH + eps)[:, None]  # the RMS scale: H is linear
-            yoff = rows[:, None] * stride_yb + pos2
+            yoff = _y_offsets(rows[:, None], pos2, stride_yb, XF)
             R: tl.constexpr = BR
             head = c1  # ROT: P2 is one head
         else:
@@ -268,7 +279,7 @@ if triton is not None:
             z = _fwht_rows(z, IB, PP2, LOGP2)
             if MODE == 2:
                 z = z * tl.rsqrt(tl.sum(q) / CH + eps)
-            yoff = b * stride_yb + pos2
+            yoff = _y_offsets(b, pos2, stride_yb, XF)
             R: tl.constexpr = IB
             head = (r_out * (P // (2 * HALF)) + c1)[:, None]  # ROT: a head a row (P2 = head_dim)
         y = z * alpha * post + bias
@@ -306,7 +317,7 @@ if triton is not None:
         BK: tl.constexpr, R_DOT: tl.constexpr, EXACT16: tl.constexpr, MODE: tl.constexpr,
         ROT: tl.constexpr, KV: tl.constexpr, HALF: tl.constexpr,
         HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, HAS_BIAS: tl.constexpr, ZERO: tl.constexpr,
-        PDL: tl.constexpr,
+        PDL: tl.constexpr, XF: tl.constexpr,
     ):
         """Program (row of x, chunk, block of IB rows of L) writes Y[rows, :] of Y = L X R for the
         chunk viewed as X [M, Q]: L = A_k ⊗ S_(P/Q) [M, M] by a loop over column blocks of L (each
@@ -354,7 +365,7 @@ if triton is not None:
             _store_rotary(y_ptr, y, b * stride_yb + pos2, omask, r_out[:, None], cs, kc_ptr, vc_ptr, sc_s, sc_h, HQ,
                           HKV, IB, HALF, KV)
         else:
-            tl.store(y_ptr + b * stride_yb + pos2, y.to(y_ptr.dtype.element_ty), mask=omask)
+            tl.store(y_ptr + _y_offsets(b, pos2, stride_yb, XF), y.to(y_ptr.dtype.element_ty), mask=omask)
         if ZERO:
             _zero_share(zero_ptr, zero_per_prog, zero_numel)
 
@@ -486,7 +497,7 @@ def hadamard_transform(x: torch.Tensor, transpose: bool = False, chunks: int = 1
                        out: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
                        zero: torch.Tensor | None = None, launch: dict | None = None,
                        pre_signs: bool = False, up: torch.Tensor | None = None, norm: tuple | None = None,
-                       rotary=None) -> torch.Tensor:
+                       rotary=None, frag_nb: int = 0) -> torch.Tensor:
     """y = post ⊙ (alpha · H(pre ⊙ x)) + bias over the last dim of x [..., N], per chunk of N/chunks
     (H^T with `transpose`), orthonormal H as in `hadamard_reference`; computed in float32 and
     written in `out` (or a new tensor of out_dtype, default x's dtype). `zero`, if given, is a
@@ -502,15 +513,25 @@ def hadamard_transform(x: torch.Tensor, transpose: bool = False, chunks: int = 1
 
     And the output can be that of a fused q|k|v projection: `rotary` (a `fused.QKVRotary`) rotates
     its q and k heads as `fused.rotary_qkv_` does, in the same launch, and writes k and v to the
-    caches it names (one chunk; the launch of `rotary_plan`, which must exist)."""
+    caches it names (one chunk; the launch of `rotary_plan`, which must exist).
+
+    `frag_nb` > 0 writes y for the QTIP fragment kernel instead: a new [8·frag_nb, N] buffer in its x
+    order (`qtip_frag_triton.frag_x_order`), rows past x's left unwritten."""
     n = x.shape[-1]
     if chunks < 1 or n % chunks:
         raise ValueError(f"cannot split length {n} into {chunks} chunks")
     x2, lead = as_rows(x)
     B = x2.shape[0]
-    if out is None:
-        out = torch.empty(B, n, dtype=out_dtype or x.dtype, device=x.device)
-    y2 = out.view(B, n)
+    if frag_nb:
+        if out is not None or rotary is not None or B > 8 * frag_nb or n % 16:
+            raise ValueError(f"a fragment-order output takes no out= or rotary, ≤ {8 * frag_nb} rows and a "
+                             f"length divisible by 16, got {B} rows of {n}")
+        out = torch.empty(8 * frag_nb, n, dtype=out_dtype or x.dtype, device=x.device)
+        y2 = out
+    else:
+        if out is None:
+            out = torch.empty(B, n, dtype=out_dtype or x.dtype, device=x.device)
+        y2 = out.view(B, n)
     ch = n // chunks
     if rotary is not None:
         heads = rotary.num_heads + 2 * rotary.num_kv_heads
@@ -557,7 +578,7 @@ def hadamard_transform(x: torch.Tensor, transpose: bool = False, chunks: int = 1
         zn, zper, zt = 0, 0, y2
     ptrs = (pre if pre is not None else y2, post if post is not None else y2, bias if bias is not None else y2)
     flags = dict(HAS_PRE=pre is not None, HAS_POST=post is not None, HAS_BIAS=bias is not None, ZERO=zero is not None,
-                 MODE=mode, **launch_options(x2))
+                 MODE=mode, XF=frag_nb, **launch_options(x2))
     scale = float(alpha) / math.sqrt(ch)
     if kind == "dot":
         exact16 = x2.dtype in (torch.float16, torch.bfloat16) and (pre is None or pre_signs)
@@ -568,4 +589,4 @@ def hadamard_transform(x: torch.Tensor, transpose: bool = False, chunks: int = 1
         _hadamard_kernel[grid](x2, aux, w, rout, *ptrs, lmat, y2, zt, *rot_args, B, x2.stride(0), aux.stride(0),
                                rout.stride(0), y2.stride(0), scale, eps, zper, zn, *rot_ints, HAS_AUX=aux is not y2,
                                **flags, **rot_flags, **pl)
-    return out.view(*lead, n)
+    return out if frag_nb else out.view(*lead, n)

@@ -154,7 +154,7 @@ if triton is not None:
         tensor masks)."""
         ok = ()
         for r in tl.static_range(RT):
-            ok = ok + ((i0 + r + 0 * col) < TM,)
+            ok = ok + ((i0 + r) < TM,)
         return ok
 
     @triton.jit
@@ -169,12 +169,16 @@ if triton is not None:
         return w
 
     @triton.jit
-    def _step_x(xp, XS, jm, xok, NB: tl.constexpr):
+    def _step_x(xp, XS, jm, xok, NB: tl.constexpr, XF: tl.constexpr):
         """B fragments (two int32 fp16 pairs) of one step, one per n-block of 8 batch rows (xok
-        None: every row of every n-block is readable)."""
+        None: every row of every n-block is readable). XF: x in the fragment order, both
+        registers in one 8-byte word (xp points at int64)."""
         xs = ()
         for b in tl.static_range(NB):
-            if xok is None:
+            if XF:
+                v = tl.load(xp + b * XS, mask=jm, other=0)
+                xs = xs + ((v.to(tl.int32), (v >> 32).to(tl.int32)),)
+            elif xok is None:
                 xs = xs + ((tl.load(xp + b * XS, mask=jm, other=0), tl.load(xp + b * XS + 4, mask=jm, other=0)),)
             else:
                 m = jm & xok[b]
@@ -319,19 +323,21 @@ if triton is not None:
         return v
 
     @triton.jit
-    def _out_all(y_ptr, scratch_ptr, acc, col, lane, i0, B, TM, stride_yb, RT: tl.constexpr, NB: tl.constexpr,
-                 NW: tl.constexpr, REP: tl.constexpr, ATOMIC: tl.constexpr, EMULATE: tl.constexpr):
-        """Sum every accumulator register over the warps and add/store it, one shared-memory
-        exchange for as many registers as the table's space holds (all of them in most launches):
-        each warp stores its registers (word (w·LC + k)·32 + lane), one barrier, each thread sums
-        NW words of an output. Triton's reduction per register paid three barriers each (24 in a
-        row at 2 row tiles). Register k = 4·(NB·r + b) + c of lane (g, t) holds
-        y[8b + 2t + (c & 1)][16·(i0 + r) + g + 8·(c >> 1)]."""
+    def _out_all(y_ptr, scratch_ptr, acc, col, lane, ib, B, TM, stride_yb, RT: tl.constexpr, NB: tl.constexpr,
+                 NW: tl.constexpr, WC: tl.constexpr, REP: tl.constexpr, ATOMIC: tl.constexpr, EMULATE: tl.constexpr):
+        """Sum every accumulator register over the WC warps of its row group and add/store it, one
+        shared-memory exchange for as many registers as the table's space holds (all of them in
+        most launches): each warp stores its registers (word (w·LC + k)·32 + lane), one barrier,
+        each thread sums WC words of an output. Triton's reduction per register paid three
+        barriers each (24 in a row at 2 row tiles). Register k = 4·(NB·r + b) + c of lane (g, t)
+        of a warp in row group q holds y[8b + 2t + (c & 1)][16·(ib + RT·q + r) + g + 8·(c >> 1)]."""
         L: tl.constexpr = RT * NB * 4
+        WR: tl.constexpr = NW // WC
         CAP: tl.constexpr = (2048 * REP) // (128 * NW)  # registers a round: the table's bytes / a register's
         LC: tl.constexpr = L if L <= CAP else CAP
         ROUNDS: tl.constexpr = (L + LC - 1) // LC
-        PER: tl.constexpr = (LC + NW - 1) // NW  # outputs a thread sums per round
+        OUTS: tl.constexpr = WR * LC * 32  # outputs a round
+        PER: tl.constexpr = (OUTS + 32 * NW - 1) // (32 * NW)  # outputs a thread sums per round
         tl.static_assert(NW * LC * 128 <= 2048 * REP, "frag epilogue: a round must fit the table's memory")
         wid = col // 32
         for g in tl.static_range(ROUNDS):
@@ -343,39 +349,44 @@ if triton is not None:
                     _smem_store(((wid * LC + kk) * 32 + lane) * 4, reg, scratch_ptr, EMULATE)
             tl.debug_barrier()
             for q in tl.static_range(PER):
-                o = q * 32 * NW + col  # output: register kk of lane ln
-                kk = o // 32
+                o = q * 32 * NW + col  # output: register kk of lane ln in row group wr
+                if OUTS % (32 * NW) != 0:  # threads past the round's outputs read its last one (dropped)
+                    o = tl.minimum(o, OUTS - 1)
+                wr = o // (LC * 32)
+                kk = (o // 32) % LC
                 ln = o % 32
-                kr = kk
-                if LC % NW != 0:  # threads past the round's registers read its last one (their sums are dropped)
-                    kr = tl.minimum(kk, LC - 1)
-                v = _smem_load((kr * 32 + ln) * 4, scratch_ptr, EMULATE)
-                for w in tl.static_range(1, NW):
-                    v += _smem_load(((w * LC + kr) * 32 + ln) * 4, scratch_ptr, EMULATE)
+                v = _smem_load(((wr * WC * LC + kk) * 32 + ln) * 4, scratch_ptr, EMULATE)
+                for w in tl.static_range(1, WC):
+                    v += _smem_load((((wr * WC + w) * LC + kk) * 32 + ln) * 4, scratch_ptr, EMULATE)
                 k = g * LC + kk
                 c = k % 4
-                rows = (i0 + k // (4 * NB)) * 16 + (ln >> 2) + 8 * (c >> 1)
+                rows = (ib + RT * wr + k // (4 * NB)) * 16 + (ln >> 2) + 8 * (c >> 1)
                 n = 8 * ((k // 4) % NB) + 2 * (ln & 3) + (c & 1)
-                _put(y_ptr, n * stride_yb + rows, v, (kk < LC) & (k < L) & (rows < TM * 16) & (n < B), ATOMIC)
+                own = (q * 32 * NW + col) < OUTS
+                _put(y_ptr, n * stride_yb + rows, v, own & (k < L) & (rows < TM * 16) & (n < B), ATOMIC)
 
     @triton.jit
     def _walk_start(codes_ptr, TM, TN, tiles_per_split, K: tl.constexpr, RT: tl.constexpr, NW: tl.constexpr,
-                    EMULATE: tl.constexpr):
-        """What both kernels set up first: each thread's lane and byte selector, the program's row
-        tiles (first i0, present ok) and tile columns [t0, t1), this warp's first column j, the
-        pointer to its lanes' code words, and the distance to their second word. The table comes
-        after the first code loads (`_table`): its writes then overlap their latency."""
+                    WC: tl.constexpr, EMULATE: tl.constexpr):
+        """What both kernels set up first: each thread's lane and byte selector, the program's first
+        row tile ib, its warp's row tiles (first i0, present ok) and the program's tile columns
+        [t0, t1), the warp's first column j, the pointer to its lanes' code words, and the distance
+        to their second word. The NW warps form NW / WC row groups of RT row tiles; the WC warps of
+        a group walk the tile columns together (warp w takes column t0 + w % WC, then every WC-th).
+        The table comes after the first code loads (`_table`): its writes then overlap their latency."""
         col = tl.arange(0, 32 * NW)
         lane = _lane_ids(col, EMULATE)
         sel = tl.where((lane & 1) == 1, 0x3254, 0x1032)
-        i0 = tl.program_id(0) * RT
+        wid = col // 32
+        ib = tl.program_id(0) * (RT * (NW // WC))
+        i0 = ib + (wid // WC) * RT
         ok = _row_tiles_present(i0, col, TM, RT)
         t0 = tl.program_id(1) * tiles_per_split
         t1 = tl.minimum(t0 + tiles_per_split, TN)
         first, delta = _word_offsets(lane, K)
-        j = t0 + col // 32
+        j = t0 + wid % WC
         cp = codes_ptr + (i0 * TN + j) * (8 * K) + first
-        return col, lane, sel, i0, ok, t0, t1, j, cp, delta
+        return col, lane, sel, ib, i0, ok, t0, t1, j, cp, delta
 
     @triton.jit
     def _frag_step(acc, words, xs, lane, sel, lut_ptr, lane_addr, K: tl.constexpr, RT: tl.constexpr, NB: tl.constexpr,
@@ -394,24 +405,34 @@ if triton is not None:
     def _hyb_frag_kernel(
         x_ptr, codes_ptr, lut_ptr, y_ptr, scratch_ptr,
         TM, TN: tl.constexpr, B, stride_xb, stride_yb, tiles_per_split,
-        K: tl.constexpr, RT: tl.constexpr, NB: tl.constexpr, NW: tl.constexpr, REP: tl.constexpr,
-        ATOMIC: tl.constexpr, EMULATE: tl.constexpr, PDL: tl.constexpr, EVEN: tl.constexpr, PF: tl.constexpr,
+        K: tl.constexpr, RT: tl.constexpr, NB: tl.constexpr, NW: tl.constexpr, WC: tl.constexpr,
+        REP: tl.constexpr, ATOMIC: tl.constexpr, EMULATE: tl.constexpr, PDL: tl.constexpr, EVEN: tl.constexpr,
+        PF: tl.constexpr, XF: tl.constexpr,
     ):
-        """y[:B, rows] (+)= xh[:B] · Ŵ[rows]ᵀ for RT row tiles (program axis 0), B ≤ 8·NB rows of x
-        in NB n-blocks, and the tile columns of split program_id(1); warp w takes columns t0 + w,
-        t0 + w + NW, ... A tile is decoded once and multiplied by every n-block. Every tensor is
-        [32·NW], one element per thread; row tiles and n-blocks are tuples unrolled at compile
-        time (a tensor axis would let Triton pick layouts that break the lane ↔ fragment
-        mapping). x is fp16 read as int32 pairs (stride_xb in pairs), y float32."""
-        col, lane, sel, i0, ok, t0, t1, j, cp, delta = _walk_start(codes_ptr, TM, TN, tiles_per_split, K, RT, NW,
-                                                                   EMULATE)
-        wid = col // 32
+        """y[:B, rows] (+)= xh[:B] · Ŵ[rows]ᵀ for the program's (NW / WC)·RT row tiles (program
+        axis 0), B ≤ 8·NB rows of x in NB n-blocks, and the tile columns of split program_id(1);
+        warp w works on row group w // WC and takes columns t0 + w % WC, then every WC-th. A tile
+        is decoded once and multiplied by every n-block; the warps of a column share x through
+        L1. Every tensor is [32·NW], one element per thread; row tiles and n-blocks are tuples
+        unrolled at compile time (a tensor axis would let Triton pick layouts that break the
+        lane ↔ fragment mapping). x is fp16 read as int32 pairs (stride_xb in pairs) or, with XF,
+        in the fragment order (`frag_x_order`, read as int64: one 8-byte load a lane and n-block,
+        where row-major x costs a cache line per row of the n-block); y float32."""
+        col, lane, sel, ib, i0, ok, t0, t1, j, cp, delta = _walk_start(codes_ptr, TM, TN, tiles_per_split, K, RT,
+                                                                       NW, WC, EMULATE)
+        wc = (col // 32) % WC
         # B fragment of n-block b: lane (n, t) holds x[8b + n, 16j + 2t + {0,1}] and x[.., 16j + 8 + 2t + {0,1}]
         xn = lane >> 2
         xok = ()
         for b in tl.static_range(NB):
             xok = xok + (xn + 8 * b < B,)
-        XS = 8 * stride_xb
+        if XF:  # rows past B exist in the buffer (unwritten): their products land in dropped columns
+            xok = None
+            XS = 32
+            XSTEP = 32 * NB * WC
+        else:
+            XS = 8 * stride_xb
+            XSTEP = 8 * WC
         # Pointers advance by NW tiles a step (no per-step 64-bit index math); code words and x
         # are requested ahead of the step that uses them (PF steps, or one in the masked loop).
         TW: tl.constexpr = 8 * K  # int32 code words per tile
@@ -423,29 +444,35 @@ if triton is not None:
             for _b in tl.static_range(NB):
                 row = row + ((z, z, z, z),)
             acc = acc + (row,)
+        if XF:
+            xp0 = x_ptr + j * (32 * NB) + lane
+        elif EVEN:
+            xp0 = x_ptr + tl.minimum(xn, B - 1) * stride_xb + (lane & 3) + 8 * j
+        else:
+            xp0 = x_ptr + xn * stride_xb + (lane & 3) + 8 * j
         if EVEN:
-            # Every warp takes n = tiles_per_split / NW whole steps and every row tile exists. Rows
+            # Every warp takes n = tiles_per_split / WC whole steps and every row tile exists. Rows
             # of x past B are read as row B - 1 (their products land in columns the epilogue drops).
             # Code words and x run PF steps ahead in a ring of registers: a step's 64·RT bytes of
             # codes a warp are too few to cover the memory latency one step ahead.
-            n = tiles_per_split // NW
-            xp = x_ptr + tl.minimum(xn, B - 1) * stride_xb + (lane & 3) + 8 * j
+            n = tiles_per_split // WC
+            xp = xp0
             ring_w = ()
             for d in tl.static_range(PF):
-                ring_w = ring_w + (_step_words(cp + d * NW * TW, RS, delta, col * 0 + d < n, None, lane, K, RT),)
+                ring_w = ring_w + (_step_words(cp + d * WC * TW, RS, delta, col * 0 + d < n, None, lane, K, RT),)
             lane_addr = _table(lut_ptr, y_ptr, col, lane, TM, REP, EMULATE)
             wait_prior(PDL)  # the table and the first code words came before: weights, not activations
             ring_x = ()
             for d in tl.static_range(PF):
-                ring_x = ring_x + (_step_x(xp + d * 8 * NW, XS, col * 0 + d < n, None, NB),)
-            cp += PF * NW * TW
-            xp += PF * 8 * NW
+                ring_x = ring_x + (_step_x(xp + d * XSTEP, XS, col * 0 + d < n, None, NB, XF),)
+            cp += PF * WC * TW
+            xp += PF * XSTEP
             for s in tl.range(0, n, loop_unroll_factor=PF):
                 pm = col * 0 + s + PF < n
                 w_new = _step_words(cp, RS, delta, pm, None, lane, K, RT)
-                x_new = _step_x(xp, XS, pm, None, NB)
-                cp += NW * TW
-                xp += 8 * NW
+                x_new = _step_x(xp, XS, pm, None, NB, XF)
+                cp += WC * TW
+                xp += XSTEP
                 acc = _frag_step(acc, ring_w[0], ring_x[0], lane, sel, lut_ptr, lane_addr, K, RT, NB, NW, REP,
                                  EMULATE)
                 rw = ()
@@ -456,23 +483,23 @@ if triton is not None:
                 ring_w = rw + (w_new,)
                 ring_x = rx + (x_new,)
         else:
-            xp = x_ptr + xn * stride_xb + (lane & 3) + 8 * j
+            xp = xp0
             jm = j < t1
             words = _step_words(cp, RS, delta, jm, ok, lane, K, RT)
             lane_addr = _table(lut_ptr, y_ptr, col, lane, TM, REP, EMULATE)
             wait_prior(PDL)
-            xs = _step_x(xp, XS, jm, xok, NB)
-            for j0 in range(t0, t1, NW):
-                nm = j0 + wid + NW < t1
-                cp += NW * TW
-                xp += 8 * NW
-                xs_next = _step_x(xp, XS, nm, xok, NB)
+            xs = _step_x(xp, XS, jm, xok, NB, XF)
+            for j0 in range(t0, t1, WC):
+                nm = j0 + wc + WC < t1
+                cp += WC * TW
+                xp += XSTEP
+                xs_next = _step_x(xp, XS, nm, xok, NB, XF)
                 words_next = _step_words(cp, RS, delta, nm, ok, lane, K, RT)
                 acc = _frag_step(acc, words, xs, lane, sel, lut_ptr, lane_addr, K, RT, NB, NW, REP, EMULATE)
                 xs = xs_next
                 words = words_next
         tl.debug_barrier()  # every warp is done with the table before the epilogue's reduction reuses it
-        _out_all(y_ptr, scratch_ptr, acc, col, lane, i0, B, TM, stride_yb, RT, NB, NW, REP, ATOMIC, EMULATE)
+        _out_all(y_ptr, scratch_ptr, acc, col, lane, ib, B, TM, stride_yb, RT, NB, NW, WC, REP, ATOMIC, EMULATE)
 
     @triton.jit
     def _store_tile(wp, u, v, msk, stride_w, lane, sel, lut_ptr, lane_addr, K: tl.constexpr, REP: tl.constexpr,
@@ -493,8 +520,8 @@ if triton is not None:
         """Ŵ [16·TM, 16·TN] as fp16 pairs (w_ptr int32, stride_w in pairs): the fragment kernel's
         decode with stores in place of the mma, for the prefill path (decode once, then cuBLAS).
         Same grid and warp walk as `_hyb_frag_kernel`."""
-        col, lane, sel, i0, ok, t0, t1, j, cp, delta = _walk_start(codes_ptr, TM, TN, tiles_per_split, K, RT, NW,
-                                                                   EMULATE)
+        col, lane, sel, ib, i0, ok, t0, t1, j, cp, delta = _walk_start(codes_ptr, TM, TN, tiles_per_split, K, RT,
+                                                                       NW, NW, EMULATE)
         wid = col // 32
         TW: tl.constexpr = 8 * K
         RS = TN * TW
@@ -519,13 +546,16 @@ if triton is not None:
 MAX_BATCH = 64  # 8 n-blocks of the mma's n = 8
 
 
-def even_launch(tm: int, tn: int, batch: int, row_tiles: int, num_warps: int, tiles_per_split: int) -> bool:
+def even_launch(tm: int, tn: int, batch: int, row_tiles: int, num_warps: int, tiles_per_split: int,
+                warp_cols: int | None = None, x_frag: bool = False) -> bool:
     """The launch needs no masks: every program's row tiles exist, its tile columns are whole
-    steps of num_warps inside the matrix, and x's rows fill every n-block or one (rows past the
-    batch are then read as its last row). The kernel then runs its unmasked, unrolled loop."""
+    steps of warp_cols (default num_warps) inside the matrix, and x's rows fill every n-block or
+    one (rows past the batch are then read as its last row) or x is in the fragment order (its
+    buffer has every row). The kernel then runs its unmasked, unrolled loop."""
     nb = n_blocks(batch)
-    return (tm % row_tiles == 0 and tiles_per_split % num_warps == 0 and tn % tiles_per_split == 0
-            and (nb == 1 or batch == 8 * nb))
+    wc = warp_cols or num_warps
+    return (tm % (row_tiles * (num_warps // wc)) == 0 and tiles_per_split % wc == 0 and tn % tiles_per_split == 0
+            and (x_frag or nb == 1 or batch == 8 * nb))
 _CHECKED: set = set()
 
 
@@ -559,31 +589,52 @@ def _launch(kernel, grid, args, what: str, row_tiles: int, num_warps: int, copie
         _CHECKED.add(key)
 
 
+def frag_x_order(x: torch.Tensor, nb: int) -> torch.Tensor:
+    """x [B ≤ 8·nb, n] in the fragment kernel's x order (the reference of the Hadamard kernels'
+    fragment-order output): a flat fp16 buffer of 8·nb·n holding x[8b + g, 16j + 8h + 2t + e] at
+    ((j·nb + b)·32 + 4g + t)·4 + 2h + e, rows past B zero (the kernels leave them unwritten)."""
+    B, n = x.shape
+    full = x.new_zeros(8 * nb, n)
+    full[:B] = x
+    return full.view(nb, 8, n // 16, 2, 4, 2).permute(2, 0, 1, 4, 3, 5).reshape(8 * nb, n)
+
+
 def frag_matmul(codes: torch.Tensor, lut32: torch.Tensor, K: int, xh: torch.Tensor, out: torch.Tensor,
                 row_tiles: int, num_warps: int, tiles_per_split: int, atomic: bool, copies: int = 32,
-                prefetch: int = 2, max_registers: int = 0) -> torch.Tensor:
+                prefetch: int = 2, max_registers: int = 0, warp_cols: int | None = None,
+                x_frag: bool = False) -> torch.Tensor:
     """out [B ≤ 64, m] (+)= xh [B, n] (fp16) @ Ŵᵀ from HYB codes [m/16, n/16, 16K] (int16, read as
     int32) and the table as 512 int32, kept in `copies` copies per program (32: lanes never share
     a bank; 16: 32 KiB instead of 64, twice the programs per SM, lanes l and l + 16 can collide;
     8: 16 KiB, four lanes a copy).
     Each decoded tile meets every 8-row block of x. With `atomic` the splits add into out (which
     must hold zeros). Launches without ragged edges load `prefetch` steps ahead into registers.
-    `max_registers` caps the registers of a thread (0: the compiler's choice)."""
-    B, n = xh.shape
+    `max_registers` caps the registers of a thread (0: the compiler's choice). The warps form
+    num_warps / warp_cols row groups of `row_tiles` row tiles each (default: one group; more groups
+    share each step's x through L1). With `x_frag`, xh is [8·n_blocks(B), n] in the fragment order
+    (`frag_x_order`; B is then out's rows)."""
+    B = out.shape[0] if x_frag else xh.shape[0]
+    n = xh.shape[1]
     m = out.shape[1]
-    if B > MAX_BATCH or xh.dtype != torch.float16 or xh.stride(1) != 1 or xh.stride(0) % 2:
-        raise ValueError(f"frag kernel takes ≤ {MAX_BATCH} contiguous fp16 rows, got {tuple(xh.shape)} {xh.dtype}")
+    wc = warp_cols or num_warps
+    if B > MAX_BATCH or xh.dtype != torch.float16 or xh.stride(1) != 1 or xh.stride(0) % 2 or (
+            x_frag and (tuple(xh.shape) != (8 * n_blocks(B), n) or not xh.is_contiguous())):
+        raise ValueError(f"frag kernel takes ≤ {MAX_BATCH} contiguous fp16 rows (x_frag: all 8·n-blocks of them), "
+                         f"got {tuple(xh.shape)} {xh.dtype} for {B} rows")
+    if wc < 1 or num_warps % wc:
+        raise ValueError(f"frag kernel: warp columns must divide the warps, got {wc} of {num_warps}")
     tm, tn = m // 16, n // 16
-    grid = (triton.cdiv(tm, row_tiles), triton.cdiv(tn, tiles_per_split))
+    grid = (triton.cdiv(tm, row_tiles * (num_warps // wc)), triton.cdiv(tn, tiles_per_split))
     # the epilogue's warp sums go through shared memory; the emulation uses this buffer instead
     scratch = torch.empty(512 * copies, dtype=torch.float32, device=out.device) if interpreting() else out
-    args = (xh.view(torch.int32), codes.view(torch.int32), lut32, out, scratch, tm, tn, B, xh.stride(0) // 2,
+    xv = xh.view(torch.int64) if x_frag else xh.view(torch.int32)
+    args = (xv, codes.view(torch.int32), lut32, out, scratch, tm, tn, B, xh.stride(0) // 2,
             out.stride(0), tiles_per_split)
     if prefetch < 1:
         raise ValueError(f"frag kernel: prefetch depth must be ≥ 1, got {prefetch}")
-    even = even_launch(tm, tn, B, row_tiles, num_warps, tiles_per_split)
+    even = even_launch(tm, tn, B, row_tiles, num_warps, tiles_per_split, wc, x_frag)
     _launch(_hyb_frag_kernel, grid, args, "frag kernel", row_tiles, num_warps, copies, max_registers, K=K,
-            NB=n_blocks(B), ATOMIC=atomic, EVEN=even, PF=prefetch if even else 1)
+            NB=n_blocks(B), WC=wc, ATOMIC=atomic, EVEN=even, PF=prefetch if even else 1, XF=x_frag)
     return out
 
 

@@ -40,7 +40,7 @@ from .hadamard_triton import takes_gate as takes_gate  # QTIPLinear.forward_gate
 from .hadamard_triton import takes_norm as takes_norm_transform
 from .pdl import launch_options, wait_prior
 from .qtip import QTIPParams
-from .qtip_frag_triton import even_launch, frag_dequant, frag_matmul
+from .qtip_frag_triton import even_launch, frag_dequant, frag_matmul, n_blocks
 from .qtip_shared_triton import _be, _put
 from .tuning import as_rows, batch_bucket, choose, interpreting, time_candidates
 
@@ -51,9 +51,10 @@ except ImportError:  # pragma: no cover
     triton = None
     tl = None
 
-# The frag kernel takes up to 64 rows; at 64 the tensor-core `mma` kernel won every measured shape
-# (H100, RESULTS.md), so the tuner only tries frag up to 32 rows (fewer compiles at startup).
-FRAG_TUNED_BATCH = 32
+# The frag kernel takes up to 64 rows. With row-major x the tensor-core `mma` kernel won every
+# measured shape at 64 (each frag warp read a cache line per x row); with row groups sharing
+# fragment-order x the tuner tries frag up to 64 rows (H100, RESULTS.md, tenth session).
+FRAG_TUNED_BATCH = 64
 
 _MODE_ID = {"quantlut_sym": 0, "quantlut": 1, "lut": 2, "1mad": 3, "3inst": 4}
 
@@ -625,6 +626,13 @@ class QTIPConfig:
     table_copies: int = 32  # frag: copies of the HYB table in shared memory (8, 16 or 32)
     prefetch: int = 2  # frag: steps the code words and x are loaded ahead (unmasked launches)
     max_registers: int = 0  # frag: register cap a thread (Triton's maxnreg; 0 = the compiler's choice)
+    frag_x: bool = False  # frag: the input transform writes x in the kernel's fragment order
+
+    def frag_launch(self) -> tuple[int, int]:
+        """frag: (row tiles a warp, warps along the tile columns). cols / 16 warps walk the tile
+        columns; the rest of the warps form row groups, rows / 16 row tiles in all."""
+        wc = self.cols // 16
+        return self.rows // 16 // (self.num_warps // wc), wc
 
     def __str__(self) -> str:
         if self.kind == "dequant":
@@ -636,6 +644,8 @@ class QTIPConfig:
             lut += f" pf{self.prefetch}"
         if self.kind == "frag" and self.max_registers:
             lut += f" r{self.max_registers}"
+        if self.kind == "frag" and self.frag_x:
+            lut += " xf"
         return f"{self.kind} {self.rows}x{self.cols} bb={self.bb} s{self.split_k} w{self.num_warps}{lut}"
 
 
@@ -671,15 +681,16 @@ def decode_matmul(layer, xh: torch.Tensor, cfg: QTIPConfig, out: torch.Tensor) -
     add into `out` atomically, so it must hold zeros (see `splits`)."""
     p = layer.params
     m, n = layer.out_features, layer.in_features
-    B = xh.shape[0]
+    B = out.shape[0]
     per, split = _steps(layer, cfg)
     atomic = split > 1
     bb = cfg.bb
     grid_b = triton.cdiv(B, bb)
     common = dict(num_warps=cfg.num_warps, ATOMIC=atomic, **launch_options(xh))
     if cfg.kind == "frag":
-        frag_matmul(layer.codes, _lut32(layer), p.K, xh, out, cfg.rows // 16, cfg.num_warps, per, atomic,
-                    cfg.table_copies, cfg.prefetch, cfg.max_registers)
+        rt, wc = cfg.frag_launch()
+        frag_matmul(layer.codes, _lut32(layer), p.K, xh, out, rt, cfg.num_warps, per, atomic,
+                    cfg.table_copies, cfg.prefetch, cfg.max_registers, wc, cfg.frag_x)
     elif _hyb(p):
         bi, bj = cfg.rows // 16, cfg.cols // 16
         grid = (triton.cdiv(m // 16, bi), split, grid_b)
@@ -743,6 +754,8 @@ def run_config(layer, x2: torch.Tensor, cfg: QTIPConfig, out: torch.Tensor | Non
     else:
         atomic = _steps(layer, cfg)[1] > 1
         y_raw = torch.empty(B, m, dtype=torch.float32, device=x2.device)
+        if cfg.kind == "frag" and cfg.frag_x:
+            into["frag_nb"] = n_blocks(B)
         xh = hadamard_transform(x2, zero=y_raw if atomic else None, **into)
         decode_matmul(layer, xh, cfg, y_raw)
     return hadamard_transform(y_raw, transpose=False, chunks=_chunks(layer, 2), post=layer.SV, alpha=32.0,
@@ -781,7 +794,7 @@ def heuristic_config(layer, batch: int, device, dtype: torch.dtype = torch.float
     if batch > 64:
         return QTIPConfig("dequant")
     hyb = _hyb(layer.params)
-    if hyb and 2 < batch <= FRAG_TUNED_BATCH and dtype != torch.float32 and not interpreting():
+    if hyb and 2 < batch <= 32 and dtype != torch.float32 and not interpreting():
         ctas = triton.cdiv(m, 32)
         return QTIPConfig("frag", 32, 128, 8, _split_for(ctas, n // 128, sms, want=2), 8,
                           table_copies=16)
@@ -812,20 +825,30 @@ def candidate_configs(layer, batch: int, device) -> list[QTIPConfig]:
         # steps ahead wins at batch 1 and mostly at 16 (not with 4 row tiles of 8 warps: 96
         # registers); past 16 rows every row tile holds 4 accumulators per n-block, so fewer
         # row tiles
+        # Past 8 rows, row groups of warps that share each step's x (through L1, x in the fragment
+        # order: one 8-byte load a lane and n-block): (row tiles a warp, warps, copies, depth,
+        # warps along the columns (0: all), fragment-order x)
         if batch <= 8:
             launches = ((2, 8, 16, 4), (4, 4, 16, 4), (1, 16, 16, 4), (2, 16, 16, 4), (4, 8, 16, 2), (2, 8, 16, 2))
         elif batch <= 16:
-            launches = ((4, 4, 16, 4), (4, 4, 16, 2), (2, 8, 16, 2), (4, 8, 32, 2), (2, 4, 16, 2))
+            launches = ((4, 4, 16, 4), (4, 4, 16, 2), (2, 8, 16, 2), (4, 8, 32, 2), (2, 4, 16, 2),
+                        (4, 4, 16, 2, 4, True), (4, 8, 16, 2, 2, True), (2, 8, 16, 2, 2, True))
+        elif batch <= 32:
+            launches = ((1, 8, 16, 2), (2, 8, 16, 2), (2, 4, 16, 2), (1, 16, 16, 2),
+                        (2, 8, 16, 2, 2, True), (2, 8, 16, 2, 4, True), (1, 8, 16, 2, 2, True))
         else:
-            launches = ((1, 8, 16, 2), (2, 8, 16, 2), (2, 4, 16, 2), (1, 16, 16, 2))
+            launches = ((1, 8, 16, 2, 2, True), (2, 8, 16, 2, 2, True), (1, 8, 16, 2, 1, True), (2, 4, 16, 2, 1, True))
         seen = set()
-        for rt, warps, copies, depth in launches:
-            ctas = triton.cdiv(m // 16, rt)
-            steps = n // (16 * warps)
+        for rt, warps, copies, depth, *more in launches:
+            wc, xf = (list(more) + [0, False])[:2]
+            wc = wc or warps
+            ctas = triton.cdiv(m // 16, rt * (warps // wc))
+            steps = n // (16 * wc)
             for s in _splits_around(_split_for(ctas, steps, sms, want=2), steps, (0.5, 1, 2)):
-                cfg = QTIPConfig("frag", 16 * rt, 16 * warps, 8, s, warps, table_copies=copies, prefetch=depth)
+                cfg = QTIPConfig("frag", 16 * rt * (warps // wc), 16 * wc, 8, s, warps, table_copies=copies,
+                                 prefetch=depth, frag_x=xf)
                 per, _ = _steps(layer, cfg)
-                if not even_launch(m // 16, n // 16, batch, rt, warps, per):  # masked loop: depths unused
+                if not even_launch(m // 16, n // 16, batch, rt, warps, per, wc, xf):  # masked loop: depths unused
                     cfg = dataclasses.replace(cfg, prefetch=2)
                 if cfg not in seen:
                     seen.add(cfg)
