@@ -1,10 +1,10 @@
 """Device timeline of CUDA-graph decode replays (torch.profiler over graph replays):
 
-    python -m benchmarks.replay_profile [--shape llama-2-7b] [--format qtip2] [--context 128] [--steps 5]
+    python -m benchmarks.replay_profile [--shape llama-2-7b] [--format qtip2] [--context 128] [--steps 5] [--batch 1]
     python -m benchmarks.replay_profile --ablate hadamard,frag,attention
 
 
-Captures the engine's batch-1 decode graph (`CudaGraphDecoder`) for a random-weight model, replays it
+Captures the engine's decode graph of one batch bucket (default 1) (`CudaGraphDecoder`) for a random-weight model, replays it
 `--steps` times under the profiler and prints, per step: kernels, the span from the first kernel's
 start to the last one's end, the summed kernel time (above the span when PDL overlaps launches),
 the gaps between kernels, and the top kernels. Unlike `profile_step` (eager steps) this is the
@@ -31,7 +31,9 @@ from lowbit.engine.cuda_graphs import CudaGraphDecoder
 from lowbit.quantized_models.synthetic import random_model
 
 
-def _skip_hadamard(x, out=None, out_dtype=None, **_):
+def _skip_hadamard(x, out=None, out_dtype=None, frag_nb=0, **_):
+    if frag_nb:  # the fragment kernel's x buffer
+        return torch.empty(8 * frag_nb, x.shape[-1], dtype=out_dtype or x.dtype, device=x.device)
     return out if out is not None else torch.empty(x.shape, dtype=out_dtype or x.dtype, device=x.device)
 
 
@@ -47,20 +49,22 @@ ABLATIONS = {
 }
 
 
-def _decoder(model, context: int):
-    """The engine's batch-1 decode graph for `model` at `context` tokens, captured and warmed."""
+def _decoder(model, context: int, batch: int = 1):
+    """The engine's decode graph for `batch` sequences of `model` at `context` tokens each (pages of
+    their own), captured and warmed."""
     dev = torch.device("cuda")
     cfg, block = model.config, 16
     per = -(-(context + 1) // block)
-    shape = (cfg.num_layers, per + 1, block, cfg.num_kv_heads, cfg.head_dim)
+    shape = (cfg.num_layers, batch * per + 1, block, cfg.num_kv_heads, cfg.head_dim)
     kc = torch.zeros(shape, dtype=model.dtype, device=dev)
     vc = torch.zeros_like(kc)
-    dec = CudaGraphDecoder(model, kc, vc, per, scratch_slot=per * block, buckets=[1])
+    dec = CudaGraphDecoder(model, kc, vc, per, scratch_slot=batch * per * block, buckets=[batch])
     dec.capture()
-    p = torch.tensor([context], device=dev)
-    dec.run(torch.tensor([5], device=dev), p, p.clone(), torch.arange(per, dtype=torch.int32, device=dev)[None],
-            (p + 1).int())
-    graph = dec.graphs[1][0]
+    p = torch.full((batch,), context, device=dev)
+    tables = torch.arange(batch * per, dtype=torch.int32, device=dev).view(batch, per)
+    slots = tables[:, context // block].long() * block + context % block
+    dec.run(torch.full((batch,), 5, device=dev), p, slots, tables, (p + 1).int())
+    graph = dec.graphs[batch][0]
     for _ in range(20):
         graph.replay()
     torch.cuda.synchronize()
@@ -81,7 +85,7 @@ def _replay_ms(graph, steps: int, rounds: int = 5) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def ablate(model, context: int, names: list[str], steps: int = 200) -> int:
+def ablate(model, context: int, names: list[str], steps: int = 200, batch: int = 1) -> int:
     """Replay time of the whole graph and of graphs with one launch class left out."""
     rows = []
     for name in ["none", *names]:
@@ -89,7 +93,7 @@ def ablate(model, context: int, names: list[str], steps: int = 200) -> int:
             if name != "none":
                 target, fake = ABLATIONS[name]
                 stack.enter_context(mock.patch(target, fake))
-            dec, graph = _decoder(model, context)
+            dec, graph = _decoder(model, context, batch)
             kernels = _count_kernels(graph)
             rows.append((name, kernels, _replay_ms(graph, steps)))
             del dec, graph
@@ -114,6 +118,7 @@ def main(argv=None) -> int:
     ap.add_argument("--format", default="qtip2")
     ap.add_argument("--context", type=int, default=128)
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=1, help="sequences a step (the graph bucket)")
     ap.add_argument("--ablate", default="", help=f"comma list of {sorted(ABLATIONS)}: time the graph without them")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -126,9 +131,9 @@ def main(argv=None) -> int:
         if unknown:
             print(f"error: --ablate takes {sorted(ABLATIONS)}, got {sorted(unknown)}")
             return 2
-        print(f"# {torch.cuda.get_device_name()} {args.shape} {args.format} batch 1 context {args.context}")
-        return ablate(model, args.context, names)
-    _dec, graph = _decoder(model, args.context)
+        print(f"# {torch.cuda.get_device_name()} {args.shape} {args.format} batch {args.batch} context {args.context}")
+        return ablate(model, args.context, names, batch=args.batch)
+    _dec, graph = _decoder(model, args.context, args.batch)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(args.steps):
             graph.replay()

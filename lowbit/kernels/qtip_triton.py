@@ -794,10 +794,13 @@ def heuristic_config(layer, batch: int, device, dtype: torch.dtype = torch.float
     if batch > 64:
         return QTIPConfig("dequant")
     hyb = _hyb(layer.params)
-    if hyb and 2 < batch <= 32 and dtype != torch.float32 and not interpreting():
-        ctas = triton.cdiv(m, 32)
-        return QTIPConfig("frag", 32, 128, 8, _split_for(ctas, n // 128, sms, want=2), 8,
-                          table_copies=16)
+    if hyb and 2 < batch <= FRAG_TUNED_BATCH and dtype != torch.float32 and not interpreting():
+        if batch <= 8:
+            ctas = triton.cdiv(m, 32)
+            return QTIPConfig("frag", 32, 128, 8, _split_for(ctas, n // 128, sms, want=2), 8, table_copies=16)
+        ctas = triton.cdiv(m, 64)  # two row groups of 2 row tiles, 4 warps along the columns
+        return QTIPConfig("frag", 64, 64, 8, _split_for(ctas, n // 64, sms, want=2), 8, table_copies=16,
+                          frag_x=True)
     if hyb and batch <= 2:
         ctas = triton.cdiv(m, 16)  # one program covers all (≤ 2) rows of x
         return QTIPConfig("flat", 16, 512, batch, _split_for(ctas, n // 512, sms))
@@ -820,24 +823,22 @@ def candidate_configs(layer, batch: int, device) -> list[QTIPConfig]:
     hyb = _hyb(layer.params)
     cands: list[QTIPConfig] = []
     if hyb and batch <= FRAG_TUNED_BATCH:
-        # (row tiles, warps, table copies, prefetch depth), from `benchmarks/qtip_frag_sweep.py` on
-        # the H100 (RESULTS.md): 16 table copies beat 32 (twice the programs per SM); loading 4
-        # steps ahead wins at batch 1 and mostly at 16 (not with 4 row tiles of 8 warps: 96
-        # registers); past 16 rows every row tile holds 4 accumulators per n-block, so fewer
-        # row tiles
-        # Past 8 rows, row groups of warps that share each step's x (through L1, x in the fragment
-        # order: one 8-byte load a lane and n-block): (row tiles a warp, warps, copies, depth,
-        # warps along the columns (0: all), fragment-order x)
+        # (row tiles a warp, warps, table copies, prefetch depth[, warps along the columns, x in the
+        # fragment order]), from `benchmarks/qtip_frag_sweep.py` on the H100 (RESULTS.md): 16 table
+        # copies beat 32 (twice the programs per SM); loading 4 steps ahead wins at batch 1 and
+        # mostly at 16; past 16 rows every row tile holds 4 accumulators per n-block, so fewer row
+        # tiles. Past 8 rows x in the fragment order (one 8-byte load a lane and n-block, where
+        # row-major x cost a cache line per row) won every shape of the sweep, and row groups of
+        # warps (sharing each step's x through L1) most of them at 64 rows.
         if batch <= 8:
             launches = ((2, 8, 16, 4), (4, 4, 16, 4), (1, 16, 16, 4), (2, 16, 16, 4), (4, 8, 16, 2), (2, 8, 16, 2))
+        # (fragment-order x was faster than row-major at every shape of the sweep past 8 rows)
         elif batch <= 16:
-            launches = ((4, 4, 16, 4), (4, 4, 16, 2), (2, 8, 16, 2), (4, 8, 32, 2), (2, 4, 16, 2),
-                        (4, 4, 16, 2, 4, True), (4, 8, 16, 2, 2, True), (2, 8, 16, 2, 2, True))
+            launches = ((4, 4, 16, 4, 4, True), (4, 4, 16, 2, 4, True), (2, 8, 16, 2, 4, True), (4, 8, 16, 2, 4, True))
         elif batch <= 32:
-            launches = ((1, 8, 16, 2), (2, 8, 16, 2), (2, 4, 16, 2), (1, 16, 16, 2),
-                        (2, 8, 16, 2, 2, True), (2, 8, 16, 2, 4, True), (1, 8, 16, 2, 2, True))
+            launches = ((2, 8, 16, 2, 8, True), (2, 8, 16, 2, 4, True), (2, 8, 16, 2, 2, True), (1, 8, 16, 2, 2, True))
         else:
-            launches = ((1, 8, 16, 2, 2, True), (2, 8, 16, 2, 2, True), (1, 8, 16, 2, 1, True), (2, 4, 16, 2, 1, True))
+            launches = ((2, 8, 16, 2, 4, True), (2, 8, 16, 1, 4, True), (2, 8, 16, 2, 2, True), (2, 4, 16, 2, 1, True))
         seen = set()
         for rt, warps, copies, depth, *more in launches:
             wc, xf = (list(more) + [0, False])[:2]
