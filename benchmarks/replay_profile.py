@@ -143,7 +143,7 @@ def main(argv=None) -> int:
     span = (evs[-1].time_range.end - evs[0].time_range.start) / n
     busy = sum(e.time_range.end - e.time_range.start for e in evs) / n
     gaps = [b.time_range.start - a.time_range.end for a, b in zip(evs, evs[1:], strict=False)]
-    print(f"# {torch.cuda.get_device_name()} {args.shape} {args.format} batch 1 context {args.context}")
+    print(f"# {torch.cuda.get_device_name()} {args.shape} {args.format} batch {args.batch} context {args.context}")
     print(f"kernels/step {len(evs) / n:.0f} span/step {span / 1e3:.3f} ms, summed kernel time {busy / 1e3:.3f} ms")
     print(f"overlapping pairs {sum(g < 0 for g in gaps) / n:.0f}/step, "
           f"total positive gap {sum(max(0, g) for g in gaps) / n / 1e3:.3f} ms")
