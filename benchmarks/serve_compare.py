@@ -4,7 +4,9 @@ For each model (default: random-weight Llama-2-7B shapes in fp16 and QTIP 2-bit,
 `lowbit.quantized_models.synthetic.load_random_model`) this starts `lowbit serve` on loopback,
 drives it with the load generator at each concurrency level, stops it, and prints one table:
 output tok/s, TTFT and inter-token latency percentiles, and ITL p50 over the same model's
-single-stream ITL p50.
+single-stream ITL p50. `--warmup S` first drives each server for S seconds at the highest
+concurrency, unreported: a fresh server compiles its prefill kernels on the first prompts of each
+size, which a short measured run would otherwise count.
 
     python -m benchmarks.serve_compare --models random:llama-2-7b:fp16,random:llama-2-7b:qtip2 \\
         --clients 1,64 --duration 20
@@ -52,9 +54,13 @@ def serve_and_load(model: str, args, out_dir: Path, extra: str = "") -> list[dic
         startup = time.monotonic() - t0
         print(f"# {model}: serving after {startup:.0f} s", flush=True)
         json_path = out_dir / f"load_{tag}.json"
-        loadgen.main(["--url", f"http://127.0.0.1:{port}", "--clients", ",".join(map(str, args.clients)),
-                      "--duration", str(args.duration), "--prompt-tokens", args.prompt_tokens,
-                      "--output-tokens", args.output_tokens, "--json", str(json_path)])
+        common = ["--url", f"http://127.0.0.1:{port}", "--prompt-tokens", args.prompt_tokens,
+                  "--output-tokens", args.output_tokens]
+        if args.warmup > 0:
+            loadgen.main([*common, "--clients", str(max(args.clients)), "--duration", str(args.warmup),
+                          "--json", str(out_dir / f"warmup_{tag}.json")])
+        loadgen.main([*common, "--clients", ",".join(map(str, args.clients)), "--duration", str(args.duration),
+                      "--json", str(json_path)])
         result = json.loads(json_path.read_text())
         reports = result.get("sweep", [result])
         for r in reports:
@@ -79,6 +85,7 @@ def main(argv=None) -> int:
     ap.add_argument("--clients", default="1,64")
     ap.add_argument("--tokenizer", default=None, help="tokenizer for random:* models (default: SmolLM2's)")
     ap.add_argument("--duration", type=float, default=20.0)
+    ap.add_argument("--warmup", type=float, default=0.0, help="seconds of unreported load at the top concurrency first")
     ap.add_argument("--prompt-tokens", default="64-128")
     ap.add_argument("--output-tokens", default="64-128")
     ap.add_argument("--server-args", default="",

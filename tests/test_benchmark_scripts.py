@@ -48,7 +48,7 @@ def test_serve_compare_runs_each_model_per_server_flag_set(tmp_path, capsys):
 
     from benchmarks import serve_compare
 
-    rc = serve_compare.main(["--models", "random:tiny:fp16", "--clients", "2", "--duration", "2",
+    rc = serve_compare.main(["--models", "random:tiny:fp16", "--clients", "2", "--duration", "2", "--warmup", "1",
                              "--prompt-tokens", "4-8", "--output-tokens", "4-8", "--out", str(tmp_path),
                              "--server-args", "--device cpu --gil-switch-interval-ms 5; --device cpu"])
     rows = json.loads((tmp_path / "serve_compare.json").read_text())
@@ -56,3 +56,4 @@ def test_serve_compare_runs_each_model_per_server_flag_set(tmp_path, capsys):
                                                       "random:tiny:fp16 --device cpu"]
     assert all(r["requests"]["ok"] > 0 and r["passed"] for r in rows)
     assert "gil-switch-interval-ms 5" in capsys.readouterr().out
+    assert len(list(tmp_path.glob("warmup_*.json"))) == 2  # one unreported warm-up run a server
