@@ -100,7 +100,7 @@ def bench_qtip(shapes, batches, bw, bits=(2, 3, 4), check=True, deadline=None):
                 layer_us = uv.graph_us([lambda c=c, x=x, cfg=best, o=out: qt.run_config(c, x, cfg, o) for c in copies])
                 kernel_us = None
                 if best.kind != "dequant":
-                    xh = torch.randn(b, n, device=DEV, dtype=qt.xh_dtype(best))
+                    xh = torch.randn(qt.xh_rows(best, b), n, device=DEV, dtype=qt.xh_dtype(best))
                     y_raw = torch.zeros(b, m, device=DEV, dtype=torch.float32)
                     kernel_us = uv.graph_us([lambda c=c, xh=xh, cfg=best, o=y_raw: qt.decode_matmul(c, xh, cfg, o)
                                              for c in copies])
@@ -149,7 +149,8 @@ def _compile_task(task):
             qt.run_config(lin, x, cfg)
         for cfg in candidate_configs(lin, b):
             if cfg.kind != "dequant":
-                qt.decode_matmul(lin, x.to(qt.xh_dtype(cfg)), cfg, torch.zeros(b, m, device=DEV))
+                xh = torch.randn(qt.xh_rows(cfg, b), n, device=DEV, dtype=qt.xh_dtype(cfg))
+                qt.decode_matmul(lin, xh, cfg, torch.zeros(b, m, device=DEV))
     elif kind == "uniform":
         from lowbit.kernels import uniform_triton as uq
 

@@ -226,6 +226,8 @@ def test_frag_x_order_places_each_b_fragment_in_one_word():
     x[8b + g, 16j + 8 + 2t + {0, 1}] in its 8-byte word (the mma's two B registers)."""
     from lowbit.kernels.qtip_frag_triton import frag_x_order
 
+    assert qt.xh_rows(qt.QTIPConfig("frag", 64, 32, 8, 1, 4, frag_x=True), 20) == 32
+    assert qt.xh_rows(qt.QTIPConfig("frag", 64, 32, 8, 1, 4), 20) == qt.xh_rows(qt.QTIPConfig("mma"), 20) == 20
     x = torch.arange(16 * 48, dtype=torch.float32).reshape(16, 48).half()
     words = frag_x_order(x, 2).view(-1).view(3, 2, 32, 4)  # j, b, lane, (h, e)
     for j, b, g, t in ((0, 0, 0, 0), (2, 1, 7, 3), (1, 0, 5, 2)):

@@ -730,6 +730,12 @@ def _chunks(layer, side: int) -> int:
     return layer.tp_rank if layer.rcp == side else 1
 
 
+def xh_rows(cfg: QTIPConfig, batch: int) -> int:
+    """Rows of the transformed input a decode kernel reads for `batch` rows of x: the fragment-order
+    buffer holds whole n-blocks of 8."""
+    return 8 * n_blocks(batch) if cfg.kind == "frag" and cfg.frag_x else batch
+
+
 def xh_dtype(cfg: QTIPConfig) -> torch.dtype:
     """dtype of the transformed input xh a decode kernel reads: the frag kernel reads fp16 pairs
     (and the dequant path feeds cuBLAS fp16), the others float32."""
