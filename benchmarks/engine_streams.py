@@ -26,7 +26,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.profile_step import host_profile, top_kernels
 from load_tests.loadgen import Distribution, percentiles
-from lowbit.bench import sync_device
+from lowbit.bench import release_device_memory, sync_device
 from lowbit.config import EngineConfig
 from lowbit.engine import Engine, SamplingParams
 
@@ -174,8 +174,7 @@ def main(argv=None) -> int:
         finally:
             eng.shutdown()
             del eng
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            release_device_memory()
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(f"\n# engine_streams: streams={args.streams} seconds={args.seconds} prompt={args.prompt_tokens} "
           f"output={args.output_tokens} device={dev} date={datetime.date.today()} torch={torch.__version__}")

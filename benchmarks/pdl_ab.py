@@ -16,7 +16,7 @@ import statistics
 
 import torch
 
-from lowbit.bench import bench_decode_model
+from lowbit.bench import bench_decode_model, release_device_memory
 from lowbit.quantized_models.synthetic import random_model
 
 
@@ -44,7 +44,7 @@ def main(argv=None) -> int:
                                       "step_ms": r["step_ms"]}), flush=True)
             medians.append((variant, batch, statistics.median(runs["0"]), statistics.median(runs["1"])))
         del model
-        torch.cuda.empty_cache()
+        release_device_memory()
     os.environ.pop("LOWBIT_PDL", None)
     print(f"\n# pdl A/B: shape={args.shape} prompt={args.prompt} gen={args.gen} rounds={args.rounds} "
           f"device={torch.cuda.get_device_name()} torch={torch.__version__}")

@@ -23,7 +23,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from lowbit.bench import PrefillContext, sync_device
+from lowbit.bench import PrefillContext, release_device_memory, sync_device
 from lowbit.engine.cuda_graphs import GraphDecodeContext
 from lowbit.quantized_models.synthetic import random_model
 
@@ -119,8 +119,7 @@ def main(argv=None) -> int:
     print(f"# {name}, torch {torch.__version__}, shape {args.shape}", flush=True)
     for variant in args.formats.split(","):
         print("\n".join(profile_format(args.shape, variant, args.prompt, args.steps, dev, args.top, args.host)), flush=True)
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()  # the model went with profile_format's frame
+        release_device_memory()  # the model went with profile_format's frame
     return 0
 
 

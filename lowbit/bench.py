@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import platform
 import sys
@@ -65,6 +66,15 @@ def weight_bytes(model) -> int:
     emb = model.embed_tokens.weight
     head = emb.numel() if model.lm_head is None else emb.shape[1]
     return sum(m.storage_bytes for _, m in model.quant_linears()) + head * emb.element_size()
+
+
+def release_device_memory() -> None:
+    """Give a dropped model's or engine's device memory back before the next one loads: an Engine
+    sits in reference cycles (its thread, callbacks), which `del` alone leaves to Python's cyclic
+    collector, so `empty_cache` would find its KV cache and graphs still held."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def sync_device(dev: torch.device) -> None:
@@ -212,7 +222,7 @@ def cmd_decode(args) -> int:
             rows.append(r)
             print(json.dumps(r), flush=True)
         del model
-        torch.cuda.empty_cache()
+        release_device_memory()
     base = {r["batch"]: r["tok_s"] for r in rows if r["variant"] == "fp16"}
     print(f"\n# decode: shape={args.shape if not args.model else args.model} prompt={args.prompt} gen={args.gen} "
           f"graphs={not args.eager} device={torch.cuda.get_device_name()} copy_bw={bw / 1e9:.0f} GB/s "

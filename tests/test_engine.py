@@ -280,3 +280,23 @@ def test_mixed_step_attends_decodes_batched_and_prefills_per_span():
         vals = torch.cat([hist[s][1], v[st:st + nq]]).transpose(0, 1)[None]
         want = causal_attention(q[st:st + nq].transpose(0, 1)[None], keys, vals, offset=lens[s])[0].transpose(0, 1)
         assert torch.allclose(out[st:st + nq], want, atol=1e-5), s
+
+
+def test_release_device_memory_frees_a_dropped_engine():
+    """An Engine sits in reference cycles, so `del` alone leaves its KV cache and model to Python's
+    cyclic collector; `release_device_memory` (what the benchmarks call between models) frees it."""
+    import gc
+    import weakref
+
+    from lowbit.bench import release_device_memory
+
+    e = Engine(EngineConfig(model="random:tiny:fp16", device="cpu", kv_cache_blocks=16))
+    alive = weakref.ref(e)
+    e.shutdown()
+    gc.disable()
+    try:
+        del e
+        release_device_memory()
+        assert alive() is None
+    finally:
+        gc.enable()
