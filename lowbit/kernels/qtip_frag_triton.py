@@ -149,7 +149,7 @@ if triton is not None:
         return r0, r1
 
     @triton.jit
-    def _row_tiles_present(i0, col, TM, RT: tl.constexpr):
+    def _row_tiles_present(i0, TM, RT: tl.constexpr):
         """Per row tile of the program: is it inside the matrix (vectors: the interpreter wants
         tensor masks)."""
         ok = ()
@@ -380,7 +380,7 @@ if triton is not None:
         wid = col // 32
         ib = tl.program_id(0) * (RT * (NW // WC))
         i0 = ib + (wid // WC) * RT
-        ok = _row_tiles_present(i0, col, TM, RT)
+        ok = _row_tiles_present(i0, TM, RT)
         t0 = tl.program_id(1) * tiles_per_split
         t1 = tl.minimum(t0 + tiles_per_split, TN)
         first, delta = _word_offsets(lane, K)
@@ -423,17 +423,17 @@ if triton is not None:
         wc = (col // 32) % WC
         # B fragment of n-block b: lane (n, t) holds x[8b + n, 16j + 2t + {0,1}] and x[.., 16j + 8 + 2t + {0,1}]
         xn = lane >> 2
-        xok = ()
-        for b in tl.static_range(NB):
-            xok = xok + (xn + 8 * b < B,)
         if XF:  # rows past B exist in the buffer (unwritten): their products land in dropped columns
             xok = None
             XS = 32
             XSTEP = 32 * NB * WC
         else:
+            xok = ()
+            for b in tl.static_range(NB):
+                xok = xok + (xn + 8 * b < B,)
             XS = 8 * stride_xb
             XSTEP = 8 * WC
-        # Pointers advance by NW tiles a step (no per-step 64-bit index math); code words and x
+        # Pointers advance by WC tiles a step (no per-step 64-bit index math); code words and x
         # are requested ahead of the step that uses them (PF steps, or one in the masked loop).
         TW: tl.constexpr = 8 * K  # int32 code words per tile
         RS = TN * TW  # words between row tiles

@@ -829,16 +829,16 @@ def candidate_configs(layer, batch: int, device) -> list[QTIPConfig]:
     hyb = _hyb(layer.params)
     cands: list[QTIPConfig] = []
     if hyb and batch <= FRAG_TUNED_BATCH:
-        # (row tiles a warp, warps, table copies, prefetch depth[, warps along the columns, x in the
-        # fragment order]), from `benchmarks/qtip_frag_sweep.py` on the H100 (RESULTS.md): 16 table
+        # (row tiles a warp, warps, table copies, prefetch depth, warps along the columns, x in the
+        # fragment order), from `benchmarks/qtip_frag_sweep.py` on the H100 (RESULTS.md): 16 table
         # copies beat 32 (twice the programs per SM); loading 4 steps ahead wins at batch 1 and
         # mostly at 16; past 16 rows every row tile holds 4 accumulators per n-block, so fewer row
         # tiles. Past 8 rows x in the fragment order (one 8-byte load a lane and n-block, where
         # row-major x cost a cache line per row) won every shape of the sweep, and row groups of
         # warps (sharing each step's x through L1) most of them at 64 rows.
-        if batch <= 8:
-            launches = ((2, 8, 16, 4), (4, 4, 16, 4), (1, 16, 16, 4), (2, 16, 16, 4), (4, 8, 16, 2), (2, 8, 16, 2))
-        # (fragment-order x was faster than row-major at every shape of the sweep past 8 rows)
+        if batch <= 8:  # one row group: warps along the columns = warps
+            launches = ((2, 8, 16, 4, 8, False), (4, 4, 16, 4, 4, False), (1, 16, 16, 4, 16, False),
+                        (2, 16, 16, 4, 16, False), (4, 8, 16, 2, 8, False), (2, 8, 16, 2, 8, False))
         elif batch <= 16:
             launches = ((4, 4, 16, 4, 4, True), (4, 4, 16, 2, 4, True), (2, 8, 16, 2, 4, True), (4, 8, 16, 2, 4, True))
         elif batch <= 32:
@@ -846,9 +846,7 @@ def candidate_configs(layer, batch: int, device) -> list[QTIPConfig]:
         else:
             launches = ((2, 8, 16, 2, 4, True), (2, 8, 16, 1, 4, True), (2, 8, 16, 2, 2, True), (2, 4, 16, 2, 1, True))
         seen = set()
-        for rt, warps, copies, depth, *more in launches:
-            wc, xf = (list(more) + [0, False])[:2]
-            wc = wc or warps
+        for rt, warps, copies, depth, wc, xf in launches:
             ctas = triton.cdiv(m // 16, rt * (warps // wc))
             steps = n // (16 * wc)
             for s in _splits_around(_split_for(ctas, steps, sms, want=2), steps, (0.5, 1, 2)):
