@@ -3,8 +3,9 @@
 Each stream keeps one request in flight; when it finishes, the stream submits a new prompt (lengths
 drawn from ranges, like the load generator's). Every engine step is timed and classed: a pure decode
 step (a CUDA graph replay on GPU) or a mixed step (prompt chunks, run eagerly; for quantized weights
-the prefill path decodes every weight to fp16). Per scheduler setting (`--prefill-wait`, on the same
-loaded model, after a warm-up run) it prints output tok/s, the count and mean time of each kind of step, and TTFT and
+the prefill path decodes every weight to fp16). Per scheduler setting (`--prefill-wait`, and with
+`--mixed-graphs on,off` mixed steps replayed from CUDA graphs or eager; on the same loaded model,
+after a warm-up run) it prints output tok/s, the count and mean time of each kind of step, and TTFT and
 inter-token latency percentiles. Set against `benchmarks/serve_compare.py` (the same load through
 HTTP) it separates the engine's time from the server's.
 
@@ -125,10 +126,11 @@ def profile_window(eng: Engine, args, model: str, top: int = 15) -> None:
 
 
 def table(rows: list[dict]) -> str:
-    out = ["| model | prefill wait | output tok/s | decode steps (mean ms) | mixed steps (mean ms) | time in mixed "
-           "| TTFT p50 / p90 ms | ITL p50 / p90 ms |", "|---|---|---|---|---|---|---|---|"]
+    out = ["| model | mixed-step graphs | prefill wait | output tok/s | decode steps (mean ms) | mixed steps (mean ms) "
+           "| time in mixed | TTFT p50 / p90 ms | ITL p50 / p90 ms |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        out.append(f"| {r['model']} | {r['prefill_wait']} | {r['output_tok_s']:.0f} | {r['decode_steps']} "
+        graphs = "on" if r.get("mixed_graphs") else "off"
+        out.append(f"| {r['model']} | {graphs} | {r['prefill_wait']} | {r['output_tok_s']:.0f} | {r['decode_steps']} "
                    f"({r['decode_step_ms']:.2f}) | {r['mixed_steps']} ({r['mixed_step_ms']:.2f}) | "
                    f"{100 * r['mixed_time_frac']:.0f}% | {r['ttft_ms']['p50']:.0f} / {r['ttft_ms']['p90']:.0f} | "
                    f"{r['itl_ms']['p50']:.1f} / {r['itl_ms']['p90']:.1f} |")
@@ -148,6 +150,8 @@ def main(argv=None) -> int:
     ap.add_argument("--output-tokens", type=Distribution, default=Distribution("64-128"))
     ap.add_argument("--prefill-wait", default="0,8", help="comma-separated prefill_wait_steps settings")
     ap.add_argument("--prefill-min-waiting", type=int, default=None, help="default: streams / 8")
+    ap.add_argument("--mixed-graphs", default="on",
+                    help="comma-separated on/off: mixed steps replay CUDA graphs (the default) or run eagerly")
     ap.add_argument("--kv-cache-blocks", type=int, default=None)
     ap.add_argument("--profile-steps", type=int, default=0,
                     help="then profile this many steps at the last setting: device kernels, host ops, Python functions")
@@ -162,13 +166,17 @@ def main(argv=None) -> int:
             if args.warmup > 0:  # first eager shapes compile and tune: not part of any setting's figures
                 eng.scheduler.wait_steps = 0  # many different mixed steps
                 run_streams(eng, args.streams, args.warmup, args.prompt_tokens, args.output_tokens, random.Random(1))
-            for wait in [int(w) for w in args.prefill_wait.split(",")]:
-                eng.scheduler.wait_steps = wait
-                r = run_streams(eng, args.streams, args.seconds, args.prompt_tokens, args.output_tokens,
-                                random.Random(0), args.max_steps)
-                r.update(model=model, prefill_wait=wait)
-                rows.append(r)
-                print(json.dumps(r), flush=True)
+            captured = eng.runner.mixed
+            for mixed in args.mixed_graphs.split(","):
+                eng.runner.mixed = captured if mixed == "on" else None  # off: the eager mixed step
+                for wait in [int(w) for w in args.prefill_wait.split(",")]:
+                    eng.scheduler.wait_steps = wait
+                    r = run_streams(eng, args.streams, args.seconds, args.prompt_tokens, args.output_tokens,
+                                    random.Random(0), args.max_steps)
+                    r.update(model=model, prefill_wait=wait, mixed_graphs=mixed == "on" and captured is not None)
+                    rows.append(r)
+                    print(json.dumps(r), flush=True)
+            eng.runner.mixed = captured
             if args.profile_steps:
                 profile_window(eng, args, model)
         finally:

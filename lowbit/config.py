@@ -25,6 +25,9 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.90
     cpu_kv_cache_gib: float = 1.0
     cuda_graphs: bool = True  # capture decode steps on CUDA
+    # Mixed steps (prompt chunks beside decodes) of up to this many tokens replay CUDA graphs too,
+    # padded to token buckets (engine/cuda_graphs.py). None: max_num_batched_tokens; 0: eager.
+    cuda_graph_max_tokens: int | None = None
     # While sequences decode, a new prompt may wait up to this many steps so that prompts arriving
     # close together share one prefill step (engine/scheduler.py; benchmarks/RESULTS.md ninth session).
     prefill_wait_steps: int = 8
@@ -38,6 +41,8 @@ class EngineConfig:
             (self.block_size in (8, 16, 32, 64), "block_size must be 8, 16, 32 or 64"),
             (0.05 <= self.gpu_memory_utilization <= 0.99, "gpu_memory_utilization must be in [0.05, 0.99]"),
             (self.kv_cache_blocks is None or self.kv_cache_blocks >= 2, "kv_cache_blocks must be >= 2"),
+            (self.cuda_graph_max_tokens is None or self.cuda_graph_max_tokens >= 0,
+             "cuda_graph_max_tokens must be >= 0"),
             (self.prefill_wait_steps >= 0, "prefill_wait_steps must be >= 0"),
             (self.prefill_min_waiting is None or self.prefill_min_waiting >= 1, "prefill_min_waiting must be >= 1"),
         ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.bench import PrefillContext, bench_decode_model
+from lowbit.bench import PrefillContext, bench_decode_model, bench_engine_ttft
 from lowbit.engine.cuda_graphs import GraphDecodeContext, default_buckets
 from lowbit.quantized_models.synthetic import random_model
 
@@ -38,6 +38,11 @@ def test_bench_decode_runs_on_cpu_eager():
     model = random_model("tiny", "fp16", device="cpu", dtype=torch.float32)
     r = bench_decode_model(model, batch=2, prompt_len=8, gen_len=3, use_graphs=False)
     assert r["tok_s"] > 0 and r["bytes_per_step"] > 0
+
+
+def test_bench_engine_ttft_runs_on_cpu():
+    model = random_model("tiny", "fp16", device="cpu", dtype=torch.float32)
+    assert 0 < bench_engine_ttft(model, prompt_len=40, runs=1) < 60
 
 
 def test_graph_buckets_cover_max_batch():

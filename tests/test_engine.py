@@ -216,23 +216,62 @@ def test_block_pool():
 
 
 @pytest.mark.gpu
-def test_engine_on_cuda_graphs_equal_eager_and_solo():
+@pytest.mark.parametrize("variant", ["fp16", "qtip2"])
+def test_engine_on_cuda_graphs_equal_eager_and_solo(variant):
+    """Decode and mixed steps replayed from CUDA graphs give the eager engine's tokens (prompts
+    arriving mid-decode make mixed steps; 70 prompt tokens in one step take QTIP's prefill path)."""
     from lowbit.quantized_models.synthetic import random_model
 
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    model = random_model("tiny", "fp16", device="cuda", dtype=torch.float16)
+    model = random_model("tiny", variant, device="cuda", dtype=torch.float16)
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
     g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(0, 512, (int(n),), generator=g).tolist() for n in (5, 17, 33, 9, 64)]
+    prompts = [torch.randint(0, 512, (int(n),), generator=g).tolist() for n in (5, 17, 33, 9, 64, 70)]
     runs = {}
     for graphs in (True, False):
-        e = make_engine(model, cuda_graphs=graphs, max_num_seqs=8)
-        assert (e.runner.graphs is not None) == graphs
-        runs[graphs] = [o.outputs[0].token_ids for o in e.run([e.make_request(p, params) for p in prompts])]
+        e = make_engine(model, cuda_graphs=graphs, max_num_seqs=8, prefill_wait_steps=0)
+        assert (e.runner.graphs is not None) == graphs and (e.runner.mixed is not None) == graphs
+        reqs = [e.make_request(p, params) for p in prompts]
+        for r in reqs[:3]:
+            e.submit(r)
+        for _ in range(3):  # the others join while these decode: mixed steps
+            e.step()
+        e.run(reqs[3:])
+        while not all(r.finished for r in reqs):
+            e.step()
+        runs[graphs] = [r.output().outputs[0].token_ids for r in reqs]
         assert runs[graphs][2] == solo(e, prompts[2], params).outputs[0].token_ids
         assert e.cache.pool.free == e.cache.pool.total
+        if graphs:
+            assert e.runner.mixed.replays >= 3
     assert runs[True] == runs[False]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["fp16", "qtip2"])
+def test_mixed_step_graph_replay_equals_the_eager_step(variant):
+    from lowbit.engine.cuda_graphs import CudaGraphMixed
+    from lowbit.engine.kv_cache import PagedAttention
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    model, cache, (ids, pos, slots, spans, sample) = _mixed_step_setup(variant, "cuda", torch.float16)
+    k0, v0 = cache.k.clone(), cache.v.clone()
+    mixed = CudaGraphMixed(model, cache.k, cache.v, 8, cache.scratch_slot, max_seqs=4, max_tokens=128)
+    mixed.capture()
+    assert sorted(mixed.graphs) == [16, 32, 64, 128]
+    cache.k.copy_(k0)
+    cache.v.copy_(v0)
+    dev = lambda v: torch.tensor(v, device="cuda")  # noqa: E731
+    with torch.inference_mode():
+        hidden = model(dev(ids), dev(pos), PagedAttention(cache, dev(slots), spans, model.config.head_dim ** -0.5))
+        want = model.compute_logits(hidden[dev(sample)]).float()
+    for _ in range(2):  # a replay, then another on the same buffers
+        cache.k.copy_(k0)
+        cache.v.copy_(v0)
+        got = mixed.run(ids, pos, slots, spans, sample)
+        assert torch.allclose(got, want, atol=2e-2, rtol=2e-2), (got - want).abs().max()
 
 
 def test_random_model_spec_runs_on_the_engine_with_a_real_tokenizer():
@@ -300,3 +339,76 @@ def test_release_device_memory_frees_a_dropped_engine():
         assert alive() is None
     finally:
         gc.enable()
+
+
+def _mixed_step_setup(variant: str, device: str, dtype):
+    """A tiny model and a cache holding two sequences' histories; then one step's rows: d decodes,
+    b prefills 6 tokens, a decodes (8 rows)."""
+    from lowbit.engine.kv_cache import KVCache, PagedAttention
+    from lowbit.quantized_models.synthetic import random_model
+
+    model = random_model("tiny", variant, device=device, dtype=dtype)
+    mc = model.config
+    cache = KVCache(mc.num_layers, 16, 4, mc.num_kv_heads, mc.head_dim, device, dtype)
+    g = torch.Generator().manual_seed(3)
+    tok = lambda n: torch.randint(0, mc.vocab_size, (n,), generator=g).tolist()  # noqa: E731
+    blocks = {"a": [0, 1, 2], "d": [5, 6], "b": [3, 4]}
+    hist = {"a": tok(9), "d": tok(5)}
+    spans, ids, pos, slots = [], [], [], []
+    for s in ("a", "d"):  # step 1 (eager): both histories prefilled
+        n = len(hist[s])
+        spans.append((len(ids), n, n, blocks[s]))
+        ids, pos, slots = ids + hist[s], pos + list(range(n)), slots + cache.slots(blocks[s], 0, n)
+    dev = lambda v: torch.tensor(v, device=device)  # noqa: E731
+    model(dev(ids), dev(pos), PagedAttention(cache, dev(slots), spans, mc.head_dim ** -0.5))
+    rows = [("d", 5, 1), ("b", 0, 6), ("a", 9, 1)]  # (sequence, tokens cached, tokens this step)
+    spans, ids, pos, slots = [], [], [], []
+    for s, cached, n in rows:
+        spans.append((len(ids), n, cached + n, blocks[s]))
+        ids += tok(n)
+        pos += range(cached, cached + n)
+        slots += cache.slots(blocks[s], cached, cached + n)
+    return model, cache, (ids, pos, slots, spans, [0, 6, 7])
+
+
+@pytest.mark.parametrize("variant", ["fp16", "qtip2"])
+def test_mixed_step_graph_path_equals_the_eager_step(variant):
+    """What a mixed-step CUDA graph replays (rows padded to the token bucket, every sequence a span
+    of the prefill attention, padded tiles on an empty span), run eagerly on the CPU: the same
+    logits and the same keys/values in the cache as the eager step."""
+    from lowbit.engine.cuda_graphs import CudaGraphMixed
+    from lowbit.engine.kv_cache import PagedAttention
+
+    model, cache, (ids, pos, slots, spans, sample) = _mixed_step_setup(variant, "cpu", torch.float32)
+    k0, v0 = cache.k.clone(), cache.v.clone()
+    mc = model.config
+    hidden = model(torch.tensor(ids), torch.tensor(pos), PagedAttention(cache, torch.tensor(slots), spans,
+                                                                         mc.head_dim ** -0.5))
+    want = model.compute_logits(hidden[torch.tensor(sample)]).float()
+    k_eager, v_eager = cache.k.clone(), cache.v.clone()
+    cache.k.copy_(k0)
+    cache.v.copy_(v0)
+    mixed = CudaGraphMixed(model, cache.k, cache.v, max_blocks_per_seq=8, scratch_slot=cache.scratch_slot,
+                           max_seqs=4, max_tokens=64)
+    assert mixed.bucket_for(len(ids)) == 16 and mixed.fits(len(ids), spans)
+    got = mixed.eager(ids, pos, slots, spans, sample)
+    assert got.shape == want.shape and torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+    real = torch.ones(cache.k.shape[1], dtype=torch.bool)
+    real[cache.pool.scratch_block] = False  # the padded rows wrote there
+    for got_c, want_c in ((cache.k, k_eager), (cache.v, v_eager)):  # row count changes matmul blocking: close
+        assert torch.allclose(got_c[:, real], want_c[:, real], atol=1e-5, rtol=1e-5)
+    assert not torch.equal(cache.k[:, real], k0[:, real])  # the step did write keys
+
+
+def test_mixed_step_buckets_and_what_fits():
+    from lowbit.engine.cuda_graphs import CudaGraphMixed, token_buckets
+
+    assert token_buckets(2048) == [16, 32, 64, 128, 256, 512, 768, 1024, 1280, 1536, 1792, 2048]
+    assert token_buckets(300) == [16, 32, 64, 128, 256, 300] and token_buckets(7) == [7]
+    model, cache, _ = _mixed_step_setup("fp16", "cpu", torch.float32)
+    mixed = CudaGraphMixed(model, cache.k, cache.v, 8, cache.scratch_slot, max_seqs=4, max_tokens=300)
+    one = lambda start, nq: (start, nq, nq, [0])  # noqa: E731
+    assert mixed.fits(300, [one(0, 300)]) and not mixed.fits(301, [one(0, 301)])
+    assert not mixed.fits(5, [one(i, 1) for i in range(5)])  # 5 sequences > max_seqs
+    # 16 tokens: ceil(16/64) + 4 = 5 tiles at most; four spans take one tile each
+    assert mixed.fits(16, [one(0, 13), one(13, 1), one(14, 1), one(15, 1)])

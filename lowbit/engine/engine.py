@@ -110,7 +110,8 @@ class Engine:
                 "block_size": self.cache.block_size, "kv_tokens": self.cache.pool.total * self.cache.block_size,
                 "device": str(self.model.device), "dtype": str(self.model.dtype).replace("torch.", ""),
                 "max_model_len": self.max_model_len, "max_num_seqs": self.config.max_num_seqs,
-                "cuda_graphs": self.runner.graphs is not None}
+                "cuda_graphs": self.runner.graphs is not None,
+                "mixed_graph_tokens": self.runner.mixed.buckets[-1] if self.runner.mixed is not None else 0}
 
     def stats(self) -> dict:
         now = time.monotonic()

@@ -3,8 +3,9 @@
 A step is a list of (sequence, token count). The model sees all their tokens flattened into one
 batch with per-token positions and KV slots; attention goes through the paged cache. Logits are
 computed only for the rows that need them: each sequence's last row when it samples, and the
-prompt rows of a sequence that reports prompt logprobs. A pure-decode step on CUDA replays a
-captured CUDA graph instead (one launch for the whole model).
+prompt rows of a sequence that reports prompt logprobs. On CUDA a pure-decode step replays a
+captured CUDA graph of its batch bucket, and a mixed step (prompt chunks, with or without decodes)
+one of its token bucket, unless it asks for prompt logprobs (eager then).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..config import EngineConfig
-from .cuda_graphs import CudaGraphDecoder
+from .cuda_graphs import CudaGraphDecoder, CudaGraphMixed
 from .kv_cache import KVCache, PagedAttention, padded_tables
 from .request import Sequence
 
@@ -32,11 +33,18 @@ class ModelRunner:
         self.device = model.device
         self.scale = model.config.head_dim ** -0.5
         self.graphs: CudaGraphDecoder | None = None
+        self.mixed: CudaGraphMixed | None = None
         if self.device.type == "cuda" and config.cuda_graphs:
             max_blocks = -(-max_model_len // cache.block_size)
             self.graphs = CudaGraphDecoder(model, cache.k, cache.v, max_blocks, cache.scratch_slot,
                                            max_batch=config.max_num_seqs)
             self.graphs.capture()
+            max_tokens = min(config.max_num_batched_tokens, config.cuda_graph_max_tokens
+                             if config.cuda_graph_max_tokens is not None else 1 << 30)
+            if max_tokens > 0:
+                self.mixed = CudaGraphMixed(model, cache.k, cache.v, max_blocks, cache.scratch_slot,
+                                            config.max_num_seqs, max_tokens)
+                self.mixed.capture(pool=self.graphs.pool)
 
     def _tensor(self, values, dtype=torch.long) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
@@ -69,6 +77,9 @@ class ModelRunner:
             ids_t, pos_t, slots_t, lens_t = flat[:4 * n].view(4, n)
             res.sample_logits = self.graphs.run(ids_t, pos_t, slots_t, flat[4 * n:].view(n, width).int(),
                                                 lens_t.int())
+            return res
+        if self.mixed is not None and not prompt_rows and self.mixed.fits(len(ids), spans):
+            res.sample_logits = self.mixed.run(ids, pos, slots, spans, sample_rows)
             return res
         ctx = PagedAttention(self.cache, self._tensor(slots), spans, self.scale)
         hidden = self.model(self._tensor(ids), self._tensor(pos), ctx)

@@ -368,6 +368,8 @@ def paged_prefill_attention_reference(q, k_cache, v_cache, spans, block_tables, 
 
     page, Hkv, D = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
     for i, (start, nq, ctx) in enumerate(spans.tolist()):
+        if nq == 0:  # an empty span (padding of a captured step's span list)
+            continue
         idx = block_tables[i, : -(-ctx // page)].long()
         keys = k_cache[idx].reshape(-1, Hkv, D)[:ctx].transpose(0, 1)[None]
         vals = v_cache[idx].reshape(-1, Hkv, D)[:ctx].transpose(0, 1)[None]

@@ -25,7 +25,9 @@ _HELP = {
     "kv_cache_blocks": "KV cache blocks (default: sized from --gpu-memory-utilization, or --cpu-kv-cache-gib)",
     "gpu_memory_utilization": "fraction of GPU memory the server may use (weights + KV cache + activations)",
     "cpu_kv_cache_gib": "KV cache size on CPU, GiB",
-    "cuda_graphs": "capture decode steps in CUDA graphs",
+    "cuda_graphs": "capture decode and mixed steps in CUDA graphs",
+    "cuda_graph_max_tokens": "mixed steps (prompt chunks) up to this many tokens replay CUDA graphs, padded to "
+                             "token buckets; 0: eager (default: --max-num-batched-tokens)",
     "prefill_wait_steps": "while sequences decode, a new prompt may wait this many steps to share a prefill "
                           "step with later ones (0: join the next step)",
     "prefill_min_waiting": "admit waiting prompts at once when this many wait (default: max-num-seqs / 8)",
