@@ -125,6 +125,28 @@ def profile_window(eng: Engine, args, model: str, top: int = 15) -> None:
     print("\n".join(host_profile(window, 1, top)))
 
 
+def run_settings(eng: Engine, args, model: str) -> list[dict]:
+    """One run per (mixed-step graphs on/off, prefill wait) setting on the loaded engine."""
+    rows = []
+    captured = eng.runner.mixed
+    try:
+        for mixed in args.mixed_graphs.split(","):
+            eng.runner.mixed = captured if mixed == "on" else None  # off: the eager mixed step
+            if args.warmup > 0:  # first eager shapes compile and tune: not part of any setting's figures
+                eng.scheduler.wait_steps = 0  # many different mixed steps
+                run_streams(eng, args.streams, args.warmup, args.prompt_tokens, args.output_tokens, random.Random(1))
+            for wait in [int(w) for w in args.prefill_wait.split(",")]:
+                eng.scheduler.wait_steps = wait
+                r = run_streams(eng, args.streams, args.seconds, args.prompt_tokens, args.output_tokens,
+                                random.Random(0), args.max_steps)
+                r.update(model=model, prefill_wait=wait, mixed_graphs=mixed == "on" and captured is not None)
+                rows.append(r)
+                print(json.dumps(r), flush=True)
+    finally:
+        eng.runner.mixed = captured
+    return rows
+
+
 def table(rows: list[dict]) -> str:
     out = ["| model | mixed-step graphs | prefill wait | output tok/s | decode steps (mean ms) | mixed steps (mean ms) "
            "| time in mixed | TTFT p50 / p90 ms | ITL p50 / p90 ms |", "|---|---|---|---|---|---|---|---|---|"]
@@ -144,7 +166,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default=None)
     ap.add_argument("--streams", type=int, default=64)
     ap.add_argument("--seconds", type=float, default=20.0)
-    ap.add_argument("--warmup", type=float, default=10.0, help="seconds of load before the first setting, not reported")
+    ap.add_argument("--warmup", type=float, default=10.0, help="seconds of load before each mixed-graphs setting, not reported")
     ap.add_argument("--max-steps", type=int, default=None, help="stop each run after this many steps")
     ap.add_argument("--prompt-tokens", type=Distribution, default=Distribution("64-128"))
     ap.add_argument("--output-tokens", type=Distribution, default=Distribution("64-128"))
@@ -163,20 +185,7 @@ def main(argv=None) -> int:
                                   max_num_seqs=args.streams, kv_cache_blocks=args.kv_cache_blocks,
                                   prefill_min_waiting=args.prefill_min_waiting))
         try:
-            if args.warmup > 0:  # first eager shapes compile and tune: not part of any setting's figures
-                eng.scheduler.wait_steps = 0  # many different mixed steps
-                run_streams(eng, args.streams, args.warmup, args.prompt_tokens, args.output_tokens, random.Random(1))
-            captured = eng.runner.mixed
-            for mixed in args.mixed_graphs.split(","):
-                eng.runner.mixed = captured if mixed == "on" else None  # off: the eager mixed step
-                for wait in [int(w) for w in args.prefill_wait.split(",")]:
-                    eng.scheduler.wait_steps = wait
-                    r = run_streams(eng, args.streams, args.seconds, args.prompt_tokens, args.output_tokens,
-                                    random.Random(0), args.max_steps)
-                    r.update(model=model, prefill_wait=wait, mixed_graphs=mixed == "on" and captured is not None)
-                    rows.append(r)
-                    print(json.dumps(r), flush=True)
-            eng.runner.mixed = captured
+            rows += run_settings(eng, args, model)
             if args.profile_steps:
                 profile_window(eng, args, model)
         finally:
