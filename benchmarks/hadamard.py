@@ -32,8 +32,26 @@ from lowbit.kernels.tuning import cold_us
 CALLS = ((4096, "in", 3), (4096, "out", 2), (12288, "out", 1), (22016, "out", 1), (11008, "in", 1))
 
 
-def candidates(ch: int) -> list[dict]:
-    """Product-kernel launches worth timing for a chunk of length ch."""
+def candidates(ch: int, rows: int = 1) -> list[dict]:
+    """Product-kernel launches worth timing for a chunk of length ch and `rows` rows of x: one row
+    a program, and from PREFILL_ROWS rows also 2, 4 or 8 rows a program (L's tiles shared)."""
+    out = _one_row_candidates(ch)
+    if rows >= ht.PREFILL_ROWS:
+        k = hadamard_factor(ch)
+        for q in (32, 64, 128):
+            m = ch // q
+            if (ch // k) % q or m > 512 or m < 16:
+                continue
+            for br in (2, 4, 8):
+                for ib in (32, 64):
+                    for r_dot in (False, True):
+                        for warps in (4, 8):
+                            if ib * q * br <= 16384 and ib <= triton.next_power_of_2(m) and not (r_dot and q > 128):
+                                out.append(ht.dot_plan(ch, q, ib, 32, r_dot, warps, br))
+    return out
+
+
+def _one_row_candidates(ch: int) -> list[dict]:
     k = hadamard_factor(ch)
     p = ch // k
     out = []
@@ -96,8 +114,8 @@ def _compile(job) -> None:
 
 def _name(launch: dict) -> str:
     if launch["kernel"] == "dot":
-        return (f"dot q{launch['Q']} ib{launch['IB']} bk{launch['BK']} {'Rdot' if launch['R_DOT'] else 'Rbfly'}"
-                f" w{launch['num_warps']}")
+        return (f"dot q{launch['Q']} ib{launch['IB']} bk{launch['BK']} br{launch['BR']} "
+                f"{'Rdot' if launch['R_DOT'] else 'Rbfly'} w{launch['num_warps']}")
     return f"butterfly P1={launch['P1']} BR={launch['BR']} IB={launch['IB']} w{launch['num_warps']}"
 
 
@@ -113,7 +131,7 @@ def main(argv=None) -> int:
     jobs = {}
     for n, side, _ in CALLS:
         for rows in rows_list:
-            launches = [ht.plan(n, rows), ht._butterfly_plan(n, rows)] + (candidates(n) if args.sweep else [])
+            launches = [ht.plan(n, rows), ht._butterfly_plan(n, rows)] + (candidates(n, rows) if args.sweep else [])
             jobs[(n, side, rows)] = list({_name(launch): launch for launch in launches}.values())
     if args.sweep and args.jobs > 1:  # one job per kernel specialization (dtype, side, launch)
         todo = {(n, side, rows > 64, _name(la)): (n, side, rows, la) for (n, side, rows), ls in jobs.items() for la in ls}

@@ -129,6 +129,10 @@ HADAMARD_DOT_CASES = [
     (172 * 128, 1, 1, dict(q=128, ib=64, bk=16, r_dot=False)),
     (256, 4, 2, dict(q=16, ib=16, bk=16)),
     (28 * 64, 2, 2, dict(q=32, ib=32, bk=16, r_dot=False)),
+    # several rows of x a program (prefill): rows past x's in the last program, both R steps
+    (172 * 64, 1, 5, dict(q=64, ib=64, bk=16, r_dot=False, br=4)),
+    (4096, 1, 3, dict(q=64, br=2)),
+    (28 * 64, 2, 3, dict(q=32, ib=32, bk=16, r_dot=False, br=2)),
 ]
 
 
@@ -148,6 +152,8 @@ def test_hadamard_plan_takes_the_product_kernel_for_many_rows():
         ht.dot_plan(172 * 64, 128)
     with pytest.raises(ValueError, match="power of two"):
         ht.dot_plan(4096, 48)
+    with pytest.raises(ValueError, match="power of two"):
+        ht.dot_plan(4096, 64, br=3)
 
 
 def test_hadamard_product_kernel_half_precision_signs():
@@ -194,7 +200,7 @@ def test_hadamard_transform_real_lengths_gpu(n, rows, dtype):
 # n, rows, launch (None: `plan`'s) for the fragment-order output: the butterfly kernel with k = 1
 # and k > 1, the product kernel, a tensor-parallel split
 FRAG_ORDER_CASES = [(256, 3, None, 1), (172 * 16, 2, None, 1), (172 * 16, 12, None, 1), (64 * 12, 9, None, 1),
-                    (4096, 17, dict(q=64), 1), (512, 5, None, 2)]
+                    (4096, 17, dict(q=64), 1), (4096, 9, dict(q=64, br=4), 1), (512, 5, None, 2)]
 
 
 @pytest.mark.parametrize("n,rows,kw,chunks", FRAG_ORDER_CASES)
@@ -301,6 +307,7 @@ def test_hadamard_norm_only_where_one_program_sees_the_row():
 # both precisions (fp16 x with sign pre: one half-precision product; float32 x: split tf32)
 GATED_CASES = [(512, 1, None, torch.float16), (172 * 16, 2, None, torch.float16),
                (172 * 64, 3, ht.dot_plan(172 * 64, 64, ib=64, bk=16), torch.float16),
+               (172 * 64, 3, ht.dot_plan(172 * 64, 64, ib=32, bk=16, r_dot=False, br=2), torch.float16),
                (172 * 32, ht.DOT_ROWS, None, torch.float32)]
 
 

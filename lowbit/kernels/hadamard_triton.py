@@ -59,8 +59,8 @@ if triton is not None:
 
     @triton.jit
     def _fwht_rows(z, R: tl.constexpr, PP: tl.constexpr, LOGP: tl.constexpr):
-        """Unscaled Walsh-Hadamard transform of the first 2^LOGP columns of each row of z [R, PP]
-        (columns past them stay apart: every pass pairs columns inside aligned blocks)."""
+        """Unscaled Walsh-Hadamard transform of every aligned block of 2^LOGP columns of each row of
+        z [R, PP] (every pass pairs columns inside such blocks, so blocks stay apart)."""
         for s in tl.static_range(LOGP):
             z = tl.reshape(z, [R, PP // (2 << s), 2, 1 << s])
             z = tl.permute(z, (0, 1, 3, 2))
@@ -314,38 +314,44 @@ if triton is not None:
         pos_ptr, f_ptr, kc_ptr, vc_ptr, slot_ptr,
         B, stride_xb, stride_ab, stride_yb, alpha, zero_per_prog, zero_numel, sc_s, sc_h, HQ, HKV,
         M: tl.constexpr, MP: tl.constexpr, Q: tl.constexpr, LOGQ: tl.constexpr, IB: tl.constexpr,
-        BK: tl.constexpr, R_DOT: tl.constexpr, EXACT16: tl.constexpr, MODE: tl.constexpr,
+        BK: tl.constexpr, BR: tl.constexpr, R_DOT: tl.constexpr, EXACT16: tl.constexpr, MODE: tl.constexpr,
         ROT: tl.constexpr, KV: tl.constexpr, HALF: tl.constexpr,
         HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, HAS_BIAS: tl.constexpr, ZERO: tl.constexpr,
         PDL: tl.constexpr, XF: tl.constexpr,
     ):
-        """Program (row of x, chunk, block of IB rows of L) writes Y[rows, :] of Y = L X R for the
-        chunk viewed as X [M, Q]: L = A_k ⊗ S_(P/Q) [M, M] by a loop over column blocks of L (each
-        program reads its row's chunk once), then R = S_Q by a product (R_DOT) or a butterfly. With
-        EXACT16 the host vouches that x is fp16/bf16 and pre is ±1 (or absent), so pre ⊙ x is exact in
-        x's dtype and L's product takes one half-precision dot instead of two tf32 ones."""
-        b = tl.program_id(0)
+        """Program (block of BR rows of x, chunk, block of IB rows of L) writes Y[rows, :] of
+        Y = L X R for the chunk of each row viewed as X [M, Q]: L = A_k ⊗ S_(P/Q) [M, M] by a loop
+        over column blocks of L (each program reads its rows' chunks once), then R = S_Q by a
+        product (R_DOT) or a butterfly. The BR rows' X sit side by side as one [M, BR·Q] operand,
+        so each tile of L serves BR rows (prefill: L's tiles were read once per row). With EXACT16
+        the host vouches that x is fp16/bf16 and pre is ±1 (or absent), so pre ⊙ x is exact in x's
+        dtype and L's product takes one half-precision dot instead of two tf32 ones. ROT and XF
+        take one row a program (BR = 1)."""
+        b0 = tl.program_id(0) * BR
         base = tl.program_id(1) * (M * Q)
         r_out = tl.program_id(2) * IB + tl.arange(0, IB)
         kk = tl.arange(0, BK)
-        c = tl.arange(0, Q)
+        cc = tl.arange(0, BR * Q)  # operand column: row b0 + cc // Q of x, position cc % Q of X's rows
+        c = cc % Q
+        brow = b0 + cc // Q
+        bmask = brow < B
         pos2 = base + r_out[:, None] * Q + c[None, :]
-        omask = (r_out < M)[:, None] & (c < Q)[None, :]
+        omask = (r_out < M)[:, None] & bmask[None, :]
         post, bias = _epilogue_weights(post_ptr, bias_ptr, pos2, omask, HAS_POST, HAS_BIAS)
         wait_prior(PDL)
         if ROT:
-            cs = _rotary_inputs(pos_ptr, f_ptr, slot_ptr, b, B, y_ptr.dtype.element_ty, HALF, KV)
-        row = x_ptr + b * stride_xb + base
-        up_row = aux_ptr + b * stride_ab + base
-        acc = tl.zeros([IB, Q], tl.float32)
+            cs = _rotary_inputs(pos_ptr, f_ptr, slot_ptr, b0, B, y_ptr.dtype.element_ty, HALF, KV)
+        xrow = (brow.to(tl.int64) * stride_xb + base)[None, :]
+        arow = (brow.to(tl.int64) * stride_ab + base)[None, :]
+        acc = tl.zeros([IB, BR * Q], tl.float32)
         for j0 in range(0, MP, BK):
             j = j0 + kk
-            msk = (j < M)[:, None] & (c < Q)[None, :]
+            msk = (j < M)[:, None] & bmask[None, :]
             pos = j[:, None] * Q + c[None, :]
             lt = tl.load(l_ptr + r_out[:, None] * MP + j[None, :])
-            u = tl.load(row + pos, mask=msk, other=0.0)
+            u = tl.load(x_ptr + xrow + pos, mask=msk, other=0.0)
             if MODE == 1:
-                u = _gated(u, tl.load(up_row + pos, mask=msk, other=0.0))
+                u = _gated(u, tl.load(aux_ptr + arow + pos, mask=msk, other=0.0))
             if EXACT16:  # fp16/bf16 x times ±1: exact in x's dtype, one half-precision product
                 if HAS_PRE:
                     u = u * tl.load(pre_ptr + base + pos, mask=msk, other=0.0).to(u.dtype)
@@ -356,16 +362,21 @@ if triton is not None:
                     u = u * tl.load(pre_ptr + base + pos, mask=msk, other=0.0).to(tl.float32)
                 acc = _dot_exact(lt.to(tl.float32), u, acc)
         if R_DOT:
-            r = tl.load(r_ptr + c[:, None] * Q + c[None, :]).to(tl.float32)
-            acc = _dot_exact_left(acc, r, tl.zeros([IB, Q], tl.float32))
+            qq = tl.arange(0, Q)
+            r = tl.load(r_ptr + qq[:, None] * Q + qq[None, :]).to(tl.float32)
+            acc = tl.reshape(acc, [IB * BR, Q])
+            acc = _dot_exact_left(acc, r, tl.zeros([IB * BR, Q], tl.float32))
+            acc = tl.reshape(acc, [IB, BR * Q])
         else:
-            acc = _fwht_rows(acc, IB, Q, LOGQ)
+            acc = _fwht_rows(acc, IB, BR * Q, LOGQ)  # every aligned block of Q columns: each row's own
         y = acc * alpha * post + bias
         if ROT:  # Q = head_dim: a head a row of L
-            _store_rotary(y_ptr, y, b * stride_yb + pos2, omask, r_out[:, None], cs, kc_ptr, vc_ptr, sc_s, sc_h, HQ,
-                          HKV, IB, HALF, KV)
+            _store_rotary(y_ptr, y, b0 * stride_yb + pos2, omask, r_out[:, None], cs, kc_ptr, vc_ptr, sc_s, sc_h,
+                          HQ, HKV, IB, HALF, KV)
+        elif XF > 0:
+            tl.store(y_ptr + _y_offsets(b0, pos2, stride_yb, XF), y.to(y_ptr.dtype.element_ty), mask=omask)
         else:
-            tl.store(y_ptr + _y_offsets(b, pos2, stride_yb, XF), y.to(y_ptr.dtype.element_ty), mask=omask)
+            tl.store(y_ptr + brow[None, :].to(tl.int64) * stride_yb + pos2, y.to(y_ptr.dtype.element_ty), mask=omask)
         if ZERO:
             _zero_share(zero_ptr, zero_per_prog, zero_numel)
 
@@ -427,16 +438,19 @@ def _butterfly_plan(ch: int, rows: int) -> dict:
                 num_warps=warps)
 
 
-def dot_plan(ch: int, q: int, ib: int = 64, bk: int = 32, r_dot: bool = True, num_warps: int = 4) -> dict:
+def dot_plan(ch: int, q: int, ib: int = 64, bk: int = 32, r_dot: bool = True, num_warps: int = 4,
+             br: int = 1) -> dict:
     """Launch shape of the product kernel: the chunk as X' [M, q] (q a power of two dividing its
-    power-of-two part, M = ch/q), IB rows of L a program, L's columns BK at a time; R = S_q by a
-    product (r_dot) or a butterfly."""
+    power-of-two part, M = ch/q), IB rows of L a program, L's columns BK at a time, BR rows of x a
+    program (a power of two); R = S_q by a product (r_dot) or a butterfly."""
     k = hadamard_factor(ch)
     if q < 16 or (ch // k) % q or q & (q - 1):
         raise ValueError(f"q = {q} must be a power of two >= 16 dividing {ch // k} (chunk {ch} = {k}·{ch // k})")
+    if br < 1 or br & (br - 1):
+        raise ValueError(f"rows a program (br = {br}) must be a power of two")
     m = ch // q
     return dict(kernel="dot", KS=k, M=m, MP=triton.cdiv(m, bk) * bk, Q=q, LOGQ=int(math.log2(q)), IB=ib, BK=bk,
-                R_DOT=bool(r_dot), num_warps=num_warps)
+                BR=br, R_DOT=bool(r_dot), num_warps=num_warps)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -564,7 +578,9 @@ def hadamard_transform(x: torch.Tensor, transpose: bool = False, chunks: int = 1
                 raise ValueError("norm with a residual needs residual_out of x's shape, unit stride")
             aux, rout = as_rows(res)[0], res_out.view(B, n)
     if kind == "dot":
-        grid = (B, chunks, triton.cdiv(pl["M"], pl["IB"]))
+        if pl["BR"] > 1 and (rotary is not None or frag_nb):
+            pl["BR"] = 1  # the rotary and fragment-order epilogues take one row a program
+        grid = (triton.cdiv(B, pl["BR"]), chunks, triton.cdiv(pl["M"], pl["IB"]))
         lmat, rmat = _dot_matrices(k, ch // k, pl["Q"], bool(transpose), grid[2] * pl["IB"], pl["MP"], x.device)
     else:
         grid = (triton.cdiv(B, pl["BR"]), chunks, triton.cdiv(k, pl["IB"]) * pl["P1"])
