@@ -3,7 +3,8 @@
     python -m benchmarks.pdl_ab --shape llama-2-7b --formats fp16,qtip2 --batch 1,16 --rounds 2
 
 Each model is built once; every round times the CUDA-graph decode (`lowbit.bench.bench_decode_model`,
-graphs captured afresh) with LOWBIT_PDL=0 and then =1, so the two settings alternate on the same
+graphs captured afresh) with LOWBIT_PDL=0 and then =1 (PDL on every launch, whatever its rows:
+LOWBIT_PDL_MAX_ROWS lifted), so the two settings alternate on the same
 weights, kernels and GPU state. Prints one JSON line a measurement and a table of medians.
 """
 
@@ -38,6 +39,7 @@ def main(argv=None) -> int:
             for _ in range(args.rounds):
                 for setting in ("0", "1"):
                     os.environ["LOWBIT_PDL"] = setting
+                    os.environ["LOWBIT_PDL_MAX_ROWS"] = str(1 << 30)  # "with": every launch, whatever its rows
                     r = bench_decode_model(model, batch, args.prompt, args.gen)
                     runs[setting].append(r["tok_s"])
                     print(json.dumps({"variant": variant, "batch": batch, "pdl": setting, "tok_s": r["tok_s"],
@@ -46,6 +48,7 @@ def main(argv=None) -> int:
         del model
         release_device_memory()
     os.environ.pop("LOWBIT_PDL", None)
+    os.environ.pop("LOWBIT_PDL_MAX_ROWS", None)
     print(f"\n# pdl A/B: shape={args.shape} prompt={args.prompt} gen={args.gen} rounds={args.rounds} "
           f"device={torch.cuda.get_device_name()} torch={torch.__version__}")
     print("| format | batch | tok/s without | tok/s with | with / without |")

@@ -12,15 +12,24 @@ from lowbit.quantized_models.synthetic import random_model
 
 
 def test_launch_options_are_off_on_cpu_and_carry_the_flag_with_the_attribute(monkeypatch):
-    assert pdl.launch_options(torch.zeros(1)) == {"PDL": False}
+    assert pdl.launch_options(torch.zeros(1), 1) == {"PDL": False}
     if torch.cuda.is_available():
         x = torch.zeros(1, device="cuda")
         monkeypatch.setenv("LOWBIT_PDL", "0")
-        assert pdl.launch_options(x) == {"PDL": False}
+        assert pdl.launch_options(x, 1) == {"PDL": False}
         monkeypatch.setenv("LOWBIT_PDL", "1")
-        on = pdl.launch_options(x)
+        on = pdl.launch_options(x, 1)
         assert on in ({"PDL": False}, {"PDL": True, "launch_pdl": True})
         assert ("launch_pdl" in on) == on["PDL"]
+        assert pdl.launch_options(x, 16) == {"PDL": False}
+
+
+def test_pdl_only_for_launches_of_few_rows(monkeypatch):
+    monkeypatch.delenv("LOWBIT_PDL_MAX_ROWS", raising=False)
+    assert pdl.takes_rows(1) and pdl.takes_rows(8) and not pdl.takes_rows(9) and not pdl.takes_rows(64)
+    assert pdl.takes_rows(None)  # a weight decode: not sized by rows
+    monkeypatch.setenv("LOWBIT_PDL_MAX_ROWS", "64")
+    assert pdl.takes_rows(64) and not pdl.takes_rows(65)
 
 
 def _decode_logits(model, tokens_per_step, use_graph: bool) -> list[torch.Tensor]:
@@ -59,6 +68,7 @@ def _decode_logits(model, tokens_per_step, use_graph: bool) -> list[torch.Tensor
 def test_graph_decode_with_pdl_equals_eager_without(variant, batch, monkeypatch):
     """Every step feeds new tokens, so a kernel that read its input before the previous kernel
     wrote it would see the last step's values: errors of the logits' own size, not rounding."""
+    monkeypatch.setenv("LOWBIT_PDL_MAX_ROWS", "64")  # PDL at 16 rows too (off there by default)
     model = random_model("tiny", variant, device="cuda", dtype=torch.float16, seed=5)
     assert pdl.enabled(torch.zeros(1, device="cuda")) == (torch.cuda.get_device_capability()[0] >= 9)
     g = torch.Generator(device="cuda").manual_seed(1)

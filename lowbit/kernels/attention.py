@@ -341,13 +341,13 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
         per,
         SPLITS=splits, G=G, BLOCK_G=BLOCK_G, D=D, BLOCK_D=BLOCK_D, PAGE=page, BLOCK_N=block_n,
         LOOP_WHILE=interpreting(),
-        num_warps=num_warps, **launch_options(q),
+        num_warps=num_warps, **launch_options(q, B),
     )
     if splits > 1:
         _paged_decode_merge_kernel[(B, Hq)](
             part_acc, part_ml, out, out.stride(0), out.stride(1), Hq,
             SPLITS=splits, BLOCK_S=max(2, triton.next_power_of_2(splits)), D=D, BLOCK_D=BLOCK_D,
-            num_warps=4, **launch_options(q),
+            num_warps=4, **launch_options(q, B),
         )
     return out
 

@@ -145,7 +145,7 @@ def rmsnorm_triton(x, weight, eps, residual=None):
     r = residual if residual is not None else x
     _rmsnorm_kernel[(n,)](x, r, weight, out, rout, h, x.stride(0), r.stride(0), out.stride(0), rout.stride(0),
                           eps, HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(h),
-                          num_warps=4 if h <= 4096 else 8, **launch_options(x))
+                          num_warps=4 if h <= 4096 else 8, **launch_options(x, n))
     return out, rout
 
 
@@ -158,7 +158,7 @@ def rotary_triton_(q, k, positions, inv_freq, kv_store=None):
     _rotary_kernel[(n,)](q, k, v, kc, vc, slots, positions, inv_freq, q.stride(0), q.stride(1), k.stride(0),
                          k.stride(1), v.stride(0), v.stride(1), kc.stride(0), kc.stride(1), hq, k.shape[1],
                          HALF=d // 2, BLOCK_H=triton.next_power_of_2(max(hq, k.shape[1])),
-                         WRITE_KV=kv_store is not None, num_warps=4, **launch_options(q))
+                         WRITE_KV=kv_store is not None, num_warps=4, **launch_options(q, n))
     return q, k
 
 
@@ -167,7 +167,7 @@ def silu_mul_triton(gate, up):
     out = torch.empty(n, i, dtype=gate.dtype, device=gate.device)
     block = min(2048, triton.next_power_of_2(i))
     _silu_mul_kernel[(n, triton.cdiv(i, block))](gate, up, out, i, gate.stride(0), up.stride(0), out.stride(0),
-                                                BLOCK=block, num_warps=4, **launch_options(gate))
+                                                BLOCK=block, num_warps=4, **launch_options(gate, n))
     return out
 
 

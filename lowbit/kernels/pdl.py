@@ -15,6 +15,11 @@ Every kernel launched this way keeps two rules (`wait_prior` does both):
   the kernel just before it, which itself waited for everything before.
 A kernel launched without the attribute follows the usual stream order, so mixing with torch's
 own kernels is safe. LOWBIT_PDL=0 turns it off (for A/B timing).
+
+Only launches for up to LOWBIT_PDL_MAX_ROWS (default 8) rows of activations take it: at batch 1 it
+paid (fifth session), at 16, 32 and 64 rows a QTIP-2 decode step ran 1.3%, 8% and 3.4% slower with
+it (`benchmarks/pdl_ab.py`, RESULTS.md eleventh session) — grids that start early hold SM slots
+the running grid's later programs want once the kernels are long enough to fill the GPU.
 """
 
 from __future__ import annotations
@@ -45,18 +50,26 @@ def _capability(index: int) -> int:
     return major
 
 
-def enabled(t: torch.Tensor) -> bool:
-    """PDL applies to a launch on t's device: a CUDA device of compute capability ≥ 9, compiled
-    kernels (not the interpreter), and not switched off with LOWBIT_PDL=0."""
+def takes_rows(rows: int | None) -> bool:
+    """Whether a launch serving `rows` rows of activations takes PDL (None: a launch not sized by
+    rows, such as a weight decode)."""
+    return rows is None or rows <= int(os.environ.get("LOWBIT_PDL_MAX_ROWS", "8"))
+
+
+def enabled(t: torch.Tensor, rows: int | None = None) -> bool:
+    """PDL applies to a launch on t's device for `rows` rows: a CUDA device of compute capability
+    ≥ 9, compiled kernels (not the interpreter), not switched off with LOWBIT_PDL=0, `takes_rows`."""
     return (t.is_cuda and gdc_wait is not None and not interpreting() and os.environ.get("LOWBIT_PDL", "1") != "0"
+            and takes_rows(rows)
             and _capability(t.device.index if t.device.index is not None else torch.cuda.current_device()) >= 9)
 
 
-def launch_options(t: torch.Tensor) -> dict:
-    """Keyword arguments for a launch of a kernel taking `PDL: tl.constexpr`: the kernel's flag
-    and Triton's launch attribute always together (an attributed launch without the wait would
-    read the previous kernel's output before it is written)."""
-    return {"PDL": True, "launch_pdl": True} if enabled(t) else {"PDL": False}
+def launch_options(t: torch.Tensor, rows: int | None) -> dict:
+    """Keyword arguments for a launch of a kernel taking `PDL: tl.constexpr` on t's device for
+    `rows` rows of activations: the kernel's flag and Triton's launch attribute always together
+    (an attributed launch without the wait would read the previous kernel's output before it is
+    written)."""
+    return {"PDL": True, "launch_pdl": True} if enabled(t, rows) else {"PDL": False}
 
 
 if triton is not None:

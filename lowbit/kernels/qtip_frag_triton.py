@@ -564,11 +564,12 @@ def n_blocks(batch: int) -> int:
     return triton.next_power_of_2(triton.cdiv(batch, 8))
 
 
-def _launch(kernel, grid, args, what: str, row_tiles: int, num_warps: int, copies: int, max_registers: int = 0,
-            **consts):
+def _launch(kernel, grid, args, what: str, row_tiles: int, num_warps: int, copies: int, rows: int | None,
+            max_registers: int = 0, **consts):
     """Both kernels' launch: the launch-shape check, the PTX emulation under the interpreter and,
     compiled, the shared-memory check (the reservation trick is Triton's allocator's doing:
-    verified once per compiled variant). `max_registers` > 0 caps the registers a thread may use
+    verified once per compiled variant). `rows`: the activation rows it serves, for `pdl.takes_rows`
+    (None for the weight decode). `max_registers` > 0 caps the registers a thread may use
     (Triton's `maxnreg`; more programs fit on an SM, ptxas may spill)."""
     if not 1 <= row_tiles <= 4 or copies not in COPIES:
         raise ValueError(f"{what}: row tiles must be 1..4 and table copies one of {COPIES}, "
@@ -576,7 +577,7 @@ def _launch(kernel, grid, args, what: str, row_tiles: int, num_warps: int, copie
     if max_registers and not 24 <= max_registers <= 255:
         raise ValueError(f"{what}: a register cap must be 24..255 (0: none), got {max_registers}")
     emulate = interpreting()
-    pdl = launch_options(args[1])
+    pdl = launch_options(args[1], rows)
     cap = {"maxnreg": max_registers} if max_registers and not emulate else {}
     kern = kernel[grid](*args, RT=row_tiles, NW=num_warps, REP=copies, EMULATE=emulate, num_warps=num_warps,
                         num_stages=1, **consts, **pdl, **cap)
@@ -633,7 +634,7 @@ def frag_matmul(codes: torch.Tensor, lut32: torch.Tensor, K: int, xh: torch.Tens
     if prefetch < 1:
         raise ValueError(f"frag kernel: prefetch depth must be ≥ 1, got {prefetch}")
     even = even_launch(tm, tn, B, row_tiles, num_warps, tiles_per_split, wc, x_frag)
-    _launch(_hyb_frag_kernel, grid, args, "frag kernel", row_tiles, num_warps, copies, max_registers, K=K,
+    _launch(_hyb_frag_kernel, grid, args, "frag kernel", row_tiles, num_warps, copies, B, max_registers, K=K,
             NB=n_blocks(B), WC=wc, ATOMIC=atomic, EVEN=even, PF=prefetch if even else 1, XF=x_frag)
     return out
 
@@ -650,5 +651,5 @@ def frag_dequant(codes: torch.Tensor, lut32: torch.Tensor, K: int, out: torch.Te
     per = steps * num_warps
     grid = (triton.cdiv(tm, row_tiles), triton.cdiv(tn, per))
     args = (codes.view(torch.int32), lut32, out.view(torch.int32), tm, tn, out.stride(0) // 2, per)
-    _launch(_hyb_frag_dequant_kernel, grid, args, "frag dequant", row_tiles, num_warps, copies, K=K)
+    _launch(_hyb_frag_dequant_kernel, grid, args, "frag dequant", row_tiles, num_warps, copies, None, K=K)
     return out

@@ -686,7 +686,7 @@ def decode_matmul(layer, xh: torch.Tensor, cfg: QTIPConfig, out: torch.Tensor) -
     atomic = split > 1
     bb = cfg.bb
     grid_b = triton.cdiv(B, bb)
-    common = dict(num_warps=cfg.num_warps, ATOMIC=atomic, **launch_options(xh))
+    common = dict(num_warps=cfg.num_warps, ATOMIC=atomic, **launch_options(xh, B))
     if cfg.kind == "frag":
         rt, wc = cfg.frag_launch()
         frag_matmul(layer.codes, _lut32(layer), p.K, xh, out, rt, cfg.num_warps, per, atomic,

@@ -683,7 +683,7 @@ def _launch_fused(x2, p: UniformPacked, bias, cfg: UQConfig, out):
     common = dict(BITS=p.bits, GROUP=p.group_size, BK=bk, BMW=bmw, BB=cfg.bb,
                   ZERO_IS_MIN=p.zero_is_min, HAS_PERM=p.perm is not None, HAS_BIAS=bias is not None,
                   LOOP_WHILE=interpreting(), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                  **launch_options(x2))
+                  **launch_options(x2, x2.shape[0]))
     grid = (grid_b, grid_m, split)
     if cfg.kind == "gemv":
         _uq_gemv_kernel[grid](x2, p.qweight, qh, p.scales, p.zeros, perm, bias_t, out, ws, cnt,

@@ -571,7 +571,7 @@ def _launch_gemv(x2, p: VptqPacked, bias, cfg: VQConfig, out):
         split, **c["consts"], VO=max(p.v_o, 1), BR=cfg.br, BC=cfg.bc,
         HAS_PERM=p.perm is not None, NORM=p.weight_scale is not None, HAS_OUTLIER=p.outlier_size > 0,
         HAS_BIAS=bias is not None, LOOP_WHILE=interpreting(),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(x2),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(x2, B),
     )
     return out
 
@@ -592,7 +592,7 @@ def _launch_mma(x2, p: VptqPacked, bias, cfg: VQConfig, out):
         split, **c["consts"], BR=cfg.br, BC=cfg.bc, BB=cfg.bb,
         HAS_PERM=p.perm is not None, NORM=p.weight_scale is not None,
         HAS_BIAS=bias is not None and not extra, LOOP_WHILE=interpreting(),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(x2),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(x2, B),
     )
     if extra:
         out += _outlier_and_beta(x2, p, bias)
