@@ -18,7 +18,8 @@ class Cfg:
 
 
 def test_batch_buckets():
-    assert [tuning.batch_bucket(b) for b in (1, 2, 3, 5, 16, 17, 64, 65, 4096)] == [1, 2, 4, 8, 16, 32, 64, 128, 128]
+    assert [tuning.batch_bucket(b) for b in (1, 2, 3, 5, 16, 17, 64, 65, 128, 129, 1000, 2048, 2049, 9000)] == [
+        1, 2, 4, 8, 16, 32, 64, 128, 128, 256, 1024, 2048, 4096, 4096]
 
 
 @pytest.fixture

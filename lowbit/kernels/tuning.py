@@ -101,8 +101,12 @@ def time_candidates(run: Callable[[object], object], cands: list, device: torch.
 
 
 def batch_bucket(batch: int) -> int:
-    """Batch sizes that share a tuned configuration: powers of two up to 64, then one bucket."""
-    return 1 << max(0, batch - 1).bit_length() if batch <= 64 else 128
+    """Batch sizes that share a tuned configuration: powers of two up to 2048, then one bucket.
+    Prefill sizes need buckets of their own: with one bucket past 64 rows, the first row count a
+    process tuned decided for all (a 128-token prompt picked the tensor-core decode for the o and
+    down projections, which then ran every 1000-token prefill: 65 against 39 ms, RESULTS.md
+    eleventh session)."""
+    return 1 << max(0, batch - 1).bit_length() if batch <= 2048 else 4096
 
 
 def tuned_file() -> Path:
