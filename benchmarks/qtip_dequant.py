@@ -3,8 +3,7 @@
     python -m benchmarks.qtip_dequant [--sweep]
 
 For QTIP 2/3/4-bit at the Llama-2-7B projection shapes (qkv and gate-up fused, as the published
-checkpoints store them): `dequantize_codes` (the fragment decode with stores; row-major and in the
-paired-column order the prefill path uses) against the
+checkpoints store them): `dequantize_codes` (the fragment decode with stores) against the
 roofline of its bytes (codes read + fp16 written, at the copy bandwidth measured in the same run)
 and, for scale, the cuBLAS fp16 GEMM of a 1,000-token chunk that consumes Ŵ. `--sweep` times the
 launch shapes of `frag_dequant` at 2 bits. Every time is `tuning.cold_us` (graph replays, cold L2).
@@ -32,12 +31,11 @@ def dequant_row(m: int, n: int, bits: int, bw: float, tokens: int, dev) -> tuple
     lin = qtip_layer(m, n, bits)
     w = torch.empty(m, n, device=dev, dtype=torch.float16)
     us = cold_us(lambda: qt.dequantize_codes(lin, out=w), dev)
-    paired = cold_us(lambda: qt.dequantize_codes(lin, out=w, paired=True), dev)
     roof = (lin.codes.numel() * 2 + w.numel() * 2) / bw * 1e6
     x = torch.randn(tokens, n, device=dev).half()
     gemm = cold_us(lambda: torch.matmul(x, w.T), dev)
-    return paired, (f"| {bits} | {m}×{n} | {us:.1f} | {paired:.1f} | {roof:.1f} | {100 * roof / paired:.0f}% | "
-                    f"{m * n / paired / 1e3:.0f} | {gemm:.1f} |")
+    return us, (f"| {bits} | {m}×{n} | {us:.1f} | {roof:.1f} | {100 * roof / us:.0f}% | "
+                f"{m * n / us / 1e3:.0f} | {gemm:.1f} |")
 
 
 def sweep(m: int, n: int, dev) -> str:
@@ -62,9 +60,9 @@ def main(argv=None) -> int:
     dev = torch.device("cuda")
     bw = copy_bandwidth(dev)
     print(f"# {torch.cuda.get_device_name()} triton {triton.__version__}, copy bandwidth {bw / 1e9:.0f} GB/s")
-    print("| bits | out × in | dequant µs | paired columns µs | roofline µs | % roofline (paired) | G weights/s (paired) "
-          f"| GEMM {args.tokens} tok µs |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| bits | out × in | dequant µs | roofline µs | % roofline | G weights/s | "
+          f"GEMM {args.tokens} tok µs |")
+    print("|---|---|---|---|---|---|---|")
     total = {}
     for bits in (2, 3, 4):
         for m, n in SHAPES:
@@ -72,8 +70,7 @@ def main(argv=None) -> int:
             total[bits] = total.get(bits, 0.0) + us
             print(row, flush=True)
     for bits, us in total.items():
-        print(f"# {bits}-bit, one decoder layer's four projections (paired columns): {us:.1f} µs, "
-              f"x32 layers {32 * us / 1e3:.2f} ms")
+        print(f"# {bits}-bit, one decoder layer's four projections: {us:.1f} µs, x32 layers {32 * us / 1e3:.2f} ms")
     if args.sweep:
         for m, n in SHAPES[2:]:
             print(sweep(m, n, dev), flush=True)

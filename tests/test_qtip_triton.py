@@ -203,29 +203,6 @@ FRAG_ORDER_CASES = [(256, 3, None, 1), (172 * 16, 2, None, 1), (172 * 16, 12, No
                     (4096, 17, dict(q=64), 1), (4096, 9, dict(q=64, br=4), 1), (512, 5, None, 2)]
 
 
-# n, rows, launch (None: `plan`'s), chunks for the paired-column output: butterfly (k = 1, k > 1),
-# the product kernel one and two rows a program, a tensor-parallel split
-PAIRED_CASES = [(256, 3, None, 1), (172 * 16, 2, None, 1), (172 * 16, 12, None, 1),
-                (172 * 64, 5, dict(q=64, ib=64, bk=16, r_dot=False, br=2), 1), (4096, 3, dict(q=64), 1), (512, 5, None, 2)]
-
-
-@pytest.mark.parametrize("n,rows,kw,chunks", PAIRED_CASES)
-def test_hadamard_writes_the_paired_column_order(n, rows, kw, chunks):
-    """`paired_cols` writes each row permuted as `paired_col_order` says: what the dequantization
-    path's paired Ŵ must meet."""
-    from lowbit.kernels.qtip_frag_triton import paired_col_order
-
-    g = torch.Generator().manual_seed(n + rows)
-    x = torch.randn(rows, n, generator=g).half()
-    pre = (torch.randint(0, 2, (n,), generator=g) * 2 - 1).half()
-    opts = dict(transpose=True, chunks=chunks, pre=pre, alpha=1 / 32, out_dtype=torch.float16, pre_signs=True,
-                launch=ht.dot_plan(n // chunks, **kw) if kw else None)
-    got = ht.hadamard_transform(x, paired_cols=True, **opts)
-    assert torch.equal(got, paired_col_order(ht.hadamard_transform(x, **opts)))
-    with pytest.raises(ValueError, match="paired columns take no frag_nb"):
-        ht.hadamard_transform(x, paired_cols=True, frag_nb=1, **opts)
-
-
 @pytest.mark.parametrize("n,rows,kw,chunks", FRAG_ORDER_CASES)
 def test_hadamard_writes_the_fragment_order(n, rows, kw, chunks):
     """`frag_nb` writes the same values as the row-major output, permuted as `frag_x_order`
@@ -552,24 +529,11 @@ def test_dequantize_codes_is_exact_cpu(cfg_dict):
     (3, 32, 96, dict(row_tiles=2, num_warps=4, steps=2, copies=32)),
     (4, 64, 64, dict(row_tiles=1, num_warps=2, steps=1, copies=16)),
 ])
-@pytest.mark.parametrize("paired", [False, True])
-def test_frag_dequant_is_exact_for_any_launch_cpu(K, m, n, launch, paired):
-    from lowbit.kernels.qtip_frag_triton import paired_col_order
-
+def test_frag_dequant_is_exact_for_any_launch_cpu(K, m, n, launch):
     lin = layer(hyb_params(K), m, n, seed=K)
     w = torch.full((m, n), float("nan"), dtype=torch.float16)
-    qt.frag_dequant(lin.codes, lin.tlut.view(torch.int32).reshape(-1), K, w, paired=paired, **launch)
-    want = lin.decoded_codes()
-    assert torch.equal(w.float(), paired_col_order(want) if paired else want)
-
-
-def test_paired_col_order_puts_a_lanes_two_pairs_side_by_side():
-    from lowbit.kernels.qtip_frag_triton import paired_col_order
-
-    cols = paired_col_order(torch.arange(32)).tolist()
-    # lane q of a tile row holds column pairs q and q + 4: (0,1) and (8,9) for q = 0, ...
-    assert cols[:16] == [0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15]
-    assert cols[16:] == [c + 16 for c in cols[:16]]
+    qt.frag_dequant(lin.codes, lin.tlut.view(torch.int32).reshape(-1), K, w, **launch)
+    assert torch.equal(w.float(), lin.decoded_codes())
 
 
 @pytest.mark.skipif(not CPU, reason="CPU interpreter test")
@@ -593,10 +557,6 @@ def test_frag_launchers_reject_bad_launches_and_operands_cpu():
         qt.frag_dequant(lin.codes, lut, 2, torch.zeros(32, 64).half(), copies=4)
     with pytest.raises(ValueError, match="contiguous fp16 rows, got torch.float32"):
         qt.frag_dequant(lin.codes, lut, 2, torch.zeros(32, 64))
-    with pytest.raises(ValueError, match=r"contiguous fp16 rows \(8-byte aligned\)"):
-        qt.frag_dequant(lin.codes, lut, 2, torch.zeros(32, 66).half()[:, 2:], paired=True)
-    with pytest.raises(ValueError, match="paired-column order is the HYB"):
-        qt.dequantize_codes(layer(ONE_MAD, 32, 64, seed=1), paired=True)
 
 
 @pytest.mark.skipif(not CPU, reason="CPU interpreter test")
@@ -675,14 +635,9 @@ def test_hyb_kernels_match_reference_gpu(K, shape):
 def test_frag_dequant_matches_reference_gpu(K):
     if CPU:
         pytest.skip("needs CUDA")
-    from lowbit.kernels.qtip_frag_triton import paired_col_order
-
     lin = gpu_layer(K, 11008, 4096, seed=K)
     w = qt.dequantize_codes(lin, torch.float16)
-    paired = qt.dequantize_codes(lin, torch.float16, paired=True)
-    want = lin.cpu().decoded_codes()
-    assert torch.equal(w.float().cpu(), want)
-    assert torch.equal(paired.float().cpu(), paired_col_order(want))
+    assert torch.equal(w.float().cpu(), lin.cpu().decoded_codes())
 
 
 @pytest.mark.gpu

@@ -204,20 +204,11 @@ if triton is not None:
         return post, bias
 
     @triton.jit
-    def _paired_cols(pos):
-        """Column pos in the paired-column order (`qtip_frag_triton.paired_col_order`): inside each
-        16 columns, 8h + 2q + e moves to 4q + 2h + e."""
-        c = pos & 15
-        return pos - c + (((c >> 1) & 3) << 2) + ((c >> 3) << 1) + (c & 1)
-
-    @triton.jit
     def _y_offsets(row, pos, stride_yb, XF: tl.constexpr):
-        """Offsets of y[row, pos]: row-major, (XF > 0) the QTIP fragment kernel's x order for XF
-        n-blocks of 8 rows, or (XF < 0) row-major in the paired-column order."""
+        """Offsets of y[row, pos]: row-major, or (XF > 0) the QTIP fragment kernel's x order for
+        XF n-blocks of 8 rows."""
         if XF > 0:
             off = _frag_x_offset(row + 0 * pos, pos, XF)
-        elif XF < 0:
-            off = row * stride_yb + _paired_cols(pos)
         else:
             off = row * stride_yb + pos
         return off
@@ -334,8 +325,8 @@ if triton is not None:
         product (R_DOT) or a butterfly. The BR rows' X sit side by side as one [M, BR·Q] operand,
         so each tile of L serves BR rows (prefill: L's tiles were read once per row). With EXACT16
         the host vouches that x is fp16/bf16 and pre is ±1 (or absent), so pre ⊙ x is exact in x's
-        dtype and L's product takes one half-precision dot instead of two tf32 ones. ROT and the
-        fragment order (XF > 0) take one row a program (BR = 1)."""
+        dtype and L's product takes one half-precision dot instead of two tf32 ones. ROT and XF
+        take one row a program (BR = 1)."""
         b0 = tl.program_id(0) * BR
         base = tl.program_id(1) * (M * Q)
         r_out = tl.program_id(2) * IB + tl.arange(0, IB)
@@ -385,8 +376,7 @@ if triton is not None:
         elif XF > 0:
             tl.store(y_ptr + _y_offsets(b0, pos2, stride_yb, XF), y.to(y_ptr.dtype.element_ty), mask=omask)
         else:
-            tl.store(y_ptr + _y_offsets(brow[None, :].to(tl.int64), pos2, stride_yb, XF),
-                     y.to(y_ptr.dtype.element_ty), mask=omask)
+            tl.store(y_ptr + brow[None, :].to(tl.int64) * stride_yb + pos2, y.to(y_ptr.dtype.element_ty), mask=omask)
         if ZERO:
             _zero_share(zero_ptr, zero_per_prog, zero_numel)
 
@@ -523,7 +513,7 @@ def hadamard_transform(x: torch.Tensor, transpose: bool = False, chunks: int = 1
                        out: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
                        zero: torch.Tensor | None = None, launch: dict | None = None,
                        pre_signs: bool = False, up: torch.Tensor | None = None, norm: tuple | None = None,
-                       rotary=None, frag_nb: int = 0, paired_cols: bool = False) -> torch.Tensor:
+                       rotary=None, frag_nb: int = 0) -> torch.Tensor:
     """y = post ⊙ (alpha · H(pre ⊙ x)) + bias over the last dim of x [..., N], per chunk of N/chunks
     (H^T with `transpose`), orthonormal H as in `hadamard_reference`; computed in float32 and
     written in `out` (or a new tensor of out_dtype, default x's dtype). `zero`, if given, is a
@@ -542,17 +532,12 @@ def hadamard_transform(x: torch.Tensor, transpose: bool = False, chunks: int = 1
     caches it names (one chunk; the launch of `rotary_plan`, which must exist).
 
     `frag_nb` > 0 writes y for the QTIP fragment kernel instead: a new [8·frag_nb, N] buffer in its x
-    order (`qtip_frag_triton.frag_x_order`), rows past x's left unwritten. `paired_cols` writes each
-    row's columns in the order of a paired-column Ŵ (`qtip_frag_triton.paired_col_order`), so that
-    y @ Ŵᵀ contracts matching columns."""
+    order (`qtip_frag_triton.frag_x_order`), rows past x's left unwritten."""
     n = x.shape[-1]
     if chunks < 1 or n % chunks:
         raise ValueError(f"cannot split length {n} into {chunks} chunks")
     x2, lead = as_rows(x)
     B = x2.shape[0]
-    if paired_cols and (frag_nb or rotary is not None or (n // chunks) % 16):
-        raise ValueError(f"paired columns take no frag_nb or rotary and chunks of a multiple of 16, got {n} in "
-                         f"{chunks}")
     if frag_nb:
         if out is not None or rotary is not None or B > 8 * frag_nb or n % 16:
             raise ValueError(f"a fragment-order output takes no out= or rotary, ≤ {8 * frag_nb} rows and a "
@@ -611,7 +596,7 @@ def hadamard_transform(x: torch.Tensor, transpose: bool = False, chunks: int = 1
         zn, zper, zt = 0, 0, y2
     ptrs = (pre if pre is not None else y2, post if post is not None else y2, bias if bias is not None else y2)
     flags = dict(HAS_PRE=pre is not None, HAS_POST=post is not None, HAS_BIAS=bias is not None, ZERO=zero is not None,
-                 MODE=mode, XF=-1 if paired_cols else frag_nb, **launch_options(x2, B))
+                 MODE=mode, XF=frag_nb, **launch_options(x2, B))
     scale = float(alpha) / math.sqrt(ch)
     if kind == "dot":
         exact16 = x2.dtype in (torch.float16, torch.bfloat16) and (pre is None or pre_signs)

@@ -503,45 +503,30 @@ if triton is not None:
 
     @triton.jit
     def _store_tile(wp, u, v, msk, stride_w, lane, sel, lut_ptr, lane_addr, K: tl.constexpr, REP: tl.constexpr,
-                    EMULATE: tl.constexpr, PAIRED: tl.constexpr):
-        """Decode one tile and store it: wp points at this lane's pair Ŵ[g, 2q..2q+1] (int32 view),
-        or with PAIRED at its two pairs of row g, side by side (int64 view, paired-column order):
-        two 8-byte stores, each warp-wide store whole 32-byte sectors, where the row-major order
-        takes four 4-byte stores of half sectors."""
+                    EMULATE: tl.constexpr):
+        """Decode one tile and store it: wp points at this lane's pair Ŵ[g, 2q..2q+1] (int32 view)."""
         a0, a1, a2, a3 = _decode_a(u, v, lane, sel, lut_ptr, lane_addr, K, REP, EMULATE)
-        if PAIRED:
-            tl.store(wp, _pack64(a0, a2), mask=msk)
-            tl.store(wp + 8 * stride_w, _pack64(a1, a3), mask=msk)
-        else:
-            tl.store(wp, a0, mask=msk)
-            tl.store(wp + 8 * stride_w, a1, mask=msk)
-            tl.store(wp + 4, a2, mask=msk)
-            tl.store(wp + 8 * stride_w + 4, a3, mask=msk)
-
-    @triton.jit
-    def _pack64(lo, hi):
-        """Two int32 words as one int64, lo at the lower address."""
-        return (lo.to(tl.uint32, bitcast=True).to(tl.int64)
-                | (hi.to(tl.uint32, bitcast=True).to(tl.int64) << 32))
+        tl.store(wp, a0, mask=msk)
+        tl.store(wp + 8 * stride_w, a1, mask=msk)
+        tl.store(wp + 4, a2, mask=msk)
+        tl.store(wp + 8 * stride_w + 4, a3, mask=msk)
 
     @triton.jit(do_not_specialize=["TM", "TN", "stride_w", "tiles_per_split"])
     def _hyb_frag_dequant_kernel(
         codes_ptr, lut_ptr, w_ptr, TM, TN, stride_w, tiles_per_split,
         K: tl.constexpr, RT: tl.constexpr, NW: tl.constexpr, REP: tl.constexpr, EMULATE: tl.constexpr,
-        PDL: tl.constexpr, PAIRED: tl.constexpr,
+        PDL: tl.constexpr,
     ):
-        """Ŵ [16·TM, 16·TN] as fp16 pairs (w_ptr int32, stride_w in pairs; with PAIRED in the
-        paired-column order, w_ptr int64, stride_w in pairs of pairs): the fragment kernel's decode
-        with stores in place of the mma, for the prefill path (decode once, then cuBLAS). Same grid
-        and warp walk as `_hyb_frag_kernel`."""
+        """Ŵ [16·TM, 16·TN] as fp16 pairs (w_ptr int32, stride_w in pairs): the fragment kernel's
+        decode with stores in place of the mma, for the prefill path (decode once, then cuBLAS).
+        Same grid and warp walk as `_hyb_frag_kernel`."""
         col, lane, sel, ib, i0, ok, t0, t1, j, cp, delta = _walk_start(codes_ptr, TM, TN, tiles_per_split, K, RT,
                                                                        NW, NW, EMULATE)
         wid = col // 32
         TW: tl.constexpr = 8 * K
         RS = TN * TW
-        WS = 16 * stride_w  # words between row tiles of Ŵ
-        TSTEP: tl.constexpr = 4 if PAIRED else 8  # words a tile column takes in a row
-        wp = w_ptr + (16 * i0 + (lane >> 2)) * stride_w + TSTEP * j + (lane & 3)
+        WS = 16 * stride_w  # pairs between row tiles of Ŵ
+        wp = w_ptr + (16 * i0 + (lane >> 2)) * stride_w + 8 * j + (lane & 3)
         jm = j < t1
         words = _step_words(cp, RS, delta, jm, ok, lane, K, RT)
         lane_addr = _table(lut_ptr, w_ptr, col, lane, TM, REP, EMULATE)
@@ -552,9 +537,9 @@ if triton is not None:
             words_next = _step_words(cp, RS, delta, nm, ok, lane, K, RT)
             for r in tl.static_range(RT):
                 _store_tile(wp + r * WS, words[r][0], words[r][1], jm & ok[r], stride_w, lane, sel, lut_ptr,
-                            lane_addr, K, REP, EMULATE, PAIRED)
+                            lane_addr, K, REP, EMULATE)
             words = words_next
-            wp += TSTEP * NW
+            wp += 8 * NW
             jm = nm
 
 
@@ -655,29 +640,16 @@ def frag_matmul(codes: torch.Tensor, lut32: torch.Tensor, K: int, xh: torch.Tens
 
 
 def frag_dequant(codes: torch.Tensor, lut32: torch.Tensor, K: int, out: torch.Tensor, row_tiles: int = 2,
-                 num_warps: int = 4, steps: int = 16, copies: int = 32, paired: bool = False) -> torch.Tensor:
-    """out [m, n] fp16 = Ŵ decoded from HYB codes [m/16, n/16, 16K] (with `paired`, its columns in
-    the paired-column order, `paired_col_order`); each program takes `row_tiles` row tiles ×
-    `steps` steps of `num_warps` tile columns (defaults: the best of `benchmarks/qtip_dequant.py
-    --sweep` on the H100 at the Llama-2-7B MLP shapes)."""
+                 num_warps: int = 4, steps: int = 16, copies: int = 32) -> torch.Tensor:
+    """out [m, n] fp16 = Ŵ decoded from HYB codes [m/16, n/16, 16K]; each program takes
+    `row_tiles` row tiles × `steps` steps of `num_warps` tile columns (defaults: the best of
+    `benchmarks/qtip_dequant.py --sweep` on the H100 at the Llama-2-7B MLP shapes)."""
     m, n = out.shape
-    word = 4 if paired else 2  # fp16 values a store word holds
-    if out.dtype != torch.float16 or out.stride(1) != 1 or out.stride(0) % word or (paired and out.data_ptr() % 8):
-        raise ValueError(f"frag dequant writes contiguous fp16 rows{' (8-byte aligned)' if paired else ''}, "
-                         f"got {out.dtype} strides {out.stride()}")
+    if out.dtype != torch.float16 or out.stride(1) != 1 or out.stride(0) % 2:
+        raise ValueError(f"frag dequant writes contiguous fp16 rows, got {out.dtype} strides {out.stride()}")
     tm, tn = m // 16, n // 16
     per = steps * num_warps
     grid = (triton.cdiv(tm, row_tiles), triton.cdiv(tn, per))
-    w = out.view(torch.int64) if paired else out.view(torch.int32)
-    args = (codes.view(torch.int32), lut32, w, tm, tn, out.stride(0) // word, per)
-    _launch(_hyb_frag_dequant_kernel, grid, args, "frag dequant", row_tiles, num_warps, copies, None, K=K,
-            PAIRED=paired)
+    args = (codes.view(torch.int32), lut32, out.view(torch.int32), tm, tn, out.stride(0) // 2, per)
+    _launch(_hyb_frag_dequant_kernel, grid, args, "frag dequant", row_tiles, num_warps, copies, None, K=K)
     return out
-
-
-def paired_col_order(w: torch.Tensor) -> torch.Tensor:
-    """w [..., n] with each 16 columns reordered so that column 8h + 2q + e moves to 4q + 2h + e:
-    the two column pairs a lane of the fragment decode holds for a tile row (q and q + 4) side by
-    side (the reference of `frag_dequant(paired=True)` and of the Hadamard kernels' `paired_cols`)."""
-    n = w.shape[-1]
-    return w.reshape(*w.shape[:-1], n // 16, 2, 4, 2).transpose(-3, -2).reshape(w.shape)

@@ -706,20 +706,16 @@ def decode_matmul(layer, xh: torch.Tensor, cfg: QTIPConfig, out: torch.Tensor) -
     return out
 
 
-def dequantize_codes(layer, dtype=torch.float16, out: torch.Tensor | None = None, paired: bool = False) -> torch.Tensor:
-    """Ŵ [m, n] decoded by a Triton kernel (the decoded code matrix, before SU/SV and Hadamards);
-    `paired` (HYB only): its columns in the paired-column order (`paired_col_order`), which the
-    decode stores in whole 32-byte sectors."""
+def dequantize_codes(layer, dtype=torch.float16, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Ŵ [m, n] decoded by a Triton kernel (the decoded code matrix, before SU/SV and Hadamards)."""
     p = layer.params
     m, n = layer.out_features, layer.in_features
-    if paired and not _hyb(p):
-        raise ValueError("the paired-column order is the HYB fragment decode's")
     if out is None:
         out = torch.empty(m, n, dtype=dtype, device=layer.codes.device)
     if _hyb(p):  # the fragment kernel's decode, stored (fp16: the table's values are fp16)
-        w16 = out if out.dtype == torch.float16 and out.is_contiguous() and out.data_ptr() % 8 == 0 else torch.empty(
+        w16 = out if out.dtype == torch.float16 and out.is_contiguous() else torch.empty(
             m, n, dtype=torch.float16, device=layer.codes.device)
-        frag_dequant(layer.codes, _lut32(layer), p.K, w16, paired=paired)
+        frag_dequant(layer.codes, _lut32(layer), p.K, w16)
         if w16 is not out:
             out.copy_(w16)
     else:
@@ -752,18 +748,15 @@ def run_config(layer, x2: torch.Tensor, cfg: QTIPConfig, out: torch.Tensor | Non
     (`up=` or `norm=` of `hadamard_transform`) makes the input transform take the SiLU·mul or the
     RMSNorm that comes before the layer, `rotary` (`fused.QKVRotary`, where `takes_rotary`) the
     output transform the rotary step after a fused q|k|v projection."""
-    m, n = layer.out_features, layer.in_features
+    m = layer.out_features
     B = x2.shape[0]
     if out is None:
         out = torch.empty(B, m, dtype=x2.dtype, device=x2.device)
     into = dict(transpose=True, chunks=_chunks(layer, 1), pre=layer.SU, alpha=1 / 32, out_dtype=xh_dtype(cfg),
                 pre_signs=layer.su_signs, **prologue)
     if cfg.kind == "dequant":
-        # Ŵ in the paired-column order (whole-sector stores, RESULTS.md eleventh session) and xh in
-        # the same order: the product contracts matching columns.
-        paired = _hyb(layer.params) and (n // _chunks(layer, 1)) % 16 == 0
-        xh = hadamard_transform(x2, paired_cols=paired, **into)
-        y_raw = torch.matmul(xh, dequantize_codes(layer, torch.float16, paired=paired).T)
+        xh = hadamard_transform(x2, **into)
+        y_raw = torch.matmul(xh, dequantize_codes(layer, torch.float16).T)
     else:
         atomic = _steps(layer, cfg)[1] > 1
         y_raw = torch.empty(B, m, dtype=torch.float32, device=x2.device)
