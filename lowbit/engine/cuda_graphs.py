@@ -36,42 +36,48 @@ from ..quantized_models.attention import AttentionContext, slot_views
 log = logging.getLogger("lowbit")
 
 
-class GraphDecodeContext(AttentionContext):
-    """Decode attention over the paged cache that is safe to capture: no host reads, fixed grids."""
+class _StaticCacheContext(AttentionContext):
+    """Attention over the paged cache through static buffers: the step's slots, then whatever the
+    subclass's launch reads. No host reads, fixed grids: safe to capture."""
 
-    def __init__(self, k_cache, v_cache, slot_mapping, block_tables, context_lens, scale):
+    def __init__(self, k_cache, v_cache, slot_mapping, scale):
         self.k_cache, self.v_cache = k_cache, v_cache  # [layers, blocks, block_size, Hkv, D]
-        self.slot_mapping, self.block_tables, self.context_lens = slot_mapping, block_tables, context_lens
-        self.scale = scale
+        self.slot_mapping, self.scale = slot_mapping, scale
 
     def kv_slots(self, layer):
         return slot_views(self.k_cache[layer], self.v_cache[layer], self.slot_mapping)
 
-    def attend(self, layer, q, k, v, stored=False):
-        kc, vc = self.k_cache[layer], self.v_cache[layer]
+    def _caches(self, layer, k, v, stored):
+        """The layer's caches, with the step's k/v stored unless the model did (`kv_slots`)."""
         if not stored:
             store_kv(k, v, *self.kv_slots(layer))
+        return self.k_cache[layer], self.v_cache[layer]
+
+
+class GraphDecodeContext(_StaticCacheContext):
+    """Decode attention: one query a sequence, the paged-decode launch."""
+
+    def __init__(self, k_cache, v_cache, slot_mapping, block_tables, context_lens, scale):
+        super().__init__(k_cache, v_cache, slot_mapping, scale)
+        self.block_tables, self.context_lens = block_tables, context_lens
+
+    def attend(self, layer, q, k, v, stored=False):
+        kc, vc = self._caches(layer, k, v, stored)
         attend = paged_decode_attention if q.is_cuda else paged_decode_attention_reference
         return attend(q, kc, vc, self.block_tables, self.context_lens, self.scale)
 
 
-class GraphMixedContext(AttentionContext):
-    """Attention of a mixed step that is safe to capture: every sequence of the step, a decode
-    included (a one-query span), is a span of one paged-prefill launch whose grid is a fixed number
-    of tiles; tiles past the step's own point at an empty span and do nothing."""
+class GraphMixedContext(_StaticCacheContext):
+    """Attention of a mixed step: every sequence of the step, a decode included (a one-query
+    span), is a span of one paged-prefill launch whose grid is a fixed number of tiles; tiles past
+    the step's own point at an empty span and do nothing."""
 
     def __init__(self, k_cache, v_cache, slot_mapping, spans, block_tables, tiles, scale):
-        self.k_cache, self.v_cache = k_cache, v_cache
-        self.slot_mapping, self.spans, self.block_tables, self.tiles = slot_mapping, spans, block_tables, tiles
-        self.scale = scale
-
-    def kv_slots(self, layer):
-        return slot_views(self.k_cache[layer], self.v_cache[layer], self.slot_mapping)
+        super().__init__(k_cache, v_cache, slot_mapping, scale)
+        self.spans, self.block_tables, self.tiles = spans, block_tables, tiles
 
     def attend(self, layer, q, k, v, stored=False):
-        kc, vc = self.k_cache[layer], self.v_cache[layer]
-        if not stored:
-            store_kv(k, v, *self.kv_slots(layer))
+        kc, vc = self._caches(layer, k, v, stored)
         out = torch.zeros_like(q)  # padded rows belong to no span: zeros, not stale memory
         if q.is_cuda:
             return paged_prefill_attention(q, kc, vc, self.spans, self.block_tables, self.scale, out, self.tiles)
