@@ -176,6 +176,9 @@ def test_limits_and_queue(smollm2):
         e.make_request(ids, SamplingParams())
     with pytest.raises(ValueError):
         SamplingParams(temperature=-1)
+    with pytest.raises(ValueError, match="cuda_graph_max_tokens must be >= 0"):
+        EngineConfig(cuda_graph_max_tokens=-1)
+    assert e.info()["mixed_graph_tokens"] == 0  # CPU: every step eager
 
 
 def test_async_stream_abort_frees_blocks(smollm2):

@@ -43,12 +43,14 @@ def test_every_config_field_is_a_flag_with_the_dataclass_default(monkeypatch):
     argv = ["--model", "m.gguf", "--device", "cpu", "--dtype", "float32", "--max-model-len", "512",
             "--max-num-seqs", "4", "--max-num-batched-tokens", "256", "--max-queue", "3", "--kv-cache-blocks", "99",
             "--gpu-memory-utilization", "0.5", "--block-size", "32", "--tokenizer", "tok", "--no-cuda-graphs",
+            "--cuda-graph-max-tokens", "512",
             "--served-model-name", "smol", "--host", "0.0.0.0", "--port", "9001", "--api-key", "k",
             "--max-request-bytes", "1000"]
     engine, server = configs_from_args(parse_serve(argv))
     assert engine == EngineConfig(model="m.gguf", device="cpu", dtype="float32", max_model_len=512, max_num_seqs=4,
                                   max_num_batched_tokens=256, max_queue=3, kv_cache_blocks=99,
-                                  gpu_memory_utilization=0.5, block_size=32, tokenizer="tok", cuda_graphs=False)
+                                  gpu_memory_utilization=0.5, block_size=32, tokenizer="tok", cuda_graphs=False,
+                                  cuda_graph_max_tokens=512)
     assert server == ServerConfig(host="0.0.0.0", port=9001, served_model_name="smol", api_key="k",
                                   max_request_bytes=1000)
     fields = {f.name for cls in (EngineConfig, ServerConfig) for f in dataclasses.fields(cls)}
