@@ -32,6 +32,7 @@ from ..kernels.attention import (
 )
 from ..kernels.fused import store_kv
 from ..quantized_models.attention import AttentionContext, slot_views
+from .kv_cache import padded_tables
 
 log = logging.getLogger("lowbit")
 
@@ -222,10 +223,15 @@ class CudaGraphMixed(_GraphSet):
                          buckets or token_buckets(max_tokens))
         self.max_seqs = max_seqs
 
+    def _sizes(self, t: int) -> tuple[int, int]:
+        """(spans, tiles) a bucket of t tokens has room for: a sequence takes at least one token,
+        and a span of nq queries ceil(nq / 64) tiles, so ceil(t / 64) + spans bound them."""
+        S = min(self.max_seqs, t)
+        return S, -(-t // PREFILL_BLOCK_M) + S
+
     def _static(self, t: int) -> dict:
         dev = self.model.device
-        S = min(self.max_seqs, t)
-        ntiles = -(-t // PREFILL_BLOCK_M) + S
+        S, ntiles = self._sizes(t)
         i64 = torch.zeros(3 * t + S, dtype=torch.long, device=dev)
         i32 = torch.zeros(3 * (S + 1) + 2 * ntiles, dtype=torch.int32, device=dev)
         s = {"t": t, "S": S, "ntiles": ntiles, "i64": i64, "i32": i32,
@@ -248,9 +254,8 @@ class CudaGraphMixed(_GraphSet):
         t = self.bucket_for(n_tokens)
         if t is None:
             return False
-        S = min(self.max_seqs, t)
-        tiles = sum(-(-nq // PREFILL_BLOCK_M) for _, nq, _, _ in spans)
-        return len(spans) <= S and tiles <= -(-t // PREFILL_BLOCK_M) + S
+        S, ntiles = self._sizes(t)
+        return len(spans) <= S and sum(-(-nq // PREFILL_BLOCK_M) for _, nq, _, _ in spans) <= ntiles
 
     def load(self, s: dict, ids: list[int], positions: list[int], slots: list[int],
              spans: list[tuple[int, int, int, list[int]]], sample_rows: list[int]) -> None:
@@ -260,16 +265,14 @@ class CudaGraphMixed(_GraphSet):
         meta = [(start, nq, ctx) for start, nq, ctx, _ in spans]
         tiles = prefill_tiles(meta)
         bs = self.k_cache.shape[2]
-        tables = [blocks[: -(-ctx // bs)] for _, _, ctx, blocks in spans]
-        width = max(len(b) for b in tables)
+        width, tables = padded_tables([blocks[: -(-ctx // bs)] for _, _, ctx, blocks in spans])
         i64 = (ids + [0] * pad + positions + [0] * pad + slots + [self.scratch_slot] * pad
                + sample_rows + [0] * (S - len(sample_rows)))
         i32 = ([v for m in meta for v in m] + [0] * (3 * (S + 1 - len(meta)))
                + tiles + [S, 0] * (ntiles - len(tiles) // 2))
         s["i64"].copy_(torch.tensor(i64, dtype=torch.long))
         s["i32"].copy_(torch.tensor(i32, dtype=torch.int32))
-        s["tables"][: len(spans), :width].copy_(
-            torch.tensor([b + [0] * (width - len(b)) for b in tables], dtype=torch.int32))
+        s["tables"][: len(spans), :width].copy_(torch.tensor(tables, dtype=torch.int32).view(len(spans), width))
 
     @torch.inference_mode()
     def run(self, ids, positions, slots, spans, sample_rows) -> torch.Tensor | None:
