@@ -124,6 +124,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rows", default="1,16,64,1000")
     ap.add_argument("--sweep", action="store_true", help="time every product-kernel launch in `candidates`")
     ap.add_argument("--jobs", type=int, default=12, help="processes compiling the sweep's kernels")
+    ap.add_argument("--match", default="", help="sweep only launches whose name holds one of these "
+                    "comma-separated strings (e.g. 'br1 Rbfly,q64 ib64')")
     args = ap.parse_args(argv)
     rows_list = [int(r) for r in args.rows.split(",")]
     dev = torch.device("cuda")
@@ -131,7 +133,10 @@ def main(argv=None) -> int:
     jobs = {}
     for n, side, _ in CALLS:
         for rows in rows_list:
-            launches = [ht.plan(n, rows), ht._butterfly_plan(n, rows)] + (candidates(n, rows) if args.sweep else [])
+            swept = candidates(n, rows) if args.sweep else []
+            if args.match:
+                swept = [la for la in swept if any(m in _name(la) for m in args.match.split(","))]
+            launches = [ht.plan(n, rows), ht._butterfly_plan(n, rows)] + swept
             jobs[(n, side, rows)] = list({_name(launch): launch for launch in launches}.values())
     if args.sweep and args.jobs > 1:  # one job per kernel specialization (dtype, side, launch)
         todo = {(n, side, rows > 64, _name(la)): (n, side, rows, la) for (n, side, rows), ls in jobs.items() for la in ls}
