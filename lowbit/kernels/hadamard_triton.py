@@ -139,6 +139,39 @@ if triton is not None:
         return u, q
 
     @triton.jit
+    def _chained_blocks(x_ptr, aux_ptr, w_ptr, pre_ptr, ro_ptr, lpost_ptr, lbias_ptr, lalpha, xoff, aoff, rooff,
+                        pos0, rmask, c1, BR: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
+                        LOGP: tl.constexpr, HAS_LPOST: tl.constexpr, HAS_LBIAS: tl.constexpr, HAS_PRE: tl.constexpr):
+        """MODE 3, `_signed_blocks`' (U, Q) when x is the raw product of the layer before (power-of-two
+        length P = P1·P2, one chunk): its output transform first, o = lpost ⊙ (lalpha · H x) + lbias
+        rounded to the residual's dtype as that layer's store rounds it, then s = o + residual
+        (rounded, block c1 stored), weight ⊙ pre ⊙ s and the sign mix of the P1 blocks into block c1.
+        Every program transforms its rows whole: the layer before's output never goes to memory."""
+        P: tl.constexpr = P1 * P2
+        cols = tl.arange(0, P)[None, :]
+        msk = rmask & (cols < P)
+        dt = aux_ptr.dtype.element_ty
+        z = _fwht_rows(tl.load(x_ptr + xoff + pos0 + cols, mask=msk, other=0.0).to(tl.float32), BR, P, LOGP)
+        z = z * lalpha
+        if HAS_LPOST:
+            z = z * tl.load(lpost_ptr + cols).to(tl.float32)
+        if HAS_LBIAS:
+            z = z + tl.load(lbias_ptr + cols).to(tl.float32)
+        r = tl.load(aux_ptr + aoff + pos0 + cols, mask=msk, other=0.0)
+        s = (z.to(dt).to(tl.float32) + r.to(tl.float32)).to(dt)
+        v = s.to(tl.float32)
+        q = tl.sum(tl.reshape(v * v, [BR, P1, P2]), 1)
+        v = v * tl.load(w_ptr + pos0 + cols).to(tl.float32)
+        if HAS_PRE:
+            v = v * tl.load(pre_ptr + pos0 + cols).to(tl.float32)
+        blk = tl.arange(0, P1)[None, :, None]
+        u = tl.sum(tl.reshape(v, [BR, P1, P2]) * _parity(c1 & blk), 1)
+        mine = tl.sum(tl.where(blk == c1, tl.reshape(s.to(tl.float32), [BR, P1, P2]), 0.0), 1)
+        own = tl.arange(0, P2)[None, :]
+        tl.store(ro_ptr + rooff + pos0 + c1 * P2 + own, mine.to(dt), mask=rmask & (own < P2))
+        return u, q
+
+    @triton.jit
     def _halves(t, R: tl.constexpr, HALF: tl.constexpr):
         """[R, 2·HALF] -> its first and second half columns, each [R, HALF]."""
         return tl.split(tl.permute(tl.reshape(t, [R, 2, HALF]), (0, 2, 1)))
@@ -216,12 +249,14 @@ if triton is not None:
     @triton.jit(do_not_specialize=["B", "zero_per_prog", "zero_numel"])
     def _hadamard_kernel(
         x_ptr, aux_ptr, w_ptr, ro_ptr, pre_ptr, post_ptr, bias_ptr, a_ptr, y_ptr, zero_ptr,
-        pos_ptr, f_ptr, kc_ptr, vc_ptr, slot_ptr,
+        pos_ptr, f_ptr, kc_ptr, vc_ptr, slot_ptr, lpost_ptr, lbias_ptr,
         B, stride_xb, stride_ab, stride_rb, stride_yb, alpha, eps, zero_per_prog, zero_numel, sc_s, sc_h, HQ, HKV,
+        lalpha,
         KS: tl.constexpr, KP: tl.constexpr, P: tl.constexpr, P1: tl.constexpr, PP2: tl.constexpr,
         LOGP2: tl.constexpr, BR: tl.constexpr, IB: tl.constexpr, MODE: tl.constexpr, HAS_AUX: tl.constexpr,
         HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, HAS_BIAS: tl.constexpr, ZERO: tl.constexpr,
         ROT: tl.constexpr, KV: tl.constexpr, HALF: tl.constexpr, PDL: tl.constexpr, XF: tl.constexpr,
+        HAS_LPOST: tl.constexpr, HAS_LBIAS: tl.constexpr, LOGP: tl.constexpr,
     ):
         """Program (rows block, chunk, block of 16 rows of A_k's output, column block c1) writes
         output columns c1·P2 .. c1·P2 + P2 of its rows, P2 = P / P1. Every program reads its rows'
@@ -247,11 +282,16 @@ if triton is not None:
             if ROT:
                 cs = _rotary_inputs(pos_ptr, f_ptr, slot_ptr, tok, B, dt, HALF, KV)
             r2 = rows[:, None]
-            z, q = _signed_blocks(x_ptr, aux_ptr, w_ptr, pre_ptr, ro_ptr, r2 * stride_xb, r2 * stride_ab,
-                                  r2 * stride_rb, base, rmask[:, None], cols[None, :], cmask[None, :], c1, True,
-                                  P1, P2, MODE, HAS_AUX, HAS_PRE)
+            if MODE == 3:
+                z, q = _chained_blocks(x_ptr, aux_ptr, w_ptr, pre_ptr, ro_ptr, lpost_ptr, lbias_ptr, lalpha,
+                                       r2 * stride_xb, r2 * stride_ab, r2 * stride_rb, base, rmask[:, None], c1,
+                                       BR, P1, P2, LOGP, HAS_LPOST, HAS_LBIAS, HAS_PRE)
+            else:
+                z, q = _signed_blocks(x_ptr, aux_ptr, w_ptr, pre_ptr, ro_ptr, r2 * stride_xb, r2 * stride_ab,
+                                      r2 * stride_rb, base, rmask[:, None], cols[None, :], cmask[None, :], c1, True,
+                                      P1, P2, MODE, HAS_AUX, HAS_PRE)
             z = _fwht_rows(z, BR, PP2, LOGP2)
-            if MODE == 2:
+            if MODE >= 2:
                 z = z * tl.rsqrt(tl.sum(q, 1) / CH + eps)[:, None]  # the RMS scale: H is linear
             yoff = _y_offsets(rows[:, None], pos2, stride_yb, XF)
             R: tl.constexpr = BR
@@ -319,17 +359,19 @@ if triton is not None:
         HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, HAS_BIAS: tl.constexpr, ZERO: tl.constexpr,
         PDL: tl.constexpr, XF: tl.constexpr,
     ):
-        """Program (block of BR rows of x, chunk, block of IB rows of L) writes Y[rows, :] of
-        Y = L X R for the chunk of each row viewed as X [M, Q]: L = A_k ⊗ S_(P/Q) [M, M] by a loop
-        over column blocks of L (each program reads its rows' chunks once), then R = S_Q by a
-        product (R_DOT) or a butterfly. The BR rows' X sit side by side as one [M, BR·Q] operand,
+        """Program (block of BR rows of x and block of IB rows of L, the latter varying fastest so
+        that the programs reading a row's chunk run together and all but the first find it in L2;
+        chunk) writes Y[rows, :] of Y = L X R for the chunk of each row viewed as X [M, Q]:
+        L = A_k ⊗ S_(P/Q) [M, M] by a loop over column blocks of L (each program reads its rows'
+        chunks once), then R = S_Q by a product (R_DOT) or a butterfly. The BR rows' X sit side by side as one [M, BR·Q] operand,
         so each tile of L serves BR rows (prefill: L's tiles were read once per row). With EXACT16
         the host vouches that x is fp16/bf16 and pre is ±1 (or absent), so pre ⊙ x is exact in x's
         dtype and L's product takes one half-precision dot instead of two tf32 ones. ROT and XF
         take one row a program (BR = 1)."""
-        b0 = tl.program_id(0) * BR
+        NL: tl.constexpr = (M + IB - 1) // IB
+        b0 = tl.program_id(0) // NL * BR
         base = tl.program_id(1) * (M * Q)
-        r_out = tl.program_id(2) * IB + tl.arange(0, IB)
+        r_out = tl.program_id(0) % NL * IB + tl.arange(0, IB)
         kk = tl.arange(0, BK)
         cc = tl.arange(0, BR * Q)  # operand column: row b0 + cc // Q of x, position cc % Q of X's rows
         c = cc % Q
@@ -337,7 +379,9 @@ if triton is not None:
         bmask = brow < B
         pos2 = base + r_out[:, None] * Q + c[None, :]
         omask = (r_out < M)[:, None] & bmask[None, :]
-        post, bias = _epilogue_weights(post_ptr, bias_ptr, pos2, omask, HAS_POST, HAS_BIAS)
+        if PDL:  # weights read while the previous kernel finishes; else after the loop, as held through
+            # it they cost registers (170 → 136 a thread at 1000 rows: twice the programs an SM)
+            post, bias = _epilogue_weights(post_ptr, bias_ptr, pos2, omask, HAS_POST, HAS_BIAS)
         wait_prior(PDL)
         if ROT:
             cs = _rotary_inputs(pos_ptr, f_ptr, slot_ptr, b0, B, y_ptr.dtype.element_ty, HALF, KV)
@@ -369,6 +413,8 @@ if triton is not None:
             acc = tl.reshape(acc, [IB, BR * Q])
         else:
             acc = _fwht_rows(acc, IB, BR * Q, LOGQ)  # every aligned block of Q columns: each row's own
+        if not PDL:
+            post, bias = _epilogue_weights(post_ptr, bias_ptr, pos2, omask, HAS_POST, HAS_BIAS)
         y = acc * alpha * post + bias
         if ROT:  # Q = head_dim: a head a row of L
             _store_rotary(y_ptr, y, b0 * stride_yb + pos2, omask, r_out[:, None], cs, kc_ptr, vc_ptr, sc_s, sc_h,
@@ -466,9 +512,13 @@ def plan(ch: int, rows: int) -> dict:
     if k > 1 and rows >= DOT_ROWS and p >= 16:
         if rows < PREFILL_ROWS:  # more, shorter programs
             return dot_plan(ch, min(p, 128), ib=32, bk=32, r_dot=False)
-        q = p if p <= 128 else 64
-        # two rows a program where q = 64 (12288 and 11008 at 256 rows: 10.6 / 13.5 against 12.9 / 13.8 µs)
-        return dot_plan(ch, q, ib=64, bk=32, r_dot=False, br=2 if q <= 64 else 1)
+        # twelfth-session sweep at 256 / 1000 rows: 22016 = 172·128 takes 8 warps (20.9 / 70.5 against
+        # 21.7 / 77.0 µs); 11008 = 172·64 two rows a program (12.9 / 41.7 against 13.2 / 42.5);
+        # 12288 = 12·1024 (q = 64 of 1024) one (11.4 / 33.9 against 11.1 / 39.7)
+        if p <= 64:
+            return dot_plan(ch, p, ib=64, bk=32, r_dot=False, br=2)
+        return dot_plan(ch, min(p, 128) if p <= 128 else 64, ib=64, bk=32, r_dot=False,
+                        num_warps=8 if p == 128 else 4)
     return _butterfly_plan(ch, rows)
 
 
@@ -476,6 +526,13 @@ def takes_norm(n: int, rows: int, chunks: int = 1, launch: dict | None = None) -
     """Whether the transform of `rows` rows of length n can take their RMSNorm (`norm=`): one chunk a
     row (the norm is over the whole row) and the butterfly kernel, whose programs read all of it."""
     return chunks == 1 and (launch or plan(n, rows))["kernel"] == "butterfly"
+
+
+def takes_chain(n: int, rows: int, chunks: int = 1) -> bool:
+    """Whether the transform of `rows` rows of length n that takes their RMSNorm can also take the
+    output transform of the layer before it (`before=`): a power-of-two length, whose butterfly
+    programs transform the row whole."""
+    return takes_norm(n, rows, chunks) and hadamard_factor(n) == 1
 
 
 def takes_gate(rows: int) -> bool:
@@ -513,7 +570,7 @@ def hadamard_transform(x: torch.Tensor, transpose: bool = False, chunks: int = 1
                        out: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
                        zero: torch.Tensor | None = None, launch: dict | None = None,
                        pre_signs: bool = False, up: torch.Tensor | None = None, norm: tuple | None = None,
-                       rotary=None, frag_nb: int = 0) -> torch.Tensor:
+                       rotary=None, frag_nb: int = 0, before: tuple | None = None) -> torch.Tensor:
     """y = post ⊙ (alpha · H(pre ⊙ x)) + bias over the last dim of x [..., N], per chunk of N/chunks
     (H^T with `transpose`), orthonormal H as in `hadamard_reference`; computed in float32 and
     written in `out` (or a new tensor of out_dtype, default x's dtype). `zero`, if given, is a
@@ -525,7 +582,9 @@ def hadamard_transform(x: torch.Tensor, transpose: bool = False, chunks: int = 1
     `up` [..., N]: x is a gate and the transform takes silu(x)·up (`fused.silu_mul`'s roundings);
     `norm` = (weight [N], eps, residual or None, residual_out or None): it takes weight ⊙ RMSNorm(s)
     with s = x + residual (rounded to x's dtype, written to residual_out), as `fused.rmsnorm` gives
-    it but unrounded; only where `takes_norm`.
+    it but unrounded; only where `takes_norm`. With `before` = (post', bias' or None, alpha') as well,
+    x is the raw product of the layer before and s = round(post' ⊙ (alpha' · H x) + bias') + residual:
+    that layer's output transform rides in this launch too (a power-of-two length, `takes_chain`).
 
     And the output can be that of a fused q|k|v projection: `rotary` (a `fused.QKVRotary`) rotates
     its q and k heads as `fused.rotary_qkv_` does, in the same launch, and writes k and v to the
@@ -579,11 +638,18 @@ def hadamard_transform(x: torch.Tensor, transpose: bool = False, chunks: int = 1
             if res_out is None or res.shape != x.shape or res_out.shape != x.shape or res_out.stride(-1) != 1:
                 raise ValueError("norm with a residual needs residual_out of x's shape, unit stride")
             aux, rout = as_rows(res)[0], res_out.view(B, n)
+    lpost, lbias, lalpha = (None, None, 1.0) if before is None else before
+    if before is not None:
+        if norm is None or aux is y2 or k != 1 or kind != "butterfly":
+            raise ValueError("the layer before's output transform rides only with the norm and a residual "
+                             "on a power-of-two length (takes_chain)")
+        mode, lalpha = 3, float(lalpha) / math.sqrt(n)
     if kind == "dot":
         if pl["BR"] > 1 and (rotary is not None or frag_nb):
             pl["BR"] = 1  # the rotary and fragment-order epilogues take one row a program
-        grid = (triton.cdiv(B, pl["BR"]), chunks, triton.cdiv(pl["M"], pl["IB"]))
-        lmat, rmat = _dot_matrices(k, ch // k, pl["Q"], bool(transpose), grid[2] * pl["IB"], pl["MP"], x.device)
+        nl = triton.cdiv(pl["M"], pl["IB"])
+        grid = (triton.cdiv(B, pl["BR"]) * nl, chunks, 1)
+        lmat, rmat = _dot_matrices(k, ch // k, pl["Q"], bool(transpose), nl * pl["IB"], pl["MP"], x.device)
     else:
         grid = (triton.cdiv(B, pl["BR"]), chunks, triton.cdiv(k, pl["IB"]) * pl["P1"])
         lmat = _special_padded(k, pl["KP"], bool(transpose), x.device) if k > 1 else y2
@@ -604,7 +670,10 @@ def hadamard_transform(x: torch.Tensor, transpose: bool = False, chunks: int = 1
                                    y2.stride(0), scale, zper, zn, *rot_ints, EXACT16=exact16, **flags, **rot_flags,
                                    **pl)
     else:
-        _hadamard_kernel[grid](x2, aux, w, rout, *ptrs, lmat, y2, zt, *rot_args, B, x2.stride(0), aux.stride(0),
-                               rout.stride(0), y2.stride(0), scale, eps, zper, zn, *rot_ints, HAS_AUX=aux is not y2,
+        _hadamard_kernel[grid](x2, aux, w, rout, *ptrs, lmat, y2, zt, *rot_args,
+                               lpost if lpost is not None else y2, lbias if lbias is not None else y2, B,
+                               x2.stride(0), aux.stride(0), rout.stride(0), y2.stride(0), scale, eps, zper, zn,
+                               *rot_ints, lalpha, HAS_AUX=aux is not y2, HAS_LPOST=lpost is not None,
+                               HAS_LBIAS=lbias is not None, LOGP=int(math.log2(pl["P"])) if k == 1 else 0,
                                **flags, **rot_flags, **pl)
     return out if frag_nb else out.view(*lead, n)
