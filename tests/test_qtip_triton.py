@@ -395,6 +395,60 @@ def test_qtip_layer_takes_the_norm_and_the_activation(batch, cfg, monkeypatch):
 
 
 
+@pytest.mark.parametrize("n,rows", [(256, 1), (256, 3), (512, 20), (64, 2)])
+def test_hadamard_takes_the_output_transform_before_the_norm(n, rows):
+    """`before=`: the layer before's output transform, the residual add, the RMSNorm and the input
+    transform in one launch equal the two launches (output stored in fp16, then the normed input
+    transform): bit for bit where a program takes whole rows (P1 = 1: the same butterfly passes),
+    else to float32's rounding of the same sums in another order; residual_out NaN-poisoned first."""
+    g = torch.Generator().manual_seed(n + rows)
+    y_raw = 3 * torch.randn(rows, n, generator=g)
+    post, bias, res, w = (torch.randn(*shape, generator=g).half() for shape in ((n,), (n,), (rows, n), (n,)))
+    pre = (torch.randint(0, 2, (n,), generator=g) * 2 - 1).half()
+    into = dict(transpose=True, pre=pre, alpha=1 / 32, out_dtype=torch.float16, pre_signs=True)
+    o = ht.hadamard_transform(y_raw, post=post, bias=bias, alpha=32.0, out_dtype=torch.float16)
+    res_two = torch.empty_like(res)
+    two = ht.hadamard_transform(o, norm=(w, 1e-5, res, res_two), **into)
+    res_one = torch.full_like(res, float("nan"))
+    one = ht.hadamard_transform(y_raw, norm=(w, 1e-5, res, res_one), before=(post, bias, 32.0), **into)
+    assert ht.takes_chain(n, rows) and not torch.isnan(res_one).any()
+    if ht.plan(n, rows)["P1"] == 1:
+        assert torch.equal(res_one, res_two) and torch.equal(one, two)
+    else:  # an fp16 rounding of the residual sum may flip: one unit in its last place
+        assert ((res_one.float() - res_two.float()).abs() <= 2e-3 * res_two.float().abs().max()).all()
+        assert (one.float() - two.float()).abs().max() <= 2e-3 * two.float().abs().max()
+    with pytest.raises(ValueError, match="takes_chain"):
+        ht.hadamard_transform(y_raw, norm=(w, 1e-5, None, None), before=(post, bias, 32.0), **into)
+    assert not ht.takes_chain(172 * 16, rows)
+
+
+def test_qtip_pending_output_rides_in_the_next_layers_input_launch(monkeypatch):
+    """A layer's `PendingOutput` (output transform not run) handed to the next layer's
+    qtip_forward_normed gives what its finished output gives, exactly; where the chain cannot be
+    taken (no residual, a non-power-of-two output) the output is finished first or never pending."""
+    from lowbit.quantized_models.linear import PendingOutput
+
+    a = layer(hyb_params(2), 256, 64, seed=1, bias=True)
+    b = layer(hyb_params(2), 64, 256, seed=2)
+    monkeypatch.setattr(qt, "choose_config", lambda layer, x: qt.QTIPConfig("frag", 32, 64, 8, 2, 4))
+    g = torch.Generator().manual_seed(3)
+    x, r = torch.randn(3, 64, generator=g).half(), torch.randn(3, 256, generator=g).half()
+    w = (1 + 0.2 * torch.randn(256, generator=g)).half()
+    pending = qt.qtip_forward_pending(a, x)
+    assert isinstance(pending, PendingOutput) and pending.raw.dtype == torch.float32
+    out = pending.finish()
+    assert rel_err(out, reference(a, x)) < 2e-3
+    y_one, res_one = qt.qtip_forward_normed(b, pending, w, 1e-5, r)
+    y_two, res_two = qt.qtip_forward_normed(b, out, w, 1e-5, r)
+    assert torch.equal(res_one, res_two) and torch.equal(y_one, y_two)
+    y0, res0 = qt.qtip_forward_normed(b, pending, w, 1e-5, None)  # the first layer: no residual
+    assert torch.equal(res0, out) and torch.equal(y0, qt.qtip_forward_normed(b, out, w, 1e-5, None)[0])
+    odd = layer(hyb_params(2), 12 * 16, 64, seed=4)  # 192 = 12·16 outputs: the chain takes powers of two
+    assert not isinstance(qt.qtip_forward_pending(odd, x), PendingOutput)
+    gated = qt.qtip_forward_gated(b, x, x, pending=True)
+    assert isinstance(gated, PendingOutput) and torch.equal(gated.finish(), qt.qtip_forward_gated(b, x, x))
+
+
 @pytest.mark.parametrize("batch", [1, ht.DOT_ROWS])
 def test_qtip_qkv_layer_takes_norm_and_rotary(batch, monkeypatch):
     """A fused q|k|v layer (24 heads of 16: 12·32 outputs, A_12) through qtip_forward_normed with the
@@ -709,6 +763,27 @@ def test_qtip_linear_fused_norm_and_activation_gpu(m, n, batch):
         assert rel_err(y, want.double()) < 3e-3
         assert torch.equal(caches[0][slots], y[:, 4096:8192].reshape(batch, 32, 128))
         assert torch.equal(caches[1][slots], y[:, 8192:].reshape(batch, 32, 128))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch", [1, 8, 16, 64, 300])
+def test_qtip_pending_output_chains_into_the_next_layer_gpu(batch):
+    """Llama-2-7B's o → gate|up boundary: o_proj's pending output taken by gate_up's input launch
+    (tuned launches) equals finishing it first: the residual bit for bit or within an fp16 unit
+    where the output transform's blocks sum in another order, the product to rounding."""
+    if CPU:
+        pytest.skip("needs CUDA")
+    from lowbit.quantized_models.linear import PendingOutput
+
+    o_proj, gate_up = gpu_layer(2, 4096, 4096, seed=batch), gpu_layer(2, 22016, 4096, seed=batch + 1)
+    x, r = (torch.randn(batch, 4096, device="cuda").half() for _ in range(2))
+    w = (1 + 0.2 * torch.randn(4096, device="cuda")).half()
+    pending = o_proj.forward_pending(x)
+    assert isinstance(pending, PendingOutput)
+    y_one, res_one = gate_up.forward_normed(pending, w, 1e-5, r)
+    y_two, res_two = gate_up.forward_normed(pending.finish(), w, 1e-5, r)
+    assert (res_one.float() - res_two.float()).abs().max() <= 2e-3 * res_two.float().abs().max()
+    assert rel_err(y_one, y_two.double()) < 1e-3
 
 
 @pytest.mark.gpu

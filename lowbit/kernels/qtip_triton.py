@@ -34,8 +34,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ..quantized_models.linear import PendingOutput, finished
 from . import fused
-from .hadamard_triton import hadamard_transform, rotary_plan
+from .hadamard import hadamard_factor
+from .hadamard_triton import hadamard_transform, rotary_plan, takes_chain
 from .hadamard_triton import takes_gate as takes_gate  # QTIPLinear.forward_gated asks it
 from .hadamard_triton import takes_norm as takes_norm_transform
 from .pdl import launch_options, wait_prior
@@ -743,15 +745,15 @@ def xh_dtype(cfg: QTIPConfig) -> torch.dtype:
 
 
 def run_config(layer, x2: torch.Tensor, cfg: QTIPConfig, out: torch.Tensor | None = None, rotary=None,
-               **prologue) -> torch.Tensor:
+               pending: bool = False, **prologue):
     """y = layer(x2) for x2 [B, n]: input transform, decode kernel(s), output transform. `prologue`
-    (`up=` or `norm=` of `hadamard_transform`) makes the input transform take the SiLU·mul or the
-    RMSNorm that comes before the layer, `rotary` (`fused.QKVRotary`, where `takes_rotary`) the
-    output transform the rotary step after a fused q|k|v projection."""
+    (`up=`, `norm=`, `before=` of `hadamard_transform`) makes the input transform take the SiLU·mul or
+    the RMSNorm that comes before the layer (and the output transform of the layer before that),
+    `rotary` (`fused.QKVRotary`, where `takes_rotary`) the output transform the rotary step after a
+    fused q|k|v projection. `pending` (where `takes_pending`) returns a `PendingOutput` instead of
+    running the output transform."""
     m = layer.out_features
     B = x2.shape[0]
-    if out is None:
-        out = torch.empty(B, m, dtype=x2.dtype, device=x2.device)
     into = dict(transpose=True, chunks=_chunks(layer, 1), pre=layer.SU, alpha=1 / 32, out_dtype=xh_dtype(cfg),
                 pre_signs=layer.su_signs, **prologue)
     if cfg.kind == "dequant":
@@ -764,8 +766,14 @@ def run_config(layer, x2: torch.Tensor, cfg: QTIPConfig, out: torch.Tensor | Non
             into["frag_nb"] = n_blocks(B)
         xh = hadamard_transform(x2, zero=y_raw if atomic else None, **into)
         decode_matmul(layer, xh, cfg, y_raw)
-    return hadamard_transform(y_raw, transpose=False, chunks=_chunks(layer, 2), post=layer.SV, alpha=32.0,
-                              bias=layer.bias, out=out, rotary=rotary)
+    dtype = x2.dtype if prologue.get("before") is None else prologue["norm"][2].dtype
+
+    def finish() -> torch.Tensor:
+        y = out if out is not None else torch.empty(B, m, dtype=dtype, device=x2.device)
+        return hadamard_transform(y_raw, transpose=False, chunks=_chunks(layer, 2), post=layer.SV, alpha=32.0,
+                                  bias=layer.bias, out=y, rotary=rotary)
+
+    return PendingOutput(layer, y_raw, finish) if pending else finish()
 
 
 def _num_sms(device) -> int:
@@ -927,21 +935,55 @@ def takes_rotary(layer, rows: int, head_dim: int) -> bool:
     return _chunks(layer, 2) == 1 and rotary_plan(layer.out_features, rows, head_dim) is not None
 
 
-def qtip_forward_normed(layer, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None,
+def takes_pending(layer) -> bool:
+    """Whether this layer's output transform can be left to the next layer's input transform
+    (`hadamard_triton.takes_chain`'s side of it: one chunk of a power-of-two length)."""
+    return _chunks(layer, 2) == 1 and hadamard_factor(layer.out_features) == 1
+
+
+def qtip_forward_pending(layer, x: torch.Tensor):
+    """QTIPLinear.forward_pending on the GPU: the raw product and the output transform left to do
+    (a `PendingOutput`) where `takes_pending`, else the output."""
+    return run_config(layer, x, choose_config(layer, x), pending=takes_pending(layer))
+
+
+def _chained(x, layer, residual: torch.Tensor | None) -> tuple | None:
+    """`hadamard_transform`'s `before=` for the pending output x of the QTIP layer before this one,
+    where this layer's input transform can take it (else None: x is finished on its own)."""
+    prev = x.producer
+    B = x.raw.shape[0]
+    if (residual is None or residual.stride(-1) != 1 or not isinstance(prev, type(layer))
+            or prev.out_features != layer.in_features or not takes_pending(prev)
+            or not takes_chain(layer.in_features, B, _chunks(layer, 1))):
+        return None
+    return prev.SV, prev.bias, 32.0
+
+
+def qtip_forward_normed(layer, x, weight: torch.Tensor, eps: float, residual: torch.Tensor | None,
                         rotary=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(layer(weight ⊙ RMSNorm(x + residual)), x + residual) for x [B, n], and with `rotary`
-    (`fused.QKVRotary`) the output's q/k heads rotated and k/v stored: the norm and the residual add
-    in the input transform's launch where `takes_norm`, the rotary step in the output transform's
-    where `takes_rotary`, each else in its own launch."""
-    B = x.shape[0]
-    cfg = choose_config(layer, x)
-    if takes_norm(layer, B):
-        res_out = None if residual is None else torch.empty_like(x)
-        prologue = dict(norm=(weight, eps, residual, res_out))
-        x_in, residual = x, (x if residual is None else res_out)
+    """(layer(weight ⊙ RMSNorm(x + residual)), x + residual) for x [B, n] (or the `PendingOutput` of
+    the layer before), and with `rotary` (`fused.QKVRotary`) the output's q/k heads rotated and k/v
+    stored: the norm and the residual add (and a pending output's transform, where `takes_chain`) in
+    the input transform's launch where `takes_norm`, the rotary step in the output transform's where
+    `takes_rotary`, each else in its own launch."""
+    before = _chained(x, layer, residual) if isinstance(x, PendingOutput) else None
+    if before is not None:  # one launch: the last layer's output transform, the residual add, the norm
+        B = x.raw.shape[0]
+        cfg = choose_config(layer, residual)  # x.raw is the float32 product: the activations' dtype is residual's
+        res_out = torch.empty_like(residual)
+        prologue = dict(norm=(weight, eps, residual, res_out), before=before)
+        x_in, residual = x.raw, res_out
     else:
-        x_in, residual = fused.rmsnorm(x, weight, eps, residual)
-        prologue = {}
+        x = finished(x)
+        B = x.shape[0]
+        cfg = choose_config(layer, x)
+        if takes_norm(layer, B):
+            res_out = None if residual is None else torch.empty_like(x)
+            prologue = dict(norm=(weight, eps, residual, res_out))
+            x_in, residual = x, (x if residual is None else res_out)
+        else:
+            x_in, residual = fused.rmsnorm(x, weight, eps, residual)
+            prologue = {}
     rot_here = rotary is not None and takes_rotary(layer, B, rotary.head_dim)
     y = run_config(layer, x_in, cfg, rotary=rotary if rot_here else None, **prologue)
     if rotary is not None and not rot_here:
@@ -949,8 +991,8 @@ def qtip_forward_normed(layer, x: torch.Tensor, weight: torch.Tensor, eps: float
     return y, residual
 
 
-def qtip_forward_gated(layer, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+def qtip_forward_gated(layer, gate: torch.Tensor, up: torch.Tensor, pending: bool = False):
     """layer(silu(gate) · up) for gate, up [B, n] with the activation in the input transform's launch
-    (where `takes_gate`)."""
+    (where `takes_gate`); `pending` as in `qtip_forward_pending`."""
     cfg = choose_config(layer, gate)
-    return run_config(layer, gate, cfg, up=up)
+    return run_config(layer, gate, cfg, up=up, pending=pending and takes_pending(layer))

@@ -7,7 +7,7 @@ with the layer's tensors as named in the checkpoint, and the format validates an
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -123,20 +123,27 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def forward_normed(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+    def forward_pending(self, x: torch.Tensor) -> "torch.Tensor | PendingOutput":
+        """self(x), or a `PendingOutput` where this format can leave its last step to the next
+        projection's `forward_normed` (only where a norm follows: the residual stream's projections)."""
+        return self(x)
+
+    def forward_normed(self, x: "torch.Tensor | PendingOutput", norm_weight: torch.Tensor, eps: float,
                        residual: torch.Tensor | None = None,
                        rotary: fused.QKVRotary | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(self(weight ⊙ RMSNorm(x + residual)), x + residual): the norm in front of a projection,
         and for a fused q|k|v projection the rotary step after it (`fused.rotary_qkv_`). Formats whose
         transforms can take them in their own launches override this."""
-        h, residual = fused.rmsnorm(x, norm_weight, eps, residual)
+        h, residual = fused.rmsnorm(finished(x), norm_weight, eps, residual)
         y = self(h)
         return (y if rotary is None else fused.rotary_qkv_(y, rotary)), residual
 
-    def forward_gated(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    def forward_gated(self, gate: torch.Tensor, up: torch.Tensor,
+                      pending: bool = False) -> "torch.Tensor | PendingOutput":
         """self(silu(gate) · up): the MLP's activation in front of the down projection (overridden
-        like `forward_normed`)."""
-        return self(fused.silu_mul(gate, up))
+        like `forward_normed`); `pending` as in `forward_pending`."""
+        h = fused.silu_mul(gate, up)
+        return self.forward_pending(h) if pending else self(h)
 
     @property
     def storage_bytes(self) -> int:
@@ -154,6 +161,24 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bpw={self.bits_per_weight:.3f}"
+
+
+class PendingOutput:
+    """A projection's output whose last step has not run: `raw` is what it has computed, `finish()`
+    completes it. The next projection's `forward_normed` may take that step into its own first
+    launch (QTIP: the output transform beside the residual add, the RMSNorm and the input transform,
+    one launch for two); anything else calls `finished`."""
+
+    def __init__(self, producer: "QuantLinear", raw: torch.Tensor, finish: Callable[[], torch.Tensor]):
+        self.producer, self.raw, self._finish = producer, raw, finish
+
+    def finish(self) -> torch.Tensor:
+        return self._finish()
+
+
+def finished(x: "torch.Tensor | PendingOutput") -> torch.Tensor:
+    """x itself, or a pending output completed."""
+    return x.finish() if isinstance(x, PendingOutput) else x
 
 
 _REGISTRY: dict[str, type[QuantLinear]] = {}

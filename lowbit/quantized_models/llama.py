@@ -18,6 +18,7 @@ from torch import nn
 from ..kernels import fused
 from .attention import AttentionContext, CausalNoCache
 from .config import ModelConfig
+from .linear import finished
 
 # make_linear(module_name, in_features, out_features, has_bias) -> nn.Module computing x @ W.T (+ b)
 LinearFactory = Callable[[str, int, int, bool], nn.Module]
@@ -30,9 +31,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(size, device="meta"), requires_grad=False)
         self.eps = eps
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        """(norm(x + residual), x + residual): the residual add rides along in the same launch."""
-        return fused.rmsnorm(x, self.weight, self.eps, residual)
+    def forward(self, x, residual: torch.Tensor | None = None):
+        """(norm(x + residual), x + residual): the residual add rides along in the same launch (x may
+        be a projection's `PendingOutput`: finished first)."""
+        return fused.rmsnorm(finished(x), self.weight, self.eps, residual)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -97,7 +99,7 @@ class Attention(nn.Module):
             q, k, v = (p(h).view(n, -1, d) for p in (self.q_proj, self.k_proj, self.v_proj))
             q, k = rotary(q, k, positions, None if slots is None else (v, *slots))
         out = ctx.attend(layer, q, k, v, stored=slots is not None)
-        return self.o_proj(out.reshape(n, cfg.q_size)), residual
+        return self.o_proj.forward_pending(out.reshape(n, cfg.q_size)), residual  # a norm follows
 
 
 class MLP(nn.Module):
@@ -120,7 +122,7 @@ class MLP(nn.Module):
         else:
             h, residual = norm(x, residual)
             gate, up = self.gate_proj(h), self.up_proj(h)
-        return self.down_proj.forward_gated(gate, up), residual
+        return self.down_proj.forward_gated(gate, up, pending=True), residual  # a norm follows
 
 
 class DecoderLayer(nn.Module):

@@ -38,7 +38,7 @@ from ..kernels.qtip import (
     qtip_forward_reference,
     unpack_trellis,
 )
-from .linear import CheckpointError, LayerTensors, QuantLinear, register
+from .linear import CheckpointError, LayerTensors, PendingOutput, QuantLinear, register
 
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32)
 _PARAM_KEYS = ("L", "K", "V", "td_x", "td_y", "tlut_bits", "decode_mode")
@@ -226,18 +226,24 @@ class QTIPLinear(QuantLinear):
             return None
         return _triton_module()
 
-    def forward_normed(self, x, norm_weight, eps, residual=None, rotary=None):
+    def forward_pending(self, x):
         kernels = self._fusing_kernels(x)
+        if kernels is not None:
+            return kernels.qtip_forward_pending(self, x)
+        return self(x)
+
+    def forward_normed(self, x, norm_weight, eps, residual=None, rotary=None):
+        kernels = self._fusing_kernels(x.raw if isinstance(x, PendingOutput) else x)
         if kernels is not None and (residual is None or residual.stride(-1) == 1):
             return kernels.qtip_forward_normed(self, x, norm_weight, eps, residual, rotary)
         return super().forward_normed(x, norm_weight, eps, residual, rotary)
 
-    def forward_gated(self, gate, up):
+    def forward_gated(self, gate, up, pending=False):
         kernels = self._fusing_kernels(gate)
         if kernels is not None and up.shape == gate.shape and up.stride(-1) == 1 and \
                 kernels.takes_gate(gate.shape[0]):
-            return kernels.qtip_forward_gated(self, gate, up)
-        return super().forward_gated(gate, up)
+            return kernels.qtip_forward_gated(self, gate, up, pending)
+        return super().forward_gated(gate, up, pending)
 
     def describe(self) -> dict[str, Any]:
         p = self.params
