@@ -801,3 +801,27 @@ def test_qtip_model_on_fused_launches_matches_the_cpu_reference_gpu():
     got = model.logits(ids.cuda()).double().cpu()
     want = copy.deepcopy(model).to("cpu", torch.float32).logits(ids).double()
     assert float((got - want).norm() / want.norm()) < 1e-2
+
+
+def test_qtip_model_through_the_fused_launches_on_the_interpreter(monkeypatch):
+    """A whole tiny QTIP model with every projection on the fused launches (norm, SiLU·mul, rotary and
+    the pending outputs chained into the next norm; the interpreter stands in for the GPU) gives
+    the reference path's logits."""
+    import copy
+
+    from lowbit.quantized_models import qtip as qtip_linear
+    from lowbit.quantized_models.synthetic import random_model
+
+    model = random_model("tiny", "qtip2", device="cpu", dtype=torch.float32, seed=1)
+    ids = torch.randint(0, model.config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(0))
+    want = copy.deepcopy(model).logits(ids).double()
+    calls = []
+
+    def fusing(self, x):
+        calls.append(type(x).__name__)
+        return qt if x.dim() == 2 and x.stride(-1) == 1 else None
+
+    monkeypatch.setattr(qtip_linear.QTIPLinear, "_fusing_kernels", fusing)
+    monkeypatch.setattr(qt, "choose_config", lambda layer, x: qt.QTIPConfig("frag", 32, 64, 8, 2, 4))
+    got = model.logits(ids).double()
+    assert calls and float((got - want).norm() / want.norm()) < 1e-2

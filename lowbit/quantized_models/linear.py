@@ -172,6 +172,11 @@ class PendingOutput:
     def __init__(self, producer: "QuantLinear", raw: torch.Tensor, finish: Callable[[], torch.Tensor]):
         self.producer, self.raw, self._finish = producer, raw, finish
 
+    @property
+    def shape(self) -> torch.Size:
+        """The finished output's shape: [rows, producer.out_features]."""
+        return torch.Size((self.raw.shape[0], self.producer.out_features))
+
     def finish(self) -> torch.Tensor:
         return self._finish()
 
