@@ -411,7 +411,8 @@ def test_hadamard_takes_the_output_transform_before_the_norm(n, rows):
     two = ht.hadamard_transform(o, norm=(w, 1e-5, res, res_two), **into)
     res_one = torch.full_like(res, float("nan"))
     one = ht.hadamard_transform(y_raw, norm=(w, 1e-5, res, res_one), before=(post, bias, 32.0), **into)
-    assert ht.takes_chain(n, rows) and not torch.isnan(res_one).any()
+    assert not torch.isnan(res_one).any()
+    assert ht.takes_chain(n, rows) == (ht.plan(n, rows)["P1"] == 1)  # taken only where a program has its row
     if ht.plan(n, rows)["P1"] == 1:
         assert torch.equal(res_one, res_two) and torch.equal(one, two)
     else:  # an fp16 rounding of the residual sum may flip: one unit in its last place
@@ -432,7 +433,7 @@ def test_qtip_pending_output_rides_in_the_next_layers_input_launch(monkeypatch):
     b = layer(hyb_params(2), 64, 256, seed=2)
     monkeypatch.setattr(qt, "choose_config", lambda layer, x: qt.QTIPConfig("frag", 32, 64, 8, 2, 4))
     g = torch.Generator().manual_seed(3)
-    x, r = torch.randn(3, 64, generator=g).half(), torch.randn(3, 256, generator=g).half()
+    x, r = torch.randn(12, 64, generator=g).half(), torch.randn(12, 256, generator=g).half()  # P1 = 1
     w = (1 + 0.2 * torch.randn(256, generator=g)).half()
     pending = qt.qtip_forward_pending(a, x)
     assert isinstance(pending, PendingOutput) and pending.raw.dtype == torch.float32
@@ -445,6 +446,7 @@ def test_qtip_pending_output_rides_in_the_next_layers_input_launch(monkeypatch):
     assert torch.equal(res0, out) and torch.equal(y0, qt.qtip_forward_normed(b, out, w, 1e-5, None)[0])
     odd = layer(hyb_params(2), 12 * 16, 64, seed=4)  # 192 = 12·16 outputs: the chain takes powers of two
     assert not isinstance(qt.qtip_forward_pending(odd, x), PendingOutput)
+    assert qt._chained(pending, b, r) is not None and qt._chained(qt.qtip_forward_pending(a, x[:3]), b, r[:3]) is None
     gated = qt.qtip_forward_gated(b, x, x, pending=True)
     assert isinstance(gated, PendingOutput) and torch.equal(gated.finish(), qt.qtip_forward_gated(b, x, x))
 
@@ -813,8 +815,9 @@ def test_qtip_model_through_the_fused_launches_on_the_interpreter(monkeypatch):
     from lowbit.quantized_models.synthetic import random_model
 
     model = random_model("tiny", "qtip2", device="cpu", dtype=torch.float32, seed=1)
-    ids = torch.randint(0, model.config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
     want = copy.deepcopy(model).logits(ids).double()
+    assert ht.takes_chain(model.config.hidden_size, 12)  # 12 rows: the o → gate|up and down → qkv chains run
     calls = []
 
     def fusing(self, x):

@@ -529,10 +529,13 @@ def takes_norm(n: int, rows: int, chunks: int = 1, launch: dict | None = None) -
 
 
 def takes_chain(n: int, rows: int, chunks: int = 1) -> bool:
-    """Whether the transform of `rows` rows of length n that takes their RMSNorm can also take the
-    output transform of the layer before it (`before=`): a power-of-two length, whose butterfly
-    programs transform the row whole."""
-    return takes_norm(n, rows, chunks) and hadamard_factor(n) == 1
+    """Whether the transform of `rows` rows of length n that takes their RMSNorm should also take the
+    output transform of the layer before it (`before=`): a power-of-two length, and one program a
+    row (P1 = 1, from 16 rows of 4096 on). Then the launch does the two launches' work, less one
+    launch and the finished output's trip through memory. With P1 > 1 (few rows) each of a row's
+    P1 programs would transform the whole row again: the kernel can (`before=` takes any P1), but
+    that has not been measured to pay, so the chain is not taken there."""
+    return takes_norm(n, rows, chunks) and hadamard_factor(n) == 1 and plan(n, rows)["P1"] == 1
 
 
 def takes_gate(rows: int) -> bool:
