@@ -772,7 +772,8 @@ def test_qtip_linear_fused_norm_and_activation_gpu(m, n, batch):
 def test_qtip_pending_output_chains_into_the_next_layer_gpu(batch):
     """Llama-2-7B's o → gate|up boundary: o_proj's pending output taken by gate_up's input launch
     (tuned launches) equals finishing it first: the residual bit for bit or within an fp16 unit
-    where the output transform's blocks sum in another order, the product to rounding."""
+    where the output transform's blocks sum in another order, the product to rounding. At 1 and 8 rows
+    (P1 > 1) the chain is not taken (`takes_chain`) and the output is finished first."""
     if CPU:
         pytest.skip("needs CUDA")
     from lowbit.quantized_models.linear import PendingOutput
@@ -782,6 +783,7 @@ def test_qtip_pending_output_chains_into_the_next_layer_gpu(batch):
     w = (1 + 0.2 * torch.randn(4096, device="cuda")).half()
     pending = o_proj.forward_pending(x)
     assert isinstance(pending, PendingOutput)
+    assert (qt._chained(pending, gate_up, r) is not None) == (batch >= 16)
     y_one, res_one = gate_up.forward_normed(pending, w, 1e-5, r)
     y_two, res_two = gate_up.forward_normed(pending.finish(), w, 1e-5, r)
     assert (res_one.float() - res_two.float()).abs().max() <= 2e-3 * res_two.float().abs().max()
