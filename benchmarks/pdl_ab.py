@@ -1,11 +1,13 @@
-"""Decode speed with and without programmatic dependent launch, in one process:
+"""Decode speed with and without programmatic dependent launch (or another switch), in one process:
 
     python -m benchmarks.pdl_ab --shape llama-2-7b --formats fp16,qtip2 --batch 1,16 --rounds 2
+    python -m benchmarks.pdl_ab --knob chain --formats qtip2 --batch 1,16,64
 
 Each model is built once; every round times the CUDA-graph decode (`lowbit.bench.bench_decode_model`,
-graphs captured afresh) with LOWBIT_PDL=0 and then =1 (PDL on every launch, whatever its rows:
-LOWBIT_PDL_MAX_ROWS lifted), so the two settings alternate on the same
-weights, kernels and GPU state. Prints one JSON line a measurement and a table of medians.
+graphs captured afresh) with the switch off and then on, so the two settings alternate on the same
+weights, kernels and GPU state. `--knob pdl`: LOWBIT_PDL=0 / 1 with PDL on every launch, whatever its
+rows (LOWBIT_PDL_MAX_ROWS lifted); `--knob chain`: LOWBIT_CHAIN_OUTPUTS=0 / 1 (a QTIP projection's
+output transform in the next norm's launch). Prints one JSON line a measurement and a table of medians.
 """
 
 from __future__ import annotations
@@ -20,6 +22,10 @@ import torch
 from lowbit.bench import bench_decode_model, release_device_memory
 from lowbit.quantized_models.synthetic import random_model
 
+# knob -> (the variable set to 0 / 1, variables set alongside for both settings)
+KNOBS = {"pdl": ("LOWBIT_PDL", {"LOWBIT_PDL_MAX_ROWS": str(1 << 30)}),  # "with": every launch, whatever its rows
+         "chain": ("LOWBIT_CHAIN_OUTPUTS", {})}
+
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -29,7 +35,9 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--gen", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--knob", choices=sorted(KNOBS), default="pdl", help="the switch to turn off and on")
     args = ap.parse_args(argv)
+    knob = KNOBS[args.knob]
     dev = torch.device("cuda")
     medians = []
     for variant in args.formats.split(","):
@@ -38,18 +46,17 @@ def main(argv=None) -> int:
             runs = {"0": [], "1": []}
             for _ in range(args.rounds):
                 for setting in ("0", "1"):
-                    os.environ["LOWBIT_PDL"] = setting
-                    os.environ["LOWBIT_PDL_MAX_ROWS"] = str(1 << 30)  # "with": every launch, whatever its rows
+                    os.environ.update({knob[0]: setting, **knob[1]})
                     r = bench_decode_model(model, batch, args.prompt, args.gen)
                     runs[setting].append(r["tok_s"])
-                    print(json.dumps({"variant": variant, "batch": batch, "pdl": setting, "tok_s": r["tok_s"],
+                    print(json.dumps({"variant": variant, "batch": batch, args.knob: setting, "tok_s": r["tok_s"],
                                       "step_ms": r["step_ms"]}), flush=True)
             medians.append((variant, batch, statistics.median(runs["0"]), statistics.median(runs["1"])))
         del model
         release_device_memory()
-    os.environ.pop("LOWBIT_PDL", None)
-    os.environ.pop("LOWBIT_PDL_MAX_ROWS", None)
-    print(f"\n# pdl A/B: shape={args.shape} prompt={args.prompt} gen={args.gen} rounds={args.rounds} "
+    for name in (knob[0], *knob[1]):
+        os.environ.pop(name, None)
+    print(f"\n# {args.knob} A/B: shape={args.shape} prompt={args.prompt} gen={args.gen} rounds={args.rounds} "
           f"device={torch.cuda.get_device_name()} torch={torch.__version__}")
     print("| format | batch | tok/s without | tok/s with | with / without |")
     print("|---|---|---|---|---|")

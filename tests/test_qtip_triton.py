@@ -449,6 +449,8 @@ def test_qtip_pending_output_rides_in_the_next_layers_input_launch(monkeypatch):
     assert qt._chained(pending, b, r) is not None and qt._chained(qt.qtip_forward_pending(a, x[:3]), b, r[:3]) is None
     gated = qt.qtip_forward_gated(b, x, x, pending=True)
     assert isinstance(gated, PendingOutput) and torch.equal(gated.finish(), qt.qtip_forward_gated(b, x, x))
+    monkeypatch.setenv("LOWBIT_CHAIN_OUTPUTS", "0")  # the A/B switch: no pending outputs at all
+    assert torch.equal(qt.qtip_forward_pending(a, x), out)
 
 
 @pytest.mark.parametrize("batch", [1, ht.DOT_ROWS])

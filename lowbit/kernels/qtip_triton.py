@@ -30,6 +30,7 @@ it in the same launch), so no program waits for another.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 
 import torch
@@ -937,7 +938,10 @@ def takes_rotary(layer, rows: int, head_dim: int) -> bool:
 
 def takes_pending(layer) -> bool:
     """Whether this layer's output transform can be left to the next layer's input transform
-    (`hadamard_triton.takes_chain`'s side of it: one chunk of a power-of-two length)."""
+    (`hadamard_triton.takes_chain`'s side of it: one chunk of a power-of-two length);
+    LOWBIT_CHAIN_OUTPUTS=0 turns the chaining off (A/B: `benchmarks.pdl_ab --knob chain`)."""
+    if os.environ.get("LOWBIT_CHAIN_OUTPUTS", "1") == "0":
+        return False
     return _chunks(layer, 2) == 1 and hadamard_factor(layer.out_features) == 1
 
 
