@@ -535,7 +535,8 @@ def takes_chain(n: int, rows: int, chunks: int = 1) -> bool:
     launch and the finished output's trip through memory. With P1 > 1 (few rows) each of a row's
     P1 programs would transform the whole row again: the kernel can (`before=` takes any P1), but
     that has not been measured to pay, so the chain is not taken there."""
-    return takes_norm(n, rows, chunks) and hadamard_factor(n) == 1 and plan(n, rows)["P1"] == 1
+    launch = plan(n, rows)
+    return takes_norm(n, rows, chunks, launch) and hadamard_factor(n) == 1 and launch["P1"] == 1
 
 
 def takes_gate(rows: int) -> bool:

@@ -952,12 +952,13 @@ def qtip_forward_pending(layer, x: torch.Tensor):
 
 
 def _chained(x, layer, residual: torch.Tensor | None) -> tuple | None:
-    """`hadamard_transform`'s `before=` for the pending output x of the QTIP layer before this one,
-    where this layer's input transform can take it (else None: x is finished on its own)."""
+    """`hadamard_transform`'s `before=` for the pending output x of the QTIP layer before this one
+    (pending only where `takes_pending`), where this layer's input transform can take it (else None:
+    x is finished on its own)."""
     prev = x.producer
     B = x.raw.shape[0]
     if (residual is None or residual.stride(-1) != 1 or not isinstance(prev, type(layer))
-            or prev.out_features != layer.in_features or not takes_pending(prev)
+            or prev.out_features != layer.in_features
             or not takes_chain(layer.in_features, B, _chunks(layer, 1))):
         return None
     return prev.SV, prev.bias, 32.0
