@@ -58,3 +58,22 @@ def test_serve_compare_runs_each_model_per_server_flag_set(tmp_path, capsys):
     assert all(r["requests"]["ok"] > 0 and r["passed"] for r in rows)
     assert "gil-switch-interval-ms 5" in capsys.readouterr().out
     assert len(list(tmp_path.glob("warmup_*.json"))) == 2  # one unreported warm-up run a server
+
+
+def test_sass_report_compiles_a_recorded_launch_for_sm90_without_a_gpu():
+    """The launch is recorded, not run (CPU tensors), compiled for sm_90, and its main loop counted:
+    the int4 GEMV's loop holds its 16-byte code loads and one FFMA a weight's partial product."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")  # the suite interprets
+    run = subprocess.run([sys.executable, "-m", "benchmarks.sass", "uniform-gemv", "--shape", "256x256",
+                          "--config", "32,16,4,1"], capture_output=True, text=True, env=env, timeout=300,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = run.stdout
+    assert run.returncode == 0, run.stderr[-2000:]
+    regs = re.search(r"_uq_gemv_kernel grid \(1, 2, 1\): (\d+) registers, 0 B local", out)
+    assert regs and 24 <= int(regs.group(1)) <= 255, out
+    loop = dict((k, int(v)) for k, v in re.findall(r"([A-Z][A-Z0-9_.]*) (\d+)", out.split("main loop:")[1]))
+    assert loop.get("LDG.E.128", 0) >= 1 and loop.get("FFMA", 0) >= 64, out

@@ -1,0 +1,171 @@
+"""Registers and machine code of a kernel launch, compiled for the H100 (sm_90) on a machine without a GPU.
+
+    python -m benchmarks.sass uniform-gemv --shape 4096x4096 --config 16,32,4
+    python -m benchmarks.sass qtip-frag --shape 22016x4096 --batch 1 --config 4,4,16,2
+    python -m benchmarks.sass qtip-frag --shape 4096x4096 --batch 1 --config 2,8,16,2 --sass /tmp/frag.sass
+
+Device time is scarce; what a kernel compiles to is not. The launch is made through lowbit's own entry
+point on CPU tensors, with Triton's launcher replaced by a recorder (so the arguments, constexprs and
+grid are exactly what a real launch would pass); each recorded launch is then compiled with
+`triton.compile` for `GPUTarget("cuda", 90, 32)`, integer arguments specialized as the JIT would
+(== 1, divisible by 16), and `cuobjdump` (bundled with Triton) reports registers, spills and shared
+memory, and the instruction classes inside the kernel's main loop (its longest backward branch).
+On CPU tensors `pdl.enabled` is false, so launches compile without programmatic dependent launch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import subprocess
+import tempfile
+from collections import Counter
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime import jit
+
+from lowbit.kernels.tuning import interpreting
+
+_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32",
+           torch.int16: "i16", torch.int64: "i64", torch.uint8: "u8", torch.int8: "i8"}
+
+
+@contextlib.contextmanager
+def recording():
+    """Within the block, `kernel[grid](...)` records (kernel, grid, args, kwargs) instead of launching."""
+    launches = []
+    old = jit.KernelInterface.__getitem__
+
+    def record(self, grid):
+        return lambda *args, **kwargs: launches.append((self, grid, args, kwargs))
+
+    jit.KernelInterface.__getitem__ = record
+    try:
+        yield launches
+    finally:
+        jit.KernelInterface.__getitem__ = old
+
+
+def _signature(fn, args, kwargs):
+    """ASTSource's signature, constants and attributes for one recorded call."""
+    binding = dict(zip([p.name for p in fn.params], args, strict=False))  # the rest come as keywords
+    binding.update(kwargs)
+    sig, consts, attrs = {}, {}, {}
+    for i, p in enumerate(fn.params):
+        v = binding[p.name]
+        if p.is_constexpr:
+            sig[p.name] = "constexpr"
+            consts[(i,)] = v
+        elif isinstance(v, torch.Tensor):
+            sig[p.name] = "*" + _DTYPES[v.dtype]
+            if v.data_ptr() % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(v, bool):
+            sig[p.name] = "i1"
+        elif isinstance(v, float):
+            sig[p.name] = "fp32"
+        elif v == 1 and not p.do_not_specialize:
+            sig[p.name] = "constexpr"
+            consts[(i,)] = 1
+        else:
+            sig[p.name] = "i64" if abs(v) >= 2**31 else "i32"
+            if v % 16 == 0 and not p.do_not_specialize and not p.do_not_specialize_on_alignment:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, consts, attrs
+
+
+def compile_launch(kernel, args, kwargs, capability: int = 90) -> dict:
+    """Compile one recorded launch; return registers, spills, shared bytes, the SASS text."""
+    kw = dict(kwargs)
+    options = {k: kw.pop(k) for k in ("num_warps", "num_stages", "maxnreg") if k in kw}
+    kw.pop("launch_pdl", None)
+    src = ASTSource(kernel, *_signature(kernel, args, kw))
+    compiled = triton.compile(src, target=GPUTarget("cuda", capability, 32), options=options)
+    tool = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True,
+                               check=True).stdout
+        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    found = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage))
+    return dict(name=kernel.__name__, registers=int(found.get("REG", 0)), local=int(found.get("LOCAL", 0)),
+                shared=int(found.get("SHARED", 0)), sass=sass)
+
+
+def main_loop_counts(sass: str) -> Counter:
+    """Instruction classes (opcode up to its first dot) between the target and the source of the
+    longest backward branch: the kernel's main loop."""
+    rows = re.findall(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);", sass)
+    best = None
+    for addr, _, op, rest in rows:
+        target = re.search(r"0x([0-9a-f]+)", rest)
+        if op == "BRA" and target and int(target.group(1), 16) < int(addr, 16):
+            span = (int(target.group(1), 16), int(addr, 16))
+            if best is None or span[1] - span[0] > best[1] - best[0]:
+                best = span
+    if best is None:
+        return Counter()
+    return Counter(op.split(".")[0] if not op.startswith(("LDG", "STG", "LDS", "STS")) else op
+                   for addr, _, op, _ in rows if best[0] <= int(addr, 16) <= best[1])
+
+
+def _uniform_gemv(m: int, n: int, batch: int, config: list[int]) -> None:
+    """int4 g128 decode-GEMV (`_uq_gemv_kernel`): config BK, BMW (output words), warps[, split]."""
+    from lowbit.kernels import uniform_triton as ut
+
+    bk, bmw, warps, *rest = config
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(0, 16, (m, n), generator=g)
+    p = ut.pack_uniform(q, 4, torch.rand(n // 128, m, generator=g).half(), torch.full((n // 128, m), 8.0).half(), 128)
+    cfg = ut.UQConfig("gemv", bk=bk, bmw=bmw, bb=1, split_k=rest[0] if rest else 8, num_warps=warps)
+    ut.run_config(torch.randn(batch, n, generator=g).half(), p, None, cfg)
+
+
+def _qtip_frag(m: int, n: int, batch: int, config: list[int]) -> None:
+    """QTIP 2-bit fragment kernel (`_hyb_frag_kernel`): config row tiles, warps, tiles a split, prefetch."""
+    from lowbit.kernels import qtip_frag_triton as qf
+
+    rt, warps, per, pf = config
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(-(2**15), 2**15, (m // 16, n // 16, 32), generator=g, dtype=torch.int32).to(torch.int16)
+    lut = torch.randint(-(2**31), 2**31 - 1, (512,), generator=g, dtype=torch.int64).to(torch.int32)
+    qf.frag_matmul(codes, lut, 2, torch.randn(batch, n, generator=g).half(), torch.zeros(batch, m), rt, warps,
+                   per, atomic=per < n // 16, prefetch=pf)
+
+
+SCENARIOS = {"uniform-gemv": _uniform_gemv, "qtip-frag": _qtip_frag}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("scenario", choices=sorted(SCENARIOS))
+    ap.add_argument("--shape", default="4096x4096", help="OUTxIN")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--config", required=True, help="comma-separated launch shape (see the scenario)")
+    ap.add_argument("--sass", help="also write the SASS here")
+    args = ap.parse_args(argv)
+    if interpreting():
+        ap.error("TRITON_INTERPRET is set: kernels are interpreted, there is nothing to compile")
+    m, n = (int(v) for v in args.shape.split("x"))
+    with recording() as launches:
+        SCENARIOS[args.scenario](m, n, args.batch, [int(v) for v in args.config.split(",")])
+    for kernel, grid, a, kw in launches:
+        out = compile_launch(kernel, a, kw)
+        print(f"{out['name']} grid {tuple(grid)}: {out['registers']} registers, {out['local']} B local (spills), "
+              f"{out['shared']} B static shared")
+        loop = main_loop_counts(out["sass"])
+        print("  main loop: " + ", ".join(f"{k} {v}" for k, v in loop.most_common(16)))
+        if args.sass:
+            with open(args.sass, "w") as f:
+                f.write(out["sass"])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
