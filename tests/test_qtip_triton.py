@@ -828,7 +828,17 @@ def test_qtip_model_through_the_fused_launches_on_the_interpreter(monkeypatch):
         calls.append(type(x).__name__)
         return qt if x.dim() == 2 and x.stride(-1) == 1 else None
 
+    chained = []
+    transform = qt.hadamard_transform
+
+    def counting(*args, **kwargs):
+        chained.append(kwargs.get("before") is not None)
+        return transform(*args, **kwargs)
+
     monkeypatch.setattr(qtip_linear.QTIPLinear, "_fusing_kernels", fusing)
     monkeypatch.setattr(qt, "choose_config", lambda layer, x: qt.QTIPConfig("frag", 32, 64, 8, 2, 4))
+    monkeypatch.setattr(qt, "hadamard_transform", counting)
     got = model.logits(ids).double()
     assert calls and float((got - want).norm() / want.norm()) < 1e-2
+    # o → gate|up in every layer, down → the next layer's qkv (the last down feeds the final norm)
+    assert sum(chained) == 2 * model.config.num_layers - 1
