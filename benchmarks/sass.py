@@ -99,8 +99,9 @@ def compile_launch(kernel, args, kwargs, capability: int = 90) -> dict:
 
 
 def main_loop_counts(sass: str) -> Counter:
-    """Instruction classes (opcode up to its first dot) between the target and the source of the
-    longest backward branch: the kernel's main loop."""
+    """Instruction classes between the target and the source of the longest backward branch (the
+    kernel's main loop): the opcode up to its first dot, memory instructions whole (LDG.E.128 and
+    LDG.E.U16 apart)."""
     rows = re.findall(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);", sass)
     best = None
     for addr, _, op, rest in rows:
