@@ -41,11 +41,13 @@ def _skip_attention(q, *_, out=None, **__):
     return out if out is not None else torch.empty_like(q)
 
 
-# Launch classes `--ablate` can leave out, each by the function the QTIP path calls for it.
+# Launch classes `--ablate` can leave out, each by the name the decode graph calls it through (the
+# attention kernel is imported by name into the graph decoder: patching its home module would leave
+# the graph's launches in place and report 0 saved).
 ABLATIONS = {
     "hadamard": ("lowbit.kernels.qtip_triton.hadamard_transform", _skip_hadamard),
     "frag": ("lowbit.kernels.qtip_triton.frag_matmul", lambda *a, **k: None),
-    "attention": ("lowbit.kernels.attention.paged_decode_attention", _skip_attention),
+    "attention": ("lowbit.engine.cuda_graphs.paged_decode_attention", _skip_attention),
 }
 
 

@@ -77,3 +77,22 @@ def test_sass_report_compiles_a_recorded_launch_for_sm90_without_a_gpu():
     assert regs and 24 <= int(regs.group(1)) <= 255, out
     loop = dict((k, int(v)) for k, v in re.findall(r"([A-Z][A-Z0-9_.]*) (\d+)", out.split("main loop:")[1]))
     assert loop.get("LDG.E.128", 0) >= 1 and loop.get("FFMA", 0) >= 64, out
+
+
+def test_replay_profile_ablations_replace_the_functions_the_decode_graph_calls():
+    """Each `--ablate` patch must reach the call site the captured graph runs; a patch of a module
+    the caller imported by name from leaves the launches in place (the attention row read 0 saved)."""
+    import importlib
+    from unittest import mock
+
+    from benchmarks import replay_profile
+    from lowbit.engine.cuda_graphs import GraphDecodeContext
+    from lowbit.kernels import qtip_triton
+
+    callers = {"attention": GraphDecodeContext.attend.__globals__, "hadamard": vars(qtip_triton),
+               "frag": vars(qtip_triton)}
+    for name, (target, fake) in replay_profile.ABLATIONS.items():
+        module, attr = target.rsplit(".", 1)
+        assert hasattr(importlib.import_module(module), attr), target
+        with mock.patch(target, fake):
+            assert callers[name][attr] is fake, f"{name}: the decode path does not call {target}"

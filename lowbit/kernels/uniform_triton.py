@@ -602,8 +602,9 @@ if triton is not None:
             xg = tl.load(xrow + kx).to(tl.float32)  # [GROUP]
             d = _uq_decode(lo, hi.to(tl.int32), magic, BITS) - 8388608.0  # q·2^fs(j), exact
             # rows t·BK + r: the sum over t stays in the thread (its repeated rows of the tile)
-            a = tl.sum(tl.reshape(xg[:, None] * d, [T, BK, BM]), axis=0)  # [BK, BM]
-            xs = tl.sum(tl.reshape(xg, [T, BK]), axis=0)[:, None]  # [BK, 1]
+            xcol = xg[:, None]
+            a = tl.sum(tl.reshape(xcol * d, [T, BK, BM]), axis=0)  # [BK, BM]
+            xs = tl.sum(tl.reshape(xcol, [T, BK, 1]), axis=0)  # [BK, 1]
             if ZERO_IS_MIN:
                 acc += a * (sc * ifpow) + xs * z
             else:
@@ -724,6 +725,7 @@ class UQConfig:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 1
+    max_registers: int = 0  # > 0: Triton's maxnreg (more programs an SM; ptxas may spill)
 
 
 _WS: dict = {}
@@ -769,6 +771,8 @@ def _launch_fused(x2, p: UniformPacked, bias, cfg: UQConfig, out):
                   ZERO_IS_MIN=p.zero_is_min, HAS_PERM=p.perm is not None, HAS_BIAS=bias is not None,
                   LOOP_WHILE=interpreting(), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                   **launch_options(x2, x2.shape[0]))
+    if cfg.max_registers and not interpreting():
+        common["maxnreg"] = cfg.max_registers
     grid = (grid_b, grid_m, split)
     if cfg.kind in ("gemv", "ring"):
         kern = _uq_gemv_ring_kernel if cfg.kind == "ring" else _uq_gemv_kernel
