@@ -868,7 +868,8 @@ def candidate_configs(p: UniformPacked, batch: int, device) -> list[UQConfig]:
     cands: list[UQConfig] = []
     if batch <= 2:
         # one row of x per program; with 2 rows the two programs sharing a tile run side by side
-        for bk, out_tile, warps in ((16, 256, 4), (32, 128, 4), (32, 256, 8)):
+        # (16, 128, 4) compiles to 115 registers for sm_90 (4 programs an SM), the others to 165–198 (3)
+        for bk, out_tile, warps in ((16, 256, 4), (32, 128, 4), (32, 256, 8), (16, 128, 4)):
             bk = min(bk, p.group_size)
             bmw = max(1, out_tile // vpw)
             ctas = triton.cdiv(M // vpw, bmw) * batch
@@ -891,12 +892,12 @@ def candidate_configs(p: UniformPacked, batch: int, device) -> list[UQConfig]:
 
 
 def ring_candidates(p: UniformPacked, batch: int, sms: int) -> list[UQConfig]:
-    """`_uq_gemv_ring_kernel` launches (one row of x a program): the tile shapes that compile to
-    ≤ 168 registers for sm_90 (`benchmarks.sass uniform-ring`), three splits each."""
+    """`_uq_gemv_ring_kernel` launches (one row of x a program): the two tile shapes the H100 tuner
+    picked for it (RESULTS.md, fifteenth session), three splits each."""
     vpw = values_per_word(p.bits)
     M, N = p.out_features, p.in_features
     cands = []
-    for bk, out_tile, warps in ((32, 128, 4), (32, 64, 2), (32, 256, 8)):
+    for bk, out_tile, warps in ((32, 128, 4), (32, 64, 2)):
         bk = min(bk, p.group_size)
         bmw = max(1, out_tile // vpw)
         s0 = _split_for(triton.cdiv(M // vpw, bmw) * batch, N // p.group_size, sms)
