@@ -116,16 +116,16 @@ def main_loop_counts(sass: str) -> Counter:
                    for addr, _, op, _ in rows if best[0] <= int(addr, 16) <= best[1])
 
 
-def _uniform_gemv(m: int, n: int, batch: int, config: list[int], kind: str = "gemv") -> None:
-    """int4 g128 decode-GEMV (`_uq_gemv_kernel`; "ring": `_uq_gemv_ring_kernel`): config BK, BMW
-    (output words), warps[, split[, register cap]]."""
+def _uniform_gemv(m: int, n: int, batch: int, config: list[int]) -> None:
+    """int4 g128 decode-GEMV (`_uq_gemv_kernel`): config BK, BMW (output words), warps[, split[,
+    register cap]]."""
     from lowbit.kernels import uniform_triton as ut
 
     bk, bmw, warps, *rest = config
     g = torch.Generator().manual_seed(0)
     q = torch.randint(0, 16, (m, n), generator=g)
     p = ut.pack_uniform(q, 4, torch.rand(n // 128, m, generator=g).half(), torch.full((n // 128, m), 8.0).half(), 128)
-    cfg = ut.UQConfig(kind, bk=bk, bmw=bmw, bb=1, split_k=rest[0] if rest else 8, num_warps=warps,
+    cfg = ut.UQConfig("gemv", bk=bk, bmw=bmw, bb=1, split_k=rest[0] if rest else 8, num_warps=warps,
                       max_registers=rest[1] if len(rest) > 1 else 0)
     ut.run_config(torch.randn(batch, n, generator=g).half(), p, None, cfg)
 
@@ -143,8 +143,7 @@ def _qtip_frag(m: int, n: int, batch: int, config: list[int]) -> None:
                    per, atomic=per < n // 16, prefetch=pf, copies=copies[0] if copies else 32)
 
 
-SCENARIOS = {"uniform-gemv": _uniform_gemv,
-             "uniform-ring": lambda m, n, b, c: _uniform_gemv(m, n, b, c, "ring"), "qtip-frag": _qtip_frag}
+SCENARIOS = {"uniform-gemv": _uniform_gemv, "qtip-frag": _qtip_frag}
 
 
 def main(argv=None) -> int:

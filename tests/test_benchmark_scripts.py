@@ -77,6 +77,12 @@ def test_sass_report_compiles_a_recorded_launch_for_sm90_without_a_gpu():
     assert regs and 24 <= int(regs.group(1)) <= 255, out
     loop = dict((k, int(v)) for k, v in re.findall(r"([A-Z][A-Z0-9_.]*) (\d+)", out.split("main loop:")[1]))
     assert loop.get("LDG.E.128", 0) >= 1 and loop.get("FFMA", 0) >= 64, out
+    # a register cap in the config (UQConfig.max_registers) reaches ptxas
+    capped = subprocess.run([sys.executable, "-m", "benchmarks.sass", "uniform-gemv", "--shape", "256x256",
+                             "--config", "32,16,4,1,64"], capture_output=True, text=True, env=env, timeout=300,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert capped.returncode == 0, capped.stderr[-2000:]
+    assert re.search(r"_uq_gemv_kernel grid \(1, 2, 1\): (?:[0-5]\d|6[0-4]) registers", capped.stdout), capped.stdout
 
 
 def test_replay_profile_ablations_replace_the_functions_the_decode_graph_calls():

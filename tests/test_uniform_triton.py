@@ -61,12 +61,6 @@ CPU_CASES = [
     (2, 128, False, True, False, 2, dict(kind="gemv", bk=32, bmw=2, bb=1, split_k=1)),
     (3, 64, False, False, True, 1, dict(kind="gemv", bk=16, bmw=4, bb=1, split_k=3)),
     (8, 32, False, True, False, 1, dict(kind="gemv", bk=16, bmw=8, bb=1, split_k=1)),
-    # the register-ring GEMV: splits of uneven length (the ring's last prefetch is masked off)
-    (4, 128, False, False, True, 1, dict(kind="ring", bk=32, bmw=4, bb=1, split_k=3)),
-    (4, 32, True, False, False, 2, dict(kind="ring", bk=16, bmw=4, bb=1, split_k=5)),
-    (3, 64, False, True, False, 1, dict(kind="ring", bk=32, bmw=2, bb=1, split_k=3)),
-    (2, 64, False, False, True, 2, dict(kind="ring", bk=16, bmw=2, bb=1, split_k=1)),
-    (8, 32, False, True, True, 1, dict(kind="ring", bk=16, bmw=8, bb=1, split_k=4)),
     (4, 128, False, True, True, 5, dict(kind="mma", bk=32, bmw=2, bb=16, split_k=2)),
     (3, 128, False, False, False, 17, dict(kind="mma", bk=64, bmw=1, bb=16, split_k=1)),
     (2, 64, True, False, False, 3, dict(kind="mma", bk=32, bmw=4, bb=16, split_k=1)),
@@ -104,8 +98,6 @@ GPU_SHAPES = [(1024, 4096), (4096, 11008)]
 GPU_RUNS = [
     (dict(kind="gemv", bk=16, bmw=32, bb=1, split_k=1), 1, True),
     (dict(kind="gemv", bk=32, bmw=16, bb=1, split_k=4), 3, False),
-    (dict(kind="ring", bk=32, bmw=16, bb=1, split_k=4), 1, True),
-    (dict(kind="ring", bk=32, bmw=32, bb=1, split_k=3, num_warps=8), 2, False),
     (dict(kind="mma", bk=32, bmw=16, bb=16, split_k=1, num_stages=2), 16, True),
     (dict(kind="mma", bk=64, bmw=32, bb=64, split_k=2, num_stages=2), 50, False),
     (dict(kind="dequant"), 100, False),

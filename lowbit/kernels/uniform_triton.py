@@ -286,31 +286,31 @@ if triton is not None:
         return r
 
     @triton.jit
-    def _uq_flat(r, V: tl.constexpr, RANK3: tl.constexpr):
-        """Merge the joined value dimensions of r into its last word dimension (V values a word)."""
-        if RANK3:
-            return tl.reshape(r, [r.shape[0], r.shape[1], r.shape[2] * V])
-        else:
-            return tl.reshape(r, [r.shape[0], r.shape[1] * V])
+    def _uq_tile(qw_ptr, qh_ptr, kk, jw, kmask, jwmask, stride_qw, stride_qh, magic, BITS: tl.constexpr):
+        """Float tile [BK, BMW·VPW] = 2^23 + q·2^fs(j) of input rows kk and output words jw.
 
-    @triton.jit
-    def _uq_decode(lo, hi, magic, BITS: tl.constexpr, RANK3: tl.constexpr = False):
-        """Float tile [..., words·VPW] = 2^23 + q·2^fs(j) of a tile of code words `lo` (`hi`: the
-        3-bit high-bit plane, else unused). Values of a word are joined into new minor dimensions
-        (registers of the thread that loaded the word), ordered so that the final reshape is the
-        natural output order."""
-        if BITS != 3:
-            hi = lo >> 16
+        Values of a word are joined into new minor dimensions (registers of the thread that loaded
+        the word), ordered so that the final reshape is the natural output order."""
+        msk = kmask[:, None] & jwmask[None, :]
+        w = tl.load(qw_ptr + kk[:, None] * stride_qw + jw[None, :], mask=msk, other=0)
+        if BITS == 3:
+            hi = tl.load(qh_ptr + kk[:, None] * stride_qh + jw[None, :], mask=msk, other=0).to(tl.int32)
+            lo = w
+        else:
+            lo = w
+            hi = w >> 16
         if BITS == 8:
             p0 = tl.join(_uq_v(lo, hi, magic, 0, BITS), _uq_v(lo, hi, magic, 2, BITS))
             p1 = tl.join(_uq_v(lo, hi, magic, 1, BITS), _uq_v(lo, hi, magic, 3, BITS))
-            r = _uq_flat(tl.join(p0, p1), 4, RANK3)
+            r = tl.join(p0, p1)
+            r = tl.reshape(r, [r.shape[0], r.shape[1] * 4])
         elif BITS == 4:
             p0 = tl.join(_uq_v(lo, hi, magic, 0, BITS), _uq_v(lo, hi, magic, 4, BITS))
             p1 = tl.join(_uq_v(lo, hi, magic, 1, BITS), _uq_v(lo, hi, magic, 5, BITS))
             p2 = tl.join(_uq_v(lo, hi, magic, 2, BITS), _uq_v(lo, hi, magic, 6, BITS))
             p3 = tl.join(_uq_v(lo, hi, magic, 3, BITS), _uq_v(lo, hi, magic, 7, BITS))
-            r = _uq_flat(tl.join(tl.join(p0, p2), tl.join(p1, p3)), 8, RANK3)
+            r = tl.join(tl.join(p0, p2), tl.join(p1, p3))
+            r = tl.reshape(r, [r.shape[0], r.shape[1] * 8])
         else:  # 2 and 3 bits: 16 values per word
             p0 = tl.join(_uq_v(lo, hi, magic, 0, BITS), _uq_v(lo, hi, magic, 8, BITS))
             p1 = tl.join(_uq_v(lo, hi, magic, 1, BITS), _uq_v(lo, hi, magic, 9, BITS))
@@ -322,18 +322,9 @@ if triton is not None:
             p7 = tl.join(_uq_v(lo, hi, magic, 7, BITS), _uq_v(lo, hi, magic, 15, BITS))
             q0 = tl.join(tl.join(p0, p4), tl.join(p2, p6))
             q1 = tl.join(tl.join(p1, p5), tl.join(p3, p7))
-            r = _uq_flat(tl.join(q0, q1), 16, RANK3)
+            r = tl.join(q0, q1)
+            r = tl.reshape(r, [r.shape[0], r.shape[1] * 16])
         return r.to(tl.float32, bitcast=True)
-
-    @triton.jit
-    def _uq_tile(qw_ptr, qh_ptr, kk, jw, kmask, jwmask, stride_qw, stride_qh, magic, BITS: tl.constexpr):
-        """Float tile [BK, BMW·VPW] = 2^23 + q·2^fs(j) of input rows kk and output words jw."""
-        msk = kmask[:, None] & jwmask[None, :]
-        w = tl.load(qw_ptr + kk[:, None] * stride_qw + jw[None, :], mask=msk, other=0)
-        hi = w
-        if BITS == 3:
-            hi = tl.load(qh_ptr + kk[:, None] * stride_qh + jw[None, :], mask=msk, other=0).to(tl.int32)
-        return _uq_decode(w, hi, magic, BITS)
 
     @triton.jit
     def _uq_c(BMW: tl.constexpr, s: tl.constexpr, BITS: tl.constexpr, INVERSE: tl.constexpr):
@@ -539,82 +530,6 @@ if triton is not None:
                        pid_m, pid_k, pid_b, tl.num_programs(1), split_k, HAS_BIAS, LOOP_WHILE)
 
     @triton.jit
-    def _uq_ring_words(qw_ptr, qh_ptr, g, g1, kt, jw3, jwm3, stride_qw, stride_qh,
-                       BITS: tl.constexpr, GROUP: tl.constexpr):
-        """Code words of group g as a [GROUP, BMW] tile (and the 3-bit high plane; else the same
-        words again), all-masked past the program's last group g1."""
-        kk = g * GROUP + kt
-        msk = (kk < g1 * GROUP) & jwm3
-        lo = tl.load(qw_ptr + kk * stride_qw + jw3, mask=msk, other=0)
-        hi = lo
-        if BITS == 3:
-            hi = tl.load(qh_ptr + kk * stride_qh + jw3, mask=msk, other=0)
-        return lo, hi
-
-    @triton.jit
-    def _uq_gemv_ring_kernel(
-        x_ptr, qw_ptr, qh_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
-        M, MW, N, B, stride_xb, stride_qw, stride_qh, stride_yb, groups_per_split, split_k, magic,
-        BITS: tl.constexpr, GROUP: tl.constexpr, BK: tl.constexpr, BMW: tl.constexpr,
-        BB: tl.constexpr,
-        ZERO_IS_MIN: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr,
-        LOOP_WHILE: tl.constexpr,
-        PDL: tl.constexpr,
-    ):
-        """Batch-1 decode-GEMV with the next group's code words requested before this group's
-        arithmetic (a one-group register ring), so a program's DRAM latency overlaps its own
-        decoding instead of being paid once a group. A group is one [GROUP // BK, BK, BMW] tile:
-        the sum over its first dimension stays in the thread. The zero is not subtracted weight
-        by weight: Σ x·(q − z) = Σ x·q − z·Σ x, applied with the scale once a group."""
-        wait_prior(PDL)
-        pid_b = tl.program_id(0)
-        pid_m = tl.program_id(1)
-        pid_k = tl.program_id(2)
-        if BITS == 3:
-            VPW: tl.constexpr = 16
-        else:
-            VPW: tl.constexpr = 32 // BITS
-        BM: tl.constexpr = BMW * VPW
-        T: tl.constexpr = GROUP // BK
-        jw = pid_m * BMW + tl.arange(0, BMW)
-        jw3 = jw[None, :]
-        jwm3 = jw3 < MW
-        j = pid_m * BM + tl.arange(0, BM)
-        jmask = j < M
-        ifpow = _uq_fs_pow(BMW, BITS, True)
-        kt = tl.arange(0, GROUP)[:, None]
-        g0 = pid_k * groups_per_split
-        g1 = tl.minimum(g0 + groups_per_split, N // GROUP)
-        lo_n, hi_n = _uq_ring_words(qw_ptr, qh_ptr, g0, g1, kt, jw3, jwm3, stride_qw, stride_qh, BITS, GROUP)
-        acc = tl.zeros([BK, BM], tl.float32)
-        xrow = x_ptr + pid_b * stride_xb
-        g = g0
-        while g < g1:  # a while loop: the ring's tiles are carried from one group to the next
-            lo = lo_n
-            hi = hi_n
-            lo_n, hi_n = _uq_ring_words(qw_ptr, qh_ptr, g + 1, g1, kt, jw3, jwm3, stride_qw, stride_qh,
-                                        BITS, GROUP)
-            sc = tl.load(s_ptr + g * M + j, mask=jmask, other=0.0).to(tl.float32)[None, :]
-            z = tl.load(z_ptr + g * M + j, mask=jmask, other=0.0).to(tl.float32)[None, :]
-            kx = g * GROUP + tl.arange(0, GROUP)
-            if HAS_PERM:
-                kx = tl.load(perm_ptr + kx)
-            xg = tl.load(xrow + kx).to(tl.float32)  # [GROUP]
-            d = _uq_decode(lo, hi.to(tl.int32), magic, BITS) - 8388608.0  # q·2^fs(j), exact
-            # rows t·BK + r: the sum over t stays in the thread (its repeated rows of the tile)
-            xcol = xg[:, None]
-            a = tl.sum(tl.reshape(xcol * d, [T, BK, BM]), axis=0)  # [BK, BM]
-            xs = tl.sum(tl.reshape(xcol, [T, BK, 1]), axis=0)  # [BK, 1]
-            if ZERO_IS_MIN:
-                acc += a * (sc * ifpow) + xs * z
-            else:
-                acc += a * (sc * ifpow) - xs * (sc * z)
-            g += 1
-        y = tl.sum(acc, axis=0)[None, :]
-        _splitk_finish(y, y_ptr, bias_ptr, ws_ptr, cnt_ptr, j, pid_b + tl.arange(0, 1), jmask, M, B, stride_yb,
-                       pid_m, pid_k, pid_b, tl.num_programs(1), split_k, HAS_BIAS, LOOP_WHILE)
-
-    @triton.jit
     def _uq_wtile(qw_ptr, qh_ptr, s_ptr, z_ptr, k0, kk, kmask, jw, jwmask, j, jmask, fpow, ifpow, M,
                   stride_qw, stride_qh, magic,
                   BITS: tl.constexpr, GROUP: tl.constexpr, ZERO_IS_MIN: tl.constexpr):
@@ -713,8 +628,7 @@ if triton is not None:
 
 @dataclass(frozen=True)
 class UQConfig:
-    """One launch choice. kind: "gemv" (CUDA cores), "ring" (CUDA cores, the next group's codes
-    requested a group ahead), "mma" (tensor cores) or "dequant" (+cuBLAS).
+    """One launch choice. kind: "gemv" (CUDA cores), "mma" (tensor cores) or "dequant" (+cuBLAS).
 
     bk: input rows per tile (must divide the group size), bmw: packed words per tile row (outputs
     = bmw · values per word), bb: rows of x per program, split_k: programs along the input."""
@@ -757,7 +671,7 @@ def _launch_fused(x2, p: UniformPacked, bias, cfg: UQConfig, out):
     bmw = min(cfg.bmw, triton.next_power_of_2(M // vpw))
     grid_m = triton.cdiv(M // vpw, bmw)
     grid_b = triton.cdiv(B, cfg.bb)
-    if cfg.kind in ("gemv", "ring"):
+    if cfg.kind == "gemv":
         units = N // p.group_size  # a split owns whole groups (the scale is applied per group)
     else:
         units = N // bk
@@ -774,9 +688,8 @@ def _launch_fused(x2, p: UniformPacked, bias, cfg: UQConfig, out):
     if cfg.max_registers and not interpreting():
         common["maxnreg"] = cfg.max_registers
     grid = (grid_b, grid_m, split)
-    if cfg.kind in ("gemv", "ring"):
-        kern = _uq_gemv_ring_kernel if cfg.kind == "ring" else _uq_gemv_kernel
-        kern[grid](x2, p.qweight, qh, p.scales, p.zeros, perm, bias_t, out, ws, cnt,
+    if cfg.kind == "gemv":
+        _uq_gemv_kernel[grid](x2, p.qweight, qh, p.scales, p.zeros, perm, bias_t, out, ws, cnt,
                               M, M // vpw, N, B, x2.stride(0), s_qw, s_qh, out.stride(0), per, split, _MAGIC, **common)
     else:
         _uq_mma_kernel[grid](x2, p.qweight, qh, p.scales, p.zeros, perm, bias_t, out, ws, cnt,
@@ -876,7 +789,6 @@ def candidate_configs(p: UniformPacked, batch: int, device) -> list[UQConfig]:
             s0 = _split_for(ctas, N // p.group_size, sms)
             for split in sorted({max(1, s0 // 2), s0, s0 * 2}):
                 cands.append(UQConfig("gemv", bk=bk, bmw=bmw, bb=1, split_k=split, num_warps=warps))
-        cands += ring_candidates(p, batch, sms)
     if batch >= 2:
         bb = max(16, min(64, triton.next_power_of_2(batch)))
         for out_tile, bk in ((128, 64), (64, 64)):
@@ -888,21 +800,6 @@ def candidate_configs(p: UniformPacked, batch: int, device) -> list[UQConfig]:
                 cands.append(UQConfig("mma", bk=bk, bmw=bmw, bb=bb, split_k=split, num_stages=2))
     if batch >= 16:
         cands.append(UQConfig("dequant"))
-    return cands
-
-
-def ring_candidates(p: UniformPacked, batch: int, sms: int) -> list[UQConfig]:
-    """`_uq_gemv_ring_kernel` launches (one row of x a program): the two tile shapes the H100 tuner
-    picked for it (RESULTS.md, fifteenth session), three splits each."""
-    vpw = values_per_word(p.bits)
-    M, N = p.out_features, p.in_features
-    cands = []
-    for bk, out_tile, warps in ((32, 128, 4), (32, 64, 2)):
-        bk = min(bk, p.group_size)
-        bmw = max(1, out_tile // vpw)
-        s0 = _split_for(triton.cdiv(M // vpw, bmw) * batch, N // p.group_size, sms)
-        for split in sorted({max(1, s0 // 2), s0, s0 * 2}):
-            cands.append(UQConfig("ring", bk=bk, bmw=bmw, bb=1, split_k=split, num_warps=warps))
     return cands
 
 
