@@ -130,6 +130,20 @@ def _uniform_gemv(m: int, n: int, batch: int, config: list[int]) -> None:
     ut.run_config(torch.randn(batch, n, generator=g).half(), p, None, cfg)
 
 
+def _uniform_frag(m: int, n: int, batch: int, config: list[int]) -> None:
+    """int4 g128 tensor-core decode (`uniform_frag_triton._uq_frag_kernel`): config row tiles, warps,
+    prefetch."""
+    from lowbit.kernels import uniform_frag_triton as uf
+    from lowbit.kernels import uniform_triton as ut
+
+    rt, warps, pf = config
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(0, 16, (m, n), generator=g)
+    p = ut.pack_uniform(q, 4, torch.rand(n // 128, m, generator=g).half(), torch.full((n // 128, m), 8.0).half(), 128)
+    out = torch.empty(batch, m, dtype=torch.float16)
+    uf.uq_frag_matmul(torch.randn(batch, n, generator=g).half(), uf.repack_frag(p), out, rt, warps, pf)
+
+
 def _qtip_frag(m: int, n: int, batch: int, config: list[int]) -> None:
     """QTIP 2-bit fragment kernel (`_hyb_frag_kernel`): config row tiles, warps, tiles a split, prefetch[,
     table copies (32)]."""
@@ -143,7 +157,7 @@ def _qtip_frag(m: int, n: int, batch: int, config: list[int]) -> None:
                    per, atomic=per < n // 16, prefetch=pf, copies=copies[0] if copies else 32)
 
 
-SCENARIOS = {"uniform-gemv": _uniform_gemv, "qtip-frag": _qtip_frag}
+SCENARIOS = {"uniform-gemv": _uniform_gemv, "uniform-frag": _uniform_frag, "qtip-frag": _qtip_frag}
 
 
 def main(argv=None) -> int:

@@ -93,6 +93,46 @@ def test_uniform_heuristic_dispatch_cpu():
     assert ((y.double() - ref).norm() / ref.norm()) < 1e-5
 
 
+FRAG_CPU_CASES = [
+    # group, perm, bias, batch, (row tiles, warps, prefetch), out_features (48 with 2 row tiles: ragged)
+    (128, False, True, 1, (1, 2, 2), 32),
+    (64, True, False, 3, (2, 2, 1), 48),
+    (32, False, False, 9, (1, 4, 3), 32),
+    (128, False, True, 17, (2, 1, 2), 64),
+]
+
+
+@pytest.mark.skipif(not CPU, reason="CPU interpreter test")
+@pytest.mark.parametrize("group,perm,bias,batch,launch,m", FRAG_CPU_CASES)
+def test_uniform_int4_fragment_kernel_matches_reference_cpu(group, perm, bias, batch, launch, m):
+    """The int4 tensor-core kernel (mma and decode emulated lane by lane on the interpreter)."""
+    seed = group + batch + m
+    p, _ = _layer(m, 512, 4, group, perm=perm, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    b = torch.randn(m, generator=g).half() if bias else None
+    x = torch.randn(batch, 512, generator=g).half()
+    rt, nw, pf = launch
+    _check(x, p, b, uq.UQConfig("frag", row_tiles=rt, num_warps=nw, prefetch=pf), 2e-3)
+
+
+def test_uniform_fragment_kernel_is_offered_only_where_it_applies(monkeypatch):
+    """Opt-in (a second copy of the codes), fp16 activations, ≤ 64 rows, 4 bits, integer zeros."""
+    from lowbit.kernels import uniform_frag_triton as uf
+
+    p, _ = _layer(64, 512, 4, 128, seed=5)
+    kinds = lambda q, batch=1, dtype=torch.float16: {c.kind for c in uq.candidate_configs(q, batch, torch.device("cpu"), dtype)}  # noqa: E731
+    assert "frag" not in kinds(p)
+    monkeypatch.setenv("LOWBIT_UNIFORM_FRAG", "1")
+    assert "frag" in kinds(p) and "frag" in kinds(p, 64)
+    assert "frag" not in kinds(p, 65) and "frag" not in kinds(p, 1, torch.bfloat16)
+    for other in (_layer(64, 512, 3, 128, seed=5)[0], _layer(64, 512, 4, 128, zero_is_min=True, seed=5)[0]):
+        assert "frag" not in kinds(other)
+    p.zeros[0, 0] = 7.5  # a zero fp16 cannot subtract exactly after 1024 + q
+    assert "frag" not in kinds(p) and "integers" in uf.frag_supported(p)
+    with pytest.raises(ValueError, match="integers"):
+        uf.repack_frag(p)
+
+
 GPU_SHAPES = [(1024, 4096), (4096, 11008)]
 # (config, batch, also bf16): each config is one compile per format variant, shapes reuse it
 GPU_RUNS = [
@@ -120,6 +160,20 @@ def test_uniform_kernels_match_reference_gpu(bits, group, zim, perm, shape):
             x = torch.randn(batch, n, device="cuda").to(dtype)
             tol = 3e-3 if dtype == torch.float16 else 1.5e-2
             _check(x, p, bias.to(dtype), uq.UQConfig(**cfg), tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("group,perm", [(128, False), (32, False), (128, True)])
+@pytest.mark.parametrize("shape", GPU_SHAPES)
+def test_uniform_int4_fragment_kernel_matches_reference_gpu(group, perm, shape):
+    if CPU:
+        pytest.skip("needs CUDA")
+    m, n = shape
+    p, _ = _layer(m, n, 4, group, perm=perm, device="cuda", seed=m + group)
+    bias = torch.randn(m, device="cuda").half()
+    for batch, (rt, nw, pf) in ((1, (1, 4, 2)), (3, (2, 4, 2)), (16, (1, 8, 3)), (64, (1, 4, 2))):
+        x = torch.randn(batch, n, device="cuda").half()
+        _check(x, p, bias if batch != 3 else None, uq.UQConfig("frag", row_tiles=rt, num_warps=nw, prefetch=pf), 3e-3)
 
 
 @pytest.mark.gpu

@@ -35,6 +35,7 @@ per group: LOP3 + FADD + FFMA per weight.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -67,6 +68,7 @@ class UniformPacked:
     zeros: torch.Tensor
     zero_is_min: bool = False
     perm: torch.Tensor | None = None
+    frag: object | None = None  # the int4 tensor-core kernel's copy of the codes, made on first use
 
     def tensors(self) -> dict[str, torch.Tensor]:
         d = {"qweight": self.qweight, "scales": self.scales, "zeros": self.zeros}
@@ -81,7 +83,7 @@ class UniformPacked:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
     def to(self, device) -> "UniformPacked":
-        kw = dict(self.__dict__)
+        kw = dict(self.__dict__, frag=None)
         for k, v in self.tensors().items():
             kw[k] = v.to(device)
         return UniformPacked(**kw)
@@ -628,7 +630,9 @@ if triton is not None:
 
 @dataclass(frozen=True)
 class UQConfig:
-    """One launch choice. kind: "gemv" (CUDA cores), "mma" (tensor cores) or "dequant" (+cuBLAS).
+    """One launch choice. kind: "gemv" (CUDA cores), "mma" (tensor cores), "frag" (int4 on tensor
+    cores from the fragment-order copy, `uniform_frag_triton`; row_tiles, num_warps, prefetch) or
+    "dequant" (+cuBLAS).
 
     bk: input rows per tile (must divide the group size), bmw: packed words per tile row (outputs
     = bmw · values per word), bb: rows of x per program, split_k: programs along the input."""
@@ -640,6 +644,8 @@ class UQConfig:
     num_warps: int = 4
     num_stages: int = 1
     max_registers: int = 0  # > 0: Triton's maxnreg (more programs an SM; ptxas may spill)
+    row_tiles: int = 1  # "frag": 16-output row tiles a program
+    prefetch: int = 2  # "frag": steps of loads in flight
 
 
 _WS: dict = {}
@@ -737,6 +743,13 @@ def run_config(x2, p: UniformPacked, bias, cfg: UQConfig, out=None):
         out = torch.empty(x2.shape[0], p.out_features, dtype=x2.dtype, device=x2.device)
     if cfg.kind == "dequant":
         return _launch_dequant_matmul(x2, p, bias, out)
+    if cfg.kind == "frag":
+        from .uniform_frag_triton import frag_layout, uq_frag_matmul
+
+        uq_frag_matmul(x2, frag_layout(p), out, cfg.row_tiles, cfg.num_warps, cfg.prefetch)
+        if bias is not None:
+            out += bias
+        return out
     return _launch_fused(x2, p, bias, cfg, out)
 
 
@@ -772,9 +785,10 @@ def heuristic_config(p: UniformPacked, batch: int, device) -> UQConfig:
     return UQConfig("mma", bk=bk, bmw=bmw, bb=bb, split_k=_split_for(ctas, N // bk, sms), num_stages=2)
 
 
-def candidate_configs(p: UniformPacked, batch: int, device) -> list[UQConfig]:
+def candidate_configs(p: UniformPacked, batch: int, device, dtype=torch.float16) -> list[UQConfig]:
     """What the tuner times for one (shape, batch). Tile shapes are few (each is a compile);
-    the split is a run-time argument, so trying several costs no compile."""
+    the split is a run-time argument, so trying several costs no compile. The int4 tensor-core
+    kernel ("frag") only with LOWBIT_UNIFORM_FRAG=1: it keeps a second copy of the codes."""
     M, N = p.out_features, p.in_features
     vpw = values_per_word(p.bits)
     sms = _num_sms(device)
@@ -800,6 +814,11 @@ def candidate_configs(p: UniformPacked, batch: int, device) -> list[UQConfig]:
                 cands.append(UQConfig("mma", bk=bk, bmw=bmw, bb=bb, split_k=split, num_stages=2))
     if batch >= 16:
         cands.append(UQConfig("dequant"))
+    if os.environ.get("LOWBIT_UNIFORM_FRAG", "0") == "1" and dtype == torch.float16 and batch <= 64:
+        from .uniform_frag_triton import frag_candidates, frag_supported
+
+        if not frag_supported(p):
+            cands += [UQConfig("frag", row_tiles=rt, num_warps=nw, prefetch=pf) for rt, nw, pf in frag_candidates(p)]
     return cands
 
 
@@ -813,7 +832,7 @@ def tune_key(p: UniformPacked, batch: int, dtype) -> tuple:
 
 def tune(x2, p: UniformPacked, bias=None, cands=None) -> tuple[UQConfig, list]:
     """Time every candidate as a decode step runs it (`tuning.cold_us`), cache the fastest."""
-    cands = cands or candidate_configs(p, x2.shape[0], x2.device)
+    cands = cands or candidate_configs(p, x2.shape[0], x2.device, x2.dtype)
     out = torch.empty(x2.shape[0], p.out_features, dtype=x2.dtype, device=x2.device)
     best, timings = time_candidates(lambda cfg: run_config(x2, p, bias, cfg, out), cands, x2.device)
     _TUNED[tune_key(p, x2.shape[0], x2.dtype)] = best
@@ -823,7 +842,7 @@ def tune(x2, p: UniformPacked, bias=None, cands=None) -> tuple[UQConfig, list]:
 def choose_config(x2, p: UniformPacked, bias=None) -> UQConfig:
     return choose(_TUNED, tune_key(p, x2.shape[0], x2.dtype), x2, lambda: tune(x2, p, bias)[0],
                   lambda: heuristic_config(p, x2.shape[0], x2.device), UQConfig,
-                  lambda: candidate_configs(p, x2.shape[0], x2.device))
+                  lambda: candidate_configs(p, x2.shape[0], x2.device, x2.dtype))
 
 
 def uniform_matmul(x: torch.Tensor, p: UniformPacked, bias: torch.Tensor | None = None,

@@ -1,0 +1,310 @@
+"""Uniform int4 decode-GEMV/GEMM on tensor cores for 1–64 rows of x: the QTIP fragment kernel's
+walk (`qtip_frag_triton`) with a nibble decode in place of the trellis table.
+
+Why: the CUDA-core GEMV (`uniform_triton._uq_gemv_kernel`) spends three instructions a weight
+(LOP3, FADD, FFMA) at 168 registers a thread, and Nsight Compute finds it issue- and
+occupancy-bound at half the DRAM bandwidth (RESULTS.md, fifteenth session). Here the tensor core
+does the multiply-adds and a weight costs about one instruction: a lane's 8 values of a 16×16 tile
+sit in one int32 word, four fp16 pairs come out of it with one shift and four LOP3 (the nibble
+OR-ed into the exponent of 1024: 1024 + q, or 1024 + 16q for the upper nibble of a byte), and one
+packed subtract (or fma by 1/16) per pair gives q − z exactly in fp16; the mma accumulates x·(q − z)
+in float32 over a step of KT tiles and the step's group scale multiplies the accumulator once.
+
+Layout (`UniformFrag`, made once from a `UniformPacked` int4 layer with integer zeros):
+* `codes` int32 [TM, TS, KT, 32]: row tile i (outputs 16i..16i+15), step s (inputs 16·KT·s ..,
+  KT = 4 tiles, 2 for group size 32), tile kt of the step, lane l = 4g + t. The lane's word holds
+  its A registers a0 = W[g, 2t..2t+1], a1 = W[g+8, 2t..], a2 = W[g, 8+2t..], a3 = W[g+8, 8+2t..]
+  (`mma.sync.m16n8k16` row-major A) as nibbles: pair register r, half e at bit 16e + 4r' with
+  r' = (0, 1, 2, 3) for (a0, a1, a2, a3) — a0/a2 in the low nibble of a byte, a1/a3 in the high.
+  A warp's load of one tile is 128 contiguous bytes.
+* `sz` int64 [groups, TM, 8]: for output rows g and g + 8 of row tile i: fp16 halves
+  (scale_g, scale_g+8, 1024 + zero_g, −(64 + zero_g+8)) from the low half up — the two decode
+  constants and the scales of one lane, one 8-byte load a step.
+The perm of act-order GPTQ is applied to x before the launch (an index_select).
+
+Every tensor in the kernel is [32·NW], one element per thread (row tiles, n-blocks and the tiles
+of a step are tuples unrolled at compile time), as in the QTIP kernel; under TRITON_INTERPRET the
+PTX pieces are emulated with plain Triton ops so the CPU tests check the same lane bookkeeping.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .pdl import wait_prior
+from .qtip_frag_triton import MAX_BATCH, _lane_ids, _launch, _mma, _out_all, n_blocks
+from .tuning import interpreting
+from .uniform_triton import UniformPacked, unpack_uniform_codes
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+    tl = None
+
+COPIES = 8  # shared memory the epilogue's warp sums may use: 2 KiB × COPIES (`_out_all` rounds)
+_NIB = (0, 4, 8, 12)  # bit of register a_r's low-half nibble in the lane's word
+
+
+@dataclass
+class UniformFrag:
+    """An int4 layer in the fragment kernel's order (see the module docstring)."""
+    in_features: int
+    out_features: int
+    group_size: int
+    kt: int
+    codes: torch.Tensor
+    sz: torch.Tensor
+    perm: torch.Tensor | None = None
+
+
+def frag_supported(p: UniformPacked) -> str:
+    """'' if the layer can take the fragment kernel, else why not."""
+    if p.bits != 4 or p.zero_is_min:
+        return "4-bit codes with integer zeros only"
+    if p.out_features % 16 or p.group_size % 32 or p.in_features % p.group_size:
+        return "out_features a multiple of 16 and a group size a multiple of 32 only"
+    z = p.zeros.float()
+    if not bool(((z == z.round()) & (z >= 0) & (z <= 15)).all()):
+        return "zeros must be integers 0..15 (they are subtracted exactly in fp16)"
+    return ""
+
+
+def _step_columns(kt: int) -> torch.Tensor:
+    """Input (within a step of 16·kt) that mma column c of the step's tile k multiplies, at
+    16k + c: lane t's B registers of tile k are x[4kt·t + 4k + (0, 1)] and x[.. + (2, 3)], so a
+    lane's x for a tile is one 8-byte load (and its whole step 4·kt contiguous halves)."""
+    k, c = torch.arange(kt).repeat_interleave(16), torch.arange(16).repeat(kt)
+    return 4 * kt * ((c % 8) // 2) + 4 * k + 2 * (c // 8) + c % 2
+
+
+def repack_frag(p: UniformPacked) -> UniformFrag:
+    """`UniformPacked` (4 bits) → `UniformFrag`, in packed input order (perm kept for x)."""
+    why = frag_supported(p)
+    if why:
+        raise ValueError(f"fragment kernel: {why}")
+    m, n, gs = p.out_features, p.in_features, p.group_size
+    kt = 4 if gs % 64 == 0 else 2
+    tm, ts = m // 16, n // (16 * kt)
+    dev = p.qweight.device  # repacked where the layer lives (a GPU does a 70B layer in moments)
+    cols = _step_columns(kt).repeat(ts) + torch.arange(ts).repeat_interleave(16 * kt) * 16 * kt
+    q = unpack_uniform_codes(p).to(torch.int64)[:, cols.to(dev)]
+    q = q.reshape(tm, 16, ts, kt, 16)  # [i, row, s, kt, mma column]
+    lane = torch.arange(32, device=dev)
+    g, t = lane // 4, lane % 4
+    qq = q.permute(0, 2, 3, 1, 4)  # [i, s, kt, row, col]
+    words = torch.zeros(tm, ts, kt, 32, dtype=torch.int64, device=dev)
+    for r, (dr, dc) in enumerate(((0, 0), (8, 0), (0, 8), (8, 8))):  # a0..a3: (row, column) offsets
+        for e in (0, 1):
+            words |= qq[..., g + dr, dc + 2 * t + e] << (_NIB[r] + 16 * e)  # [i, s, kt, lane]
+    codes = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    s = p.scales.reshape(-1, tm, 16)
+    z = p.zeros.float().reshape(-1, tm, 16)
+    halves = torch.stack([s[..., :8], s[..., 8:], (1024 + z[..., :8]).half(), (-(64 + z[..., 8:])).half()], -1)
+    sz = halves.contiguous().view(torch.int64).reshape(-1, tm, 8)
+    return UniformFrag(n, m, gs, kt, codes.contiguous(), sz.contiguous(), p.perm)
+
+
+if triton is not None:
+    _DECODE_ASM = tl.constexpr(
+        "{ .reg .b32 w8, l0, h0, l1, h1, zg, z8, s16;\n\t"
+        "shr.u32 w8, $4, 8;\n\t"
+        "lop3.b32 l0, $4, 0x000F000F, 0x64006400, 0xea;\n\t"
+        "lop3.b32 h0, $4, 0x00F000F0, 0x64006400, 0xea;\n\t"
+        "lop3.b32 l1, w8, 0x000F000F, 0x64006400, 0xea;\n\t"
+        "lop3.b32 h1, w8, 0x00F000F0, 0x64006400, 0xea;\n\t"
+        "prmt.b32 zg, $5, $5, 0x1010;\n\t"
+        "prmt.b32 z8, $5, $5, 0x3232;\n\t"
+        "mov.b32 s16, 0x2C002C00;\n\t"
+        "sub.rn.f16x2 $0, l0, zg;\n\t"
+        "fma.rn.f16x2 $1, h0, s16, z8;\n\t"
+        "sub.rn.f16x2 $2, l1, zg;\n\t"
+        "fma.rn.f16x2 $3, h1, s16, z8; }")
+
+    @triton.jit
+    def _h2f(r, shift: tl.constexpr):
+        return ((r >> shift) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+
+    @triton.jit
+    def _pair(lo, hi):
+        """Two float32 values (exact in fp16) as one fp16x2 register (lo in the low half)."""
+        a = lo.to(tl.float16).to(tl.uint16, bitcast=True).to(tl.int32)
+        b = hi.to(tl.float16).to(tl.uint16, bitcast=True).to(tl.int32)
+        return a | (b << 16)
+
+    @triton.jit
+    def _decode4(w, zz, EMULATE: tl.constexpr):
+        """A registers (fp16 pairs of q − z) of one tile from the lane's word; zz: the lane's
+        (1024 + zero_g, −(64 + zero_g+8)) halves."""
+        if EMULATE:
+            zg = _h2f(zz, 0) - 1024.0
+            z8 = -_h2f(zz, 16) - 64.0
+            a0 = _pair(((w >> 0) & 15).to(tl.float32) - zg, ((w >> 16) & 15).to(tl.float32) - zg)
+            a1 = _pair(((w >> 4) & 15).to(tl.float32) - z8, ((w >> 20) & 15).to(tl.float32) - z8)
+            a2 = _pair(((w >> 8) & 15).to(tl.float32) - zg, ((w >> 24) & 15).to(tl.float32) - zg)
+            a3 = _pair(((w >> 12) & 15).to(tl.float32) - z8, ((w >> 28) & 15).to(tl.float32) - z8)
+        else:
+            a0, a1, a2, a3 = tl.inline_asm_elementwise(
+                _DECODE_ASM, "=r,=r,=r,=r,r,r", [w, zz], dtype=(tl.int32, tl.int32, tl.int32, tl.int32),
+                is_pure=True, pack=1)
+        return (a0, a1, a2, a3)
+
+    @triton.jit
+    def _step_loads(cp, xp, szp, ok, xrows, RS, RT: tl.constexpr, KT: tl.constexpr, NB: tl.constexpr):
+        """One step's loads: the code words of each row tile's KT tiles (row tiles RS words
+        apart; ok None: every row tile exists, no masks), the x B fragments of each tile and
+        n-block (xrows: the n-blocks' row offsets), each row tile's scale/zero word."""
+        words = ()
+        sz = ()
+        for r in tl.static_range(RT):
+            wr = ()
+            for k in tl.static_range(KT):
+                if ok is None:
+                    wr = wr + (tl.load(cp + r * RS + k * 32),)
+                else:
+                    wr = wr + (tl.load(cp + r * RS + k * 32, mask=ok[r], other=0),)
+            words = words + (wr,)
+            if ok is None:
+                sz = sz + (tl.load(szp + r * 8),)
+            else:
+                sz = sz + (tl.load(szp + r * 8, mask=ok[r], other=0),)
+        xs = ()
+        for k in tl.static_range(KT):
+            xk = ()
+            for b in tl.static_range(NB):
+                v = tl.load(xp + xrows[b] + k)  # both B registers (`_step_columns`)
+                xk = xk + ((v.to(tl.int32), (v >> 32).to(tl.int32)),)
+            xs = xs + (xk,)
+        return words, xs, sz
+
+    @triton.jit
+    def _step(acc, words, xs, sz, RT: tl.constexpr, KT: tl.constexpr, NB: tl.constexpr, NW: tl.constexpr,
+              EMULATE: tl.constexpr):
+        """acc += scale · Σ over the step's tiles of x·(q − z), per row tile and n-block."""
+        new = ()
+        for r in tl.static_range(RT):
+            lo = sz[r].to(tl.int32)
+            zz = (sz[r] >> 32).to(tl.int32)
+            sg = _h2f(lo, 0)
+            s8 = _h2f(lo, 16)
+            zero = tl.zeros([32 * NW], tl.float32)
+            c = ()
+            for _b in tl.static_range(NB):
+                c = c + ((zero, zero, zero, zero),)
+            for k in tl.static_range(KT):
+                a = _decode4(words[r][k], zz, EMULATE)
+                cn = ()
+                for b in tl.static_range(NB):
+                    cn = cn + (_mma(a, xs[k][b], c[b], NW, EMULATE),)
+                c = cn
+            row = ()
+            for b in tl.static_range(NB):
+                a0, a1, a2, a3 = acc[r][b]
+                c0, c1, c2, c3 = c[b]
+                row = row + ((a0 + c0 * sg, a1 + c1 * sg, a2 + c2 * s8, a3 + c3 * s8),)
+            new = new + (row,)
+        return new
+
+    @triton.jit(do_not_specialize=["TM", "B"])
+    def _uq_frag_kernel(
+        x_ptr, codes_ptr, sz_ptr, y_ptr, scratch_ptr,
+        TM, TS: tl.constexpr, B, stride_xb, stride_yb,
+        KT: tl.constexpr, SPG: tl.constexpr, RT: tl.constexpr, NB: tl.constexpr, NW: tl.constexpr,
+        REP: tl.constexpr, EMULATE: tl.constexpr, PDL: tl.constexpr, PF: tl.constexpr, EVEN: tl.constexpr,
+    ):
+        """y[:B, rows] = x[:B] · Wᵀ for the program's RT row tiles; the NW warps walk the steps
+        (warp w: steps w, w + NW, ..., TS / NW of them) with the next PF steps' loads in flight,
+        then sum their accumulators through shared memory (`_out_all`). Rows of x past B are read as row B − 1 (their products land in
+        columns the epilogue drops). SPG: steps a scale group. x is read as int64 words (4 halves,
+        stride_xb in words): a lane's B registers of a tile are one word (`_step_columns`)."""
+        col = tl.arange(0, 32 * NW)
+        lane = _lane_ids(col, EMULATE)
+        wid = col // 32
+        ib = tl.program_id(0) * RT
+        if EVEN:  # every row tile of every program exists: no masks at all
+            ok = None
+        else:
+            ok = ()
+            for r in tl.static_range(RT):
+                ok = ok + (col * 0 + ib + r < TM,)  # tensors: the interpreter wants tensor masks
+        if not EMULATE:
+            if TM < 0:  # never runs: makes Triton reserve the epilogue's shared memory
+                big = tl.load(codes_ptr + tl.arange(0, 512 * REP) // REP)
+                tl.store(scratch_ptr + col, tl.gather(big, col, 0).to(tl.float32))
+        n = TS // NW
+        cp = codes_ptr + ((ib * TS + wid) * KT) * 32 + lane
+        CS = NW * KT * 32  # words between a warp's steps
+        RS = TS * KT * 32  # words between row tiles
+        xrows = ()
+        for b in tl.static_range(NB):
+            xrows = xrows + (tl.minimum(8 * b + (lane >> 2), B - 1) * stride_xb,)
+        xp = x_ptr + (lane & 3) * KT + wid * (4 * KT)  # int64 words of 4 halves
+        XSTEP = NW * 4 * KT
+        szp0 = sz_ptr + ib * 8 + (lane >> 2)  # + group · TM · 8
+        zf = tl.zeros([32 * NW], tl.float32)
+        acc = ()
+        for _r in tl.static_range(RT):
+            row = ()
+            for _b in tl.static_range(NB):
+                row = row + ((zf, zf, zf, zf),)
+            acc = acc + (row,)
+        wait_prior(PDL)
+        # Loads run PF steps ahead in a ring of registers; past the warp's last step they re-read
+        # its last step (in bounds, unused) instead of taking masks.
+        ring = ()
+        for d in tl.static_range(PF):
+            sd = tl.minimum(d, n - 1)
+            ring = ring + (_step_loads(cp + sd * CS, xp + sd * XSTEP, szp0 + ((wid + sd * NW) // SPG) * (TM * 8), ok,
+                                       xrows, RS, RT, KT, NB),)
+        for s in tl.range(0, n, loop_unroll_factor=PF):
+            sn = tl.minimum(s + PF, n - 1)
+            new = _step_loads(cp + sn * CS, xp + sn * XSTEP, szp0 + ((wid + sn * NW) // SPG) * (TM * 8), ok, xrows,
+                              RS, RT, KT, NB)
+            words, xs, sz = ring[0]
+            acc = _step(acc, words, xs, sz, RT, KT, NB, NW, EMULATE)
+            rr = ()
+            for d in tl.static_range(1, PF):
+                rr = rr + (ring[d],)
+            ring = rr + (new,)
+        tl.debug_barrier()
+        _out_all(y_ptr, scratch_ptr, acc, col, lane, ib, B, TM, stride_yb, RT, NB, NW, NW, REP, False, EMULATE)
+
+
+def frag_layout(p: UniformPacked) -> UniformFrag:
+    """The layer's fragment-order copy, made on first use and kept with it."""
+    if p.frag is None:
+        p.frag = repack_frag(p)
+    return p.frag
+
+
+def frag_candidates(p: UniformPacked) -> list[tuple[int, int, int]]:
+    """(row tiles, warps, prefetch) launches for the tuner; the warps must divide the steps."""
+    ts = p.in_features // (16 * (4 if p.group_size % 64 == 0 else 2))
+    return [(rt, nw, pf) for rt, nw, pf in ((1, 4, 2), (1, 8, 2), (2, 4, 2), (1, 16, 2), (1, 4, 3))
+            if ts % nw == 0]
+
+
+def uq_frag_matmul(x2: torch.Tensor, fp: UniformFrag, out: torch.Tensor, row_tiles: int = 1, num_warps: int = 4,
+                   prefetch: int = 2) -> torch.Tensor:
+    """out [B ≤ 64, m] = x2 [B, n] (fp16) @ Wᵀ, written in out's dtype."""
+    B, n = x2.shape
+    ts = n // (16 * fp.kt)
+    if B > MAX_BATCH or x2.dtype != torch.float16 or n != fp.in_features:
+        raise ValueError(f"int4 fragment kernel takes ≤ {MAX_BATCH} fp16 rows of {fp.in_features}, "
+                         f"got {tuple(x2.shape)} {x2.dtype}")
+    if ts % num_warps or prefetch < 1:
+        raise ValueError(f"int4 fragment kernel: {num_warps} warps must divide the {ts} steps, prefetch ≥ 1")
+    if fp.perm is not None:
+        x2 = x2.index_select(1, fp.perm.long())
+    x2 = x2.contiguous()
+    if x2.data_ptr() % 8:
+        x2 = x2.clone()  # x is read 8 bytes at a time
+    tm = fp.out_features // 16
+    scratch = torch.empty(512 * COPIES, dtype=torch.float32, device=out.device) if interpreting() else out
+    args = (x2.view(torch.int64), fp.codes, fp.sz, out, scratch, tm, ts, B, x2.stride(0) // 4, out.stride(0))
+    _launch(_uq_frag_kernel, (triton.cdiv(tm, row_tiles),), args, "int4 frag kernel", row_tiles, num_warps, COPIES,
+            B, KT=fp.kt, SPG=fp.group_size // (16 * fp.kt), NB=n_blocks(B), PF=prefetch, EVEN=tm % row_tiles == 0)
+    return out
