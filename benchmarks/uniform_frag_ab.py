@@ -1,0 +1,72 @@
+"""int4 g128: the CUDA-core kernels against the tensor-core fragment kernel, in one run.
+
+    python -m benchmarks.uniform_frag_ab --models llama-2-7b,llama-2-70b --batches 1,16
+
+For every shape and batch: cuBLAS fp16 and, per kernel family ("cuda cores": the gemv / mma
+candidates; "frag": `uniform_frag_triton`), the fastest tuner candidate (cold L2, `tuning.cold_us`),
+then that pick replayed over rotating weight copies (`kernels_uv.graph_us`, as the kernel matrix
+times it), its output checked against the fp64 reference. One JSON line a measurement, then a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+
+from benchmarks import kernels_uv as uv
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="llama-2-7b,llama-2-70b")
+    ap.add_argument("--batches", default="1,16")
+    ap.add_argument("--group", type=int, default=128)
+    args = ap.parse_args(argv)
+    os.environ["LOWBIT_UNIFORM_FRAG"] = "1"
+    from lowbit.kernels import uniform_triton as uq
+
+    bw = uv.copy_bandwidth_gbs()
+    rows = []
+    for model in args.models.split(","):
+        for m, n in uv.SHAPES[model]:
+            p = uv.uniform_layer(m, n, 4, args.group)
+            p.zeros.round_().clamp_(0, 15)
+            w = uq.uniform_packed_dequant_reference(p).double()
+            copies = [p] + [uv._clone_uniform(p) for _ in range(uv.rotation(p.nbytes) - 1)]
+            for batch in [int(b) for b in args.batches.split(",")]:
+                x = torch.randn(batch, n, device="cuda", dtype=torch.float16)
+                ref = x.double() @ w.T
+                _, timings = uq.tune(x, p)
+                out = torch.empty(batch, m, device="cuda", dtype=torch.float16)
+                row = dict(model=model, m=m, n=n, batch=batch, fp16_us=round(uv.fp16_us(m, n, batch), 2),
+                           roofline_us=round((p.nbytes + batch * (m + n) * 2) / bw / 1e3, 2))
+                for fam, kinds in (("cuda_cores", ("gemv", "mma", "dequant")), ("frag", ("frag",))):
+                    ok = [(c, t) for c, t, e in timings if c.kind in kinds and not e]
+                    if not ok:
+                        row[fam] = None
+                        continue
+                    cfg, cold = min(ok, key=lambda ct: ct[1])
+                    uq.run_config(x, p, None, cfg, out)
+                    err = float((out.double() - ref).norm() / ref.norm())
+                    us = uv.graph_us([lambda q=q, cfg=cfg: uq.run_config(x, q, None, cfg, out) for q in copies])
+                    row[fam] = dict(config=str(cfg), cold_us=round(cold, 2), us=round(us, 2), rel_err=err)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+            del copies, p, w
+            torch.cuda.empty_cache()
+    print(f"\n# int4 g{args.group}, {torch.cuda.get_device_name()}, copy {bw:.0f} GB/s")
+    print("| shape | batch | fp16 µs | CUDA-core µs | frag µs | CUDA-core × fp16 | frag × fp16 | frag % roofline |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        g, f = r["cuda_cores"], r["frag"]
+        if g and f:
+            print(f"| {r['m']}×{r['n']} | {r['batch']} | {r['fp16_us']} | {g['us']} | {f['us']} | "
+                  f"{r['fp16_us'] / g['us']:.2f} | {r['fp16_us'] / f['us']:.2f} | {100 * r['roofline_us'] / f['us']:.0f}% |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
