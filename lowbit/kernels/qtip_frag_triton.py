@@ -389,6 +389,18 @@ if triton is not None:
         return col, lane, sel, ib, i0, ok, t0, t1, j, cp, delta
 
     @triton.jit
+    def _zero_acc(RT: tl.constexpr, NB: tl.constexpr, NW: tl.constexpr):
+        """The mma accumulators of RT row tiles × NB n-blocks (four float32 registers each), zero."""
+        z = tl.zeros([32 * NW], tl.float32)
+        acc = ()
+        for _r in tl.static_range(RT):
+            row = ()
+            for _b in tl.static_range(NB):
+                row = row + ((z, z, z, z),)
+            acc = acc + (row,)
+        return acc
+
+    @triton.jit
     def _frag_step(acc, words, xs, lane, sel, lut_ptr, lane_addr, K: tl.constexpr, RT: tl.constexpr, NB: tl.constexpr,
                    NW: tl.constexpr, REP: tl.constexpr, EMULATE: tl.constexpr):
         """One step: decode each row tile's 16×16 tile and multiply it by every n-block of x."""
@@ -437,13 +449,7 @@ if triton is not None:
         # are requested ahead of the step that uses them (PF steps, or one in the masked loop).
         TW: tl.constexpr = 8 * K  # int32 code words per tile
         RS = TN * TW  # words between row tiles
-        z = tl.zeros([32 * NW], tl.float32)
-        acc = ()
-        for _r in tl.static_range(RT):
-            row = ()
-            for _b in tl.static_range(NB):
-                row = row + ((z, z, z, z),)
-            acc = acc + (row,)
+        acc = _zero_acc(RT, NB, NW)
         if XF:
             xp0 = x_ptr + j * (32 * NB) + lane
         elif EVEN:

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from .pdl import wait_prior
-from .qtip_frag_triton import MAX_BATCH, _lane_ids, _launch, _mma, _out_all, n_blocks
+from .qtip_frag_triton import MAX_BATCH, _lane_ids, _launch, _mma, _out_all, _zero_acc, n_blocks
 from .tuning import interpreting
 from .uniform_triton import UniformPacked, unpack_uniform_codes
 
@@ -244,13 +244,7 @@ if triton is not None:
         xp = x_ptr + (lane & 3) * KT + wid * (4 * KT)  # int64 words of 4 halves
         XSTEP = NW * 4 * KT
         szp0 = sz_ptr + ib * 8 + (lane >> 2)  # + group · TM · 8
-        zf = tl.zeros([32 * NW], tl.float32)
-        acc = ()
-        for _r in tl.static_range(RT):
-            row = ()
-            for _b in tl.static_range(NB):
-                row = row + ((zf, zf, zf, zf),)
-            acc = acc + (row,)
+        acc = _zero_acc(RT, NB, NW)
         wait_prior(PDL)
         # Loads run PF steps ahead in a ring of registers; past the warp's last step they re-read
         # its last step (in bounds, unused) instead of taking masks.
