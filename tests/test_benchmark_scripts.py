@@ -83,6 +83,14 @@ def test_sass_report_compiles_a_recorded_launch_for_sm90_without_a_gpu():
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert capped.returncode == 0, capped.stderr[-2000:]
     assert re.search(r"_uq_gemv_kernel grid \(1, 2, 1\): (?:[0-5]\d|6[0-4]) registers", capped.stdout), capped.stdout
+    # the int4 tensor-core kernel's hand-written PTX (decode, mma) assembles for sm_90: HMMA in its loop
+    frag = subprocess.run([sys.executable, "-m", "benchmarks.sass", "uniform-frag", "--shape", "64x1024",
+                           "--config", "1,4,2"], capture_output=True, text=True, env=env, timeout=300,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert frag.returncode == 0, frag.stderr[-2000:]
+    assert re.search(r"_uq_frag_kernel grid \(4,\): \d+ registers, 0 B local", frag.stdout), frag.stdout
+    loop = dict((k, int(v)) for k, v in re.findall(r"([A-Z][A-Z0-9_.]*) (\d+)", frag.stdout.split("main loop:")[1]))
+    assert loop.get("HMMA", 0) >= 4 and loop.get("HFMA2", 0) >= 8, frag.stdout
 
 
 def test_replay_profile_ablations_replace_the_functions_the_decode_graph_calls():
