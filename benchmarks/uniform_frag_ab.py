@@ -24,39 +24,41 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default="llama-2-7b,llama-2-70b")
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--group", type=int, default=128)
+    ap.add_argument("--shapes", default="", help="OUTxIN,... instead of the models' shapes")
     args = ap.parse_args(argv)
     os.environ["LOWBIT_UNIFORM_FRAG"] = "1"
     from lowbit.kernels import uniform_triton as uq
 
     bw = uv.copy_bandwidth_gbs()
     rows = []
-    for model in args.models.split(","):
-        for m, n in uv.SHAPES[model]:
-            p = uv.uniform_layer(m, n, 4, args.group)
-            p.zeros.round_().clamp_(0, 15)
-            w = uq.uniform_packed_dequant_reference(p).double()
-            copies = [p] + [uv._clone_uniform(p) for _ in range(uv.rotation(p.nbytes) - 1)]
-            for batch in [int(b) for b in args.batches.split(",")]:
-                x = torch.randn(batch, n, device="cuda", dtype=torch.float16)
-                ref = x.double() @ w.T
-                _, timings = uq.tune(x, p)
-                out = torch.empty(batch, m, device="cuda", dtype=torch.float16)
-                row = dict(model=model, m=m, n=n, batch=batch, fp16_us=round(uv.fp16_us(m, n, batch), 2),
-                           roofline_us=round((p.nbytes + batch * (m + n) * 2) / bw / 1e3, 2))
-                for fam, kinds in (("cuda_cores", ("gemv", "mma", "dequant")), ("frag", ("frag",))):
-                    ok = [(c, t) for c, t, e in timings if c.kind in kinds and not e]
-                    if not ok:
-                        row[fam] = None
-                        continue
-                    cfg, cold = min(ok, key=lambda ct: ct[1])
-                    uq.run_config(x, p, None, cfg, out)
-                    err = float((out.double() - ref).norm() / ref.norm())
-                    us = uv.graph_us([lambda q=q, cfg=cfg: uq.run_config(x, q, None, cfg, out) for q in copies])
-                    row[fam] = dict(config=str(cfg), cold_us=round(cold, 2), us=round(us, 2), rel_err=err)
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-            del copies, p, w
-            torch.cuda.empty_cache()
+    shapes = ([("custom", *map(int, sh.split("x"))) for sh in args.shapes.split(",")] if args.shapes else
+              [(model, m, n) for model in args.models.split(",") for m, n in uv.SHAPES[model]])
+    for model, m, n in shapes:
+        p = uv.uniform_layer(m, n, 4, args.group)
+        p.zeros.round_().clamp_(0, 15)
+        w = uq.uniform_packed_dequant_reference(p).double()
+        copies = [p] + [uv._clone_uniform(p) for _ in range(uv.rotation(p.nbytes) - 1)]
+        for batch in [int(b) for b in args.batches.split(",")]:
+            x = torch.randn(batch, n, device="cuda", dtype=torch.float16)
+            ref = x.double() @ w.T
+            _, timings = uq.tune(x, p)
+            out = torch.empty(batch, m, device="cuda", dtype=torch.float16)
+            row = dict(model=model, m=m, n=n, batch=batch, fp16_us=round(uv.fp16_us(m, n, batch), 2),
+                       roofline_us=round((p.nbytes + batch * (m + n) * 2) / bw / 1e3, 2))
+            for fam, kinds in (("cuda_cores", ("gemv", "mma", "dequant")), ("frag", ("frag",))):
+                ok = [(c, t) for c, t, e in timings if c.kind in kinds and not e]
+                if not ok:
+                    row[fam] = None
+                    continue
+                cfg, cold = min(ok, key=lambda ct: ct[1])
+                uq.run_config(x, p, None, cfg, out)
+                err = float((out.double() - ref).norm() / ref.norm())
+                us = uv.graph_us([lambda q=q, cfg=cfg, x=x, out=out: uq.run_config(x, q, None, cfg, out) for q in copies])
+                row[fam] = dict(config=str(cfg), cold_us=round(cold, 2), us=round(us, 2), rel_err=err)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        del copies, p, w
+        torch.cuda.empty_cache()
     print(f"\n# int4 g{args.group}, {torch.cuda.get_device_name()}, copy {bw:.0f} GB/s")
     print("| shape | batch | fp16 µs | CUDA-core µs | frag µs | CUDA-core × fp16 | frag × fp16 | frag % roofline |")
     print("|---|---|---|---|---|---|---|---|")
