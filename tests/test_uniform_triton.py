@@ -127,6 +127,18 @@ def test_uniform_fragment_kernel_is_offered_only_where_it_applies(monkeypatch):
     assert "frag" not in kinds(p, 65) and "frag" not in kinds(p, 1, torch.bfloat16)
     for other in (_layer(64, 512, 3, 128, seed=5)[0], _layer(64, 512, 4, 128, zero_is_min=True, seed=5)[0]):
         assert "frag" not in kinds(other)
+    # timing the candidates makes the fragment-order copy; a pick of another kind lets it go
+    ran = []
+
+    def fake_timing(run, cands, device):  # runs one fragment candidate, picks the first (a gemv)
+        run(next(c for c in cands if c.kind == "frag"))
+        ran.append(p.frag)
+        return cands[0], []
+
+    monkeypatch.setattr(uq, "time_candidates", fake_timing)
+    monkeypatch.setattr(uq, "_TUNED", {})  # the pick stays in this test
+    assert uq.tune(torch.randn(1, 512).half(), p)[0].kind == "gemv"
+    assert isinstance(ran[0], uf.UniformFrag) and p.frag is None
     p.zeros[0, 0] = 7.5  # a zero fp16 cannot subtract exactly after 1024 + q
     assert "frag" not in kinds(p) and "integers" in uf.frag_supported(p)
     with pytest.raises(ValueError, match="integers"):

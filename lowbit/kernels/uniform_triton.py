@@ -836,6 +836,8 @@ def tune(x2, p: UniformPacked, bias=None, cands=None) -> tuple[UQConfig, list]:
     out = torch.empty(x2.shape[0], p.out_features, dtype=x2.dtype, device=x2.device)
     best, timings = time_candidates(lambda cfg: run_config(x2, p, bias, cfg, out), cands, x2.device)
     _TUNED[tune_key(p, x2.shape[0], x2.dtype)] = best
+    if best.kind != "frag":
+        p.frag = None  # timing it made the fragment-order copy; keep it only where it runs
     return best, timings
 
 
