@@ -274,11 +274,14 @@ def frag_layout(p: UniformPacked) -> UniformFrag:
     return p.frag
 
 
-def frag_candidates(p: UniformPacked) -> list[tuple[int, int, int]]:
-    """(row tiles, warps, prefetch) launches for the tuner; the warps must divide the steps."""
+def frag_candidates(p: UniformPacked, batch: int) -> list[tuple[int, int, int]]:
+    """(row tiles, warps, prefetch) launches for the tuner; the warps must divide the steps. Past
+    16 rows a step's x alone is 16 registers an n-block, so the ring holds one step (sm_90
+    compiles of `benchmarks.sass uniform-frag`: 56–88 registers at 1–16 rows with two steps in
+    flight, 253 at 64 rows)."""
     ts = p.in_features // (16 * (4 if p.group_size % 64 == 0 else 2))
-    return [(rt, nw, pf) for rt, nw, pf in ((1, 4, 2), (1, 8, 2), (2, 4, 2), (1, 16, 2), (1, 4, 3))
-            if ts % nw == 0]
+    pf = 2 if batch <= 16 else 1
+    return [(rt, nw, pf) for rt, nw in ((1, 4), (1, 8), (2, 4), (1, 16)) if ts % nw == 0]
 
 
 def uq_frag_matmul(x2: torch.Tensor, fp: UniformFrag, out: torch.Tensor, row_tiles: int = 1, num_warps: int = 4,

@@ -818,7 +818,7 @@ def candidate_configs(p: UniformPacked, batch: int, device, dtype=torch.float16)
         from .uniform_frag_triton import frag_candidates, frag_supported
 
         if not frag_supported(p):
-            cands += [UQConfig("frag", row_tiles=rt, num_warps=nw, prefetch=pf) for rt, nw, pf in frag_candidates(p)]
+            cands += [UQConfig("frag", row_tiles=rt, num_warps=nw, prefetch=pf) for rt, nw, pf in frag_candidates(p, batch)]
     return cands
 
 
