@@ -14,6 +14,7 @@ triton = pytest.importorskip("triton")
 from tests.conftest import kernel_module  # noqa: E402
 
 uq = kernel_module("lowbit.kernels.uniform_triton")
+uf = kernel_module("lowbit.kernels.uniform_frag_triton")
 CPU = not torch.cuda.is_available()
 
 
@@ -104,8 +105,10 @@ FRAG_CPU_CASES = [
 
 @pytest.mark.skipif(not CPU, reason="CPU interpreter test")
 @pytest.mark.parametrize("group,perm,bias,batch,launch,m", FRAG_CPU_CASES)
-def test_uniform_int4_fragment_kernel_matches_reference_cpu(group, perm, bias, batch, launch, m):
-    """The int4 tensor-core kernel (mma and decode emulated lane by lane on the interpreter)."""
+def test_uniform_int4_fragment_kernel_matches_reference_cpu(group, perm, bias, batch, launch, m, monkeypatch):
+    """The int4 tensor-core kernel (mma and decode emulated lane by lane on the interpreter); the
+    layer is repacked one row tile at a time (the chunks a large layer is repacked in)."""
+    monkeypatch.setattr(uf, "_CHUNK", 1)
     seed = group + batch + m
     p, _ = _layer(m, 512, 4, group, perm=perm, seed=seed)
     g = torch.Generator().manual_seed(seed + 1)
@@ -117,8 +120,6 @@ def test_uniform_int4_fragment_kernel_matches_reference_cpu(group, perm, bias, b
 
 def test_uniform_fragment_kernel_is_offered_only_where_it_applies(monkeypatch):
     """Opt-in (a second copy of the codes), fp16 activations, ≤ 64 rows, 4 bits, integer zeros."""
-    from lowbit.kernels import uniform_frag_triton as uf
-
     p, _ = _layer(64, 512, 4, 128, seed=5)
     kinds = lambda q, batch=1, dtype=torch.float16: {c.kind for c in uq.candidate_configs(q, batch, torch.device("cpu"), dtype)}  # noqa: E731
     assert "frag" not in kinds(p)

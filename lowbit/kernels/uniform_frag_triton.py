@@ -36,7 +36,7 @@ import torch
 from .pdl import wait_prior
 from .qtip_frag_triton import MAX_BATCH, _lane_ids, _launch, _mma, _out_all, _zero_acc, n_blocks
 from .tuning import interpreting
-from .uniform_triton import UniformPacked, unpack_uniform_codes
+from .uniform_triton import UniformPacked, _unpack_out
 
 try:
     import triton
@@ -47,6 +47,7 @@ except ImportError:  # pragma: no cover
 
 COPIES = 8  # shared memory the epilogue's warp sums may use: 2 KiB × COPIES (`_out_all` rounds)
 _NIB = (0, 4, 8, 12)  # bit of register a_r's low-half nibble in the lane's word
+_CHUNK = 64  # row tiles repacked at a time
 
 
 @dataclass
@@ -90,16 +91,17 @@ def repack_frag(p: UniformPacked) -> UniformFrag:
     kt = 4 if gs % 64 == 0 else 2
     tm, ts = m // 16, n // (16 * kt)
     dev = p.qweight.device  # repacked where the layer lives (a GPU does a 70B layer in moments)
-    cols = _step_columns(kt).repeat(ts) + torch.arange(ts).repeat_interleave(16 * kt) * 16 * kt
-    q = unpack_uniform_codes(p).to(torch.int64)[:, cols.to(dev)]
-    q = q.reshape(tm, 16, ts, kt, 16)  # [i, row, s, kt, mma column]
+    cols = (_step_columns(kt).repeat(ts) + torch.arange(ts).repeat_interleave(16 * kt) * 16 * kt).to(dev)
     lane = torch.arange(32, device=dev)
     g, t = lane // 4, lane % 4
-    qq = q.permute(0, 2, 3, 1, 4)  # [i, s, kt, row, col]
     words = torch.zeros(tm, ts, kt, 32, dtype=torch.int64, device=dev)
-    for r, (dr, dc) in enumerate(((0, 0), (8, 0), (0, 8), (8, 8))):  # a0..a3: (row, column) offsets
-        for e in (0, 1):
-            words |= qq[..., g + dr, dc + 2 * t + e] << (_NIB[r] + 16 * e)  # [i, s, kt, lane]
+    for i0 in range(0, tm, _CHUNK):  # row tiles a chunk: int64 temporaries of 16·_CHUNK rows, not m
+        i1 = min(tm, i0 + _CHUNK)
+        q = _unpack_out(p.qweight[:, 2 * i0:2 * i1], 4).T.to(torch.int64)[:, cols]  # [outputs, inputs]
+        qq = q.reshape(i1 - i0, 16, ts, kt, 16).permute(0, 2, 3, 1, 4)  # [i, s, kt, row, mma column]
+        for r, (dr, dc) in enumerate(((0, 0), (8, 0), (0, 8), (8, 8))):  # a0..a3: (row, column) offsets
+            for e in (0, 1):
+                words[i0:i1] |= qq[..., g + dr, dc + 2 * t + e] << (_NIB[r] + 16 * e)  # [i, s, kt, lane]
     codes = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
     s = p.scales.reshape(-1, tm, 16)
     z = p.zeros.float().reshape(-1, tm, 16)
