@@ -4,7 +4,7 @@ walk (`qtip_frag_triton`) with a nibble decode in place of the trellis table.
 Why: the CUDA-core GEMV (`uniform_triton._uq_gemv_kernel`) spends three instructions a weight
 (LOP3, FADD, FFMA) at 168 registers a thread, and Nsight Compute finds it issue- and
 occupancy-bound at half the DRAM bandwidth (RESULTS.md, fifteenth session). Here the tensor core
-does the multiply-adds and a weight costs about one instruction: a lane's 8 values of a 16×16 tile
+does the multiply-adds and the decode costs about one instruction a weight: a lane's 8 values of a 16×16 tile
 sit in one int32 word, four fp16 pairs come out of it with one shift and four LOP3 (the nibble
 OR-ed into the exponent of 1024: 1024 + q, or 1024 + 16q for the upper nibble of a byte), and one
 packed subtract (or fma by 1/16) per pair gives q − z exactly in fp16; the mma accumulates x·(q − z)
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from .pdl import wait_prior
-from .qtip_frag_triton import MAX_BATCH, _lane_ids, _launch, _mma, _out_all, _zero_acc, n_blocks
+from .qtip_frag_triton import MAX_BATCH, _f16, _lane_ids, _launch, _mma, _out_all, _zero_acc, n_blocks
 from .tuning import interpreting
 from .uniform_triton import UniformPacked, _unpack_out
 
@@ -127,10 +127,6 @@ if triton is not None:
         "fma.rn.f16x2 $3, h1, s16, z8; }")
 
     @triton.jit
-    def _h2f(r, shift: tl.constexpr):
-        return ((r >> shift) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-
-    @triton.jit
     def _pair(lo, hi):
         """Two float32 values (exact in fp16) as one fp16x2 register (lo in the low half)."""
         a = lo.to(tl.float16).to(tl.uint16, bitcast=True).to(tl.int32)
@@ -142,8 +138,8 @@ if triton is not None:
         """A registers (fp16 pairs of q − z) of one tile from the lane's word; zz: the lane's
         (1024 + zero_g, −(64 + zero_g+8)) halves."""
         if EMULATE:
-            zg = _h2f(zz, 0) - 1024.0
-            z8 = -_h2f(zz, 16) - 64.0
+            zg = _f16(zz, 0) - 1024.0
+            z8 = -_f16(zz, 16) - 64.0
             a0 = _pair(((w >> 0) & 15).to(tl.float32) - zg, ((w >> 16) & 15).to(tl.float32) - zg)
             a1 = _pair(((w >> 4) & 15).to(tl.float32) - z8, ((w >> 20) & 15).to(tl.float32) - z8)
             a2 = _pair(((w >> 8) & 15).to(tl.float32) - zg, ((w >> 24) & 15).to(tl.float32) - zg)
@@ -190,8 +186,8 @@ if triton is not None:
         for r in tl.static_range(RT):
             lo = sz[r].to(tl.int32)
             zz = (sz[r] >> 32).to(tl.int32)
-            sg = _h2f(lo, 0)
-            s8 = _h2f(lo, 16)
+            sg = _f16(lo, 0)
+            s8 = _f16(lo, 16)
             zero = tl.zeros([32 * NW], tl.float32)
             c = ()
             for _b in tl.static_range(NB):
