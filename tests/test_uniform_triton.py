@@ -133,13 +133,13 @@ def test_uniform_fragment_kernel_is_offered_only_where_it_applies(monkeypatch):
 
     def fake_timing(run, cands, device):  # runs one fragment candidate, picks the first (a gemv)
         run(next(c for c in cands if c.kind == "frag"))
-        ran.append(p.frag)
+        ran.append(p.frag.value)
         return cands[0], []
 
     monkeypatch.setattr(uq, "time_candidates", fake_timing)
     monkeypatch.setattr(uq, "_TUNED", {})  # the pick stays in this test
     assert uq.tune(torch.randn(1, 512).half(), p)[0].kind == "gemv"
-    assert isinstance(ran[0], uf.UniformFrag) and p.frag is None
+    assert isinstance(ran[0], uf.UniformFrag) and p.frag.value is None
     p.zeros[0, 0] = 7.5  # a zero fp16 cannot subtract exactly after 1024 + q
     assert "frag" not in kinds(p) and "integers" in uf.frag_supported(p)
     with pytest.raises(ValueError, match="integers"):
@@ -293,3 +293,34 @@ def test_repack_gguf_matches_spec(kind):
     data = torch.tensor(rows, dtype=torch.uint8)
     p = uq.repack_gguf(data, kind)
     assert torch.allclose(uq.uniform_packed_dequant_reference(p), want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(not CPU, reason="CPU interpreter test")
+def test_gptq_int4_model_through_the_fragment_kernel_on_the_interpreter(monkeypatch):
+    """A whole tiny GPTQ int4 model (fp16) with every projection on the int4 tensor-core kernel (the
+    interpreter stands in for the GPU; each layer gets its own fragment-order copy on first use)
+    gives the reference path's logits."""
+    import copy
+
+    from lowbit.quantized_models.synthetic import random_model
+    from lowbit.quantized_models.uniform import UniformLinear
+
+    model = random_model("tiny", "gptq4", device="cpu", dtype=torch.float16, seed=3)
+    ids = torch.randint(0, model.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
+    want = copy.deepcopy(model).logits(ids).double()
+    cfg = uq.UQConfig("frag", row_tiles=2, num_warps=4, prefetch=1)
+    monkeypatch.setattr(UniformLinear, "forward", lambda self, x: uq.uniform_matmul(x, self.packed, self.bias, cfg))
+    repacks = []
+    repack = uf.repack_frag
+    monkeypatch.setattr(uf, "repack_frag", lambda p: repacks.append(p) or repack(p))
+    got = model.logits(ids).double()
+    assert float((got - want).norm() / want.norm()) < 1e-2
+    # the module builds a new UniformPacked view each call: its copy lives in the module's slot,
+    # made once per layer, not once per call (a second pass repacks nothing)
+    layers = [m for m in model.modules() if isinstance(m, UniformLinear)]
+    assert layers and all(isinstance(m.packed.frag.value, uf.UniformFrag) for m in layers)
+    assert len(repacks) == len(layers)
+    model.logits(ids[:, :2])
+    assert len(repacks) == len(layers)
+    model.to(torch.float16)  # moving or casting the module makes a new slot (the copy follows the buffers)
+    assert all(m.packed.frag.value is None for m in layers)

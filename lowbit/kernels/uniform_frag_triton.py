@@ -69,8 +69,10 @@ def frag_supported(p: UniformPacked) -> str:
     if p.out_features % 16 or p.group_size % 32 or p.in_features % p.group_size:
         return "out_features a multiple of 16 and a group size a multiple of 32 only"
     z = p.zeros.float()
-    if not bool(((z == z.round()) & (z >= 0) & (z <= 15)).all()):
-        return "zeros must be integers 0..15 (they are subtracted exactly in fp16)"
+    # GPTQ's original format stores zero − 1, so a 4-bit zero can be 16; any integer up to 255 keeps
+    # 1024 + z, 64 + z and q − z exact in fp16
+    if not bool(((z == z.round()) & (z >= 0) & (z <= 255)).all()):
+        return "zeros must be integers 0..255 (they are subtracted exactly in fp16)"
     return ""
 
 
@@ -266,10 +268,10 @@ if triton is not None:
 
 
 def frag_layout(p: UniformPacked) -> UniformFrag:
-    """The layer's fragment-order copy, made on first use and kept with it."""
-    if p.frag is None:
-        p.frag = repack_frag(p)
-    return p.frag
+    """The layer's fragment-order copy, made on first use and kept in its `FragSlot`."""
+    if p.frag.value is None:
+        p.frag.value = repack_frag(p)
+    return p.frag.value
 
 
 def frag_candidates(p: UniformPacked, batch: int) -> list[tuple[int, int, int]]:

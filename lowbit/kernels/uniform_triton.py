@@ -36,7 +36,7 @@ per group: LOP3 + FADD + FFMA per weight.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -57,6 +57,13 @@ except ImportError:  # pragma: no cover
 
 
 @dataclass
+class FragSlot:
+    """Where a layer's fragment-order copy of its codes (`uniform_frag_triton`) lives once made:
+    shared by every `UniformPacked` view of the layer (a module builds a new view per call)."""
+    value: object | None = None
+
+
+@dataclass
 class UniformPacked:
     bits: int
     group_size: int
@@ -68,7 +75,7 @@ class UniformPacked:
     zeros: torch.Tensor
     zero_is_min: bool = False
     perm: torch.Tensor | None = None
-    frag: object | None = None  # the int4 tensor-core kernel's copy of the codes, made on first use
+    frag: FragSlot = field(default_factory=FragSlot)  # the int4 tensor-core kernel's copy, made on first use
 
     def tensors(self) -> dict[str, torch.Tensor]:
         d = {"qweight": self.qweight, "scales": self.scales, "zeros": self.zeros}
@@ -83,7 +90,7 @@ class UniformPacked:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
     def to(self, device) -> "UniformPacked":
-        kw = dict(self.__dict__, frag=None)
+        kw = dict(self.__dict__, frag=FragSlot())
         for k, v in self.tensors().items():
             kw[k] = v.to(device)
         return UniformPacked(**kw)
@@ -837,7 +844,7 @@ def tune(x2, p: UniformPacked, bias=None, cands=None) -> tuple[UQConfig, list]:
     best, timings = time_candidates(lambda cfg: run_config(x2, p, bias, cfg, out), cands, x2.device)
     _TUNED[tune_key(p, x2.shape[0], x2.dtype)] = best
     if best.kind != "frag":
-        p.frag = None  # timing it made the fragment-order copy; keep it only where it runs
+        p.frag.value = None  # timing it made the fragment-order copy; keep it only where it runs
     return best, timings
 
 

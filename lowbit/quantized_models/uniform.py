@@ -42,7 +42,7 @@ from ..kernels.uniform import (
     packed_dense_weight,
     uniform_forward_reference,
 )
-from ..kernels.uniform_triton import UniformPacked
+from ..kernels.uniform_triton import FragSlot, UniformPacked
 from .linear import CheckpointError, LayerTensors, QuantLinear, register
 
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32)
@@ -149,15 +149,18 @@ class UniformLinear(QuantLinear):
         self.info = dict(info)
         # (device, dtype, decoded W) of the CPU path: an attribute, never storage or state.
         self._dense: tuple[torch.device, torch.dtype, torch.Tensor] | None = None
+        self._frag = FragSlot()  # the int4 tensor-core kernel's copy of the codes, once made
 
     @property
     def packed(self) -> UniformPacked:
         return UniformPacked(bits=self.bits, group_size=self.group_size, in_features=self.in_features,
                              out_features=self.out_features, qweight=self.qweight, qweight_hi=self.qweight_hi,
-                             scales=self.scales, zeros=self.zeros, zero_is_min=self.zero_is_min, perm=self.perm)
+                             scales=self.scales, zeros=self.zeros, zero_is_min=self.zero_is_min, perm=self.perm,
+                             frag=self._frag)
 
     def _apply(self, fn, recurse=True):
         self._dense = None  # buffers moved or changed: decode again from them
+        self._frag = FragSlot()
         return super()._apply(fn, recurse)
 
     @torch.no_grad()
