@@ -270,6 +270,9 @@ if triton is not None:
 def frag_layout(p: UniformPacked) -> UniformFrag:
     """The layer's fragment-order copy, made on first use and kept in its `FragSlot`."""
     if p.frag.value is None:
+        if p.qweight.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("int4 fragment kernel: the layer's fragment-order copy must be made before CUDA-graph "
+                               "capture (run the layer once eagerly first, as the engine's warm-up does)")
         p.frag.value = repack_frag(p)
     return p.frag.value
 
