@@ -133,6 +133,7 @@ def _clone_uniform(p):
     from lowbit.kernels import uniform_triton as uq
 
     kw = dict(p.__dict__)
+    kw["frag"] = uq.FragSlot()  # its own fragment-order copy (a shared one would stay in L2 across the rotation)
     kw["qweight"] = p.qweight.clone()
     if p.qweight_hi is not None:
         kw["qweight_hi"] = p.qweight_hi.clone()

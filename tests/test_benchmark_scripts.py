@@ -110,3 +110,17 @@ def test_replay_profile_ablations_replace_the_functions_the_decode_graph_calls()
         assert hasattr(importlib.import_module(module), attr), target
         with mock.patch(target, fake):
             assert callers[name][attr] is fake, f"{name}: the decode path does not call {target}"
+
+
+def test_kernel_benchmark_weight_copies_keep_their_own_fragment_copy():
+    """The timing rotates over weight copies so none stays in L2; a fragment-order copy shared
+    between them (the slot travels with the layer's fields) would be read hot every call."""
+    import torch
+
+    from benchmarks import kernels_uv
+    from lowbit.kernels import uniform_triton as uq
+
+    p = uq.pack_uniform(torch.randint(0, 16, (32, 128)), 4, torch.rand(1, 32).half(), torch.full((1, 32), 8.0).half(), 128)
+    p.frag.value = object()
+    c = kernels_uv._clone_uniform(p)
+    assert c.frag is not p.frag and c.frag.value is None and torch.equal(c.qweight, p.qweight)
