@@ -48,6 +48,14 @@ def _check(x, p, bias, cfg, tol):
     assert err < tol, f"{cfg}: relative error {err:.2e}"
 
 
+def test_packing_refuses_fractional_zeros():
+    """The kernels subtract an integer zero exactly; a fractional one would be rounded silently."""
+    q = torch.randint(0, 16, (16, 128))
+    with pytest.raises(ValueError, match="zeros must be integers"):
+        uq.pack_uniform(q, 4, torch.rand(1, 16).half(), torch.full((1, 16), 7.5).half(), 128)
+    uq.pack_uniform(q, 4, torch.rand(1, 16).half(), torch.full((1, 16), 7.5).half(), 128, zero_is_min=True)
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_packing_roundtrip_matches_independent_dequant(bits):
     for zim, perm in ((False, False), (True, True)):
@@ -144,6 +152,14 @@ def test_uniform_fragment_kernel_is_offered_only_where_it_applies(monkeypatch):
     assert "frag" not in kinds(p) and "integers" in uf.frag_supported(p)
     with pytest.raises(ValueError, match="integers"):
         uf.repack_frag(p)
+    # a shape's pick of the kernel reaching a layer of that shape that cannot take it: the layer
+    # runs the built-in choice instead (and remembers why, no check per call). An integer zero out
+    # of the kernel's range (fractional zeros no kernel takes: the CUDA-core ones add 2^23 to them)
+    p.zeros[0, 0] = 300.0
+    x = torch.randn(2, 512).half()
+    out = uq.run_config(x, p, None, uq.UQConfig("frag"))
+    ref = uq.uniform_packed_matmul_reference(x.double(), p)
+    assert "integers" in p.frag.value and float((out.double() - ref).norm() / ref.norm()) < 2e-3
 
 
 GPU_SHAPES = [(1024, 4096), (4096, 11008)]

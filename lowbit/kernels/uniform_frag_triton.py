@@ -267,13 +267,14 @@ if triton is not None:
         _out_all(y_ptr, scratch_ptr, acc, col, lane, ib, B, TM, stride_yb, RT, NB, NW, NW, REP, False, EMULATE)
 
 
-def frag_layout(p: UniformPacked) -> UniformFrag:
-    """The layer's fragment-order copy, made on first use and kept in its `FragSlot`."""
+def frag_layout(p: UniformPacked) -> UniformFrag | str:
+    """The layer's fragment-order copy, made on first use and kept in its `FragSlot`; or why this
+    layer cannot have one (a pick is made per shape: another layer of it may have other zeros)."""
     if p.frag.value is None:
         if p.qweight.is_cuda and torch.cuda.is_current_stream_capturing():
             raise RuntimeError("int4 fragment kernel: the layer's fragment-order copy must be made before CUDA-graph "
                                "capture (run the layer once eagerly first, as the engine's warm-up does)")
-        p.frag.value = repack_frag(p)
+        p.frag.value = frag_supported(p) or repack_frag(p)
     return p.frag.value
 
 

@@ -135,6 +135,9 @@ def pack_uniform(q: torch.Tensor, bits: int, scales: torch.Tensor, zeros: torch.
     ng = n // group_size
     if tuple(scales.shape) != (ng, m) or tuple(zeros.shape) != (ng, m):
         raise ValueError(f"scales/zeros must be [{ng}, {m}], got {tuple(scales.shape)} / {tuple(zeros.shape)}")
+    if not zero_is_min and not bool((zeros.float() == zeros.float().round()).all()):
+        # the kernels subtract the zero exactly only as an integer (2^23 + zero·2^fs in float32)
+        raise ValueError("zeros must be integers (a float offset per group is zero_is_min's W = scale·q + zero)")
     qt = q.cpu().T.contiguous()  # [n, m]
     if bits == 3:
         qw = _pack_out(qt & 3, 2)
@@ -753,7 +756,10 @@ def run_config(x2, p: UniformPacked, bias, cfg: UQConfig, out=None):
     if cfg.kind == "frag":
         from .uniform_frag_triton import frag_layout, uq_frag_matmul
 
-        uq_frag_matmul(x2, frag_layout(p), out, cfg.row_tiles, cfg.num_warps, cfg.prefetch)
+        fp = frag_layout(p)
+        if isinstance(fp, str):  # this layer cannot take it (the shape's pick came from another layer)
+            return run_config(x2, p, bias, heuristic_config(p, x2.shape[0], x2.device), out)
+        uq_frag_matmul(x2, fp, out, cfg.row_tiles, cfg.num_warps, cfg.prefetch)
         if bias is not None:
             out += bias
         return out
