@@ -116,6 +116,14 @@ def main_loop_counts(sass: str) -> Counter:
                    for addr, _, op, _ in rows if best[0] <= int(addr, 16) <= best[1])
 
 
+def _int4_layer(m: int, n: int, g: torch.Generator):
+    """A random int4 g128 layer (zero 8), packed."""
+    from lowbit.kernels import uniform_triton as ut
+
+    q = torch.randint(0, 16, (m, n), generator=g)
+    return ut.pack_uniform(q, 4, torch.rand(n // 128, m, generator=g).half(), torch.full((n // 128, m), 8.0).half(), 128)
+
+
 def _uniform_gemv(m: int, n: int, batch: int, config: list[int]) -> None:
     """int4 g128 decode-GEMV (`_uq_gemv_kernel`): config BK, BMW (output words), warps[, split[,
     register cap]]."""
@@ -123,8 +131,7 @@ def _uniform_gemv(m: int, n: int, batch: int, config: list[int]) -> None:
 
     bk, bmw, warps, *rest = config
     g = torch.Generator().manual_seed(0)
-    q = torch.randint(0, 16, (m, n), generator=g)
-    p = ut.pack_uniform(q, 4, torch.rand(n // 128, m, generator=g).half(), torch.full((n // 128, m), 8.0).half(), 128)
+    p = _int4_layer(m, n, g)
     cfg = ut.UQConfig("gemv", bk=bk, bmw=bmw, bb=1, split_k=rest[0] if rest else 8, num_warps=warps,
                       max_registers=rest[1] if len(rest) > 1 else 0)
     ut.run_config(torch.randn(batch, n, generator=g).half(), p, None, cfg)
@@ -134,12 +141,10 @@ def _uniform_frag(m: int, n: int, batch: int, config: list[int]) -> None:
     """int4 g128 tensor-core decode (`uniform_frag_triton._uq_frag_kernel`): config row tiles, warps,
     prefetch."""
     from lowbit.kernels import uniform_frag_triton as uf
-    from lowbit.kernels import uniform_triton as ut
 
     rt, warps, pf = config
     g = torch.Generator().manual_seed(0)
-    q = torch.randint(0, 16, (m, n), generator=g)
-    p = ut.pack_uniform(q, 4, torch.rand(n // 128, m, generator=g).half(), torch.full((n // 128, m), 8.0).half(), 128)
+    p = _int4_layer(m, n, g)
     out = torch.empty(batch, m, dtype=torch.float16)
     uf.uq_frag_matmul(torch.randn(batch, n, generator=g).half(), uf.repack_frag(p), out, rt, warps, pf)
 

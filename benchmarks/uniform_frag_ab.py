@@ -34,8 +34,7 @@ def main(argv=None) -> int:
     shapes = ([("custom", *map(int, sh.split("x"))) for sh in args.shapes.split(",")] if args.shapes else
               [(model, m, n) for model in args.models.split(",") for m, n in uv.SHAPES[model]])
     for model, m, n in shapes:
-        p = uv.uniform_layer(m, n, 4, args.group)
-        p.zeros.round_().clamp_(0, 15)
+        p = uv.uniform_layer(m, n, 4, args.group)  # integer zeros 0..15: every layer can take the kernel
         w = uq.uniform_packed_dequant_reference(p).double()
         copies = [p] + [uv._clone_uniform(p) for _ in range(uv.rotation(p.nbytes) - 1)]
         for batch in [int(b) for b in args.batches.split(",")]:

@@ -327,8 +327,8 @@ def test_gptq_int4_model_through_the_fragment_kernel_on_the_interpreter(monkeypa
     cfg = uq.UQConfig("frag", row_tiles=2, num_warps=4, prefetch=1)
     monkeypatch.setattr(UniformLinear, "forward", lambda self, x: uq.uniform_matmul(x, self.packed, self.bias, cfg))
     repacks = []
-    repack = uf.repack_frag
-    monkeypatch.setattr(uf, "repack_frag", lambda p: repacks.append(p) or repack(p))
+    repack = uf._repack  # where every layer's copy is made (`frag_layout` checks first, then calls it)
+    monkeypatch.setattr(uf, "_repack", lambda p: repacks.append(p) or repack(p))
     got = model.logits(ids).double()
     assert float((got - want).norm() / want.norm()) < 1e-2
     # the module builds a new UniformPacked view each call: its copy lives in the module's slot,

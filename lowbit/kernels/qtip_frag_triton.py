@@ -112,15 +112,22 @@ if triton is not None:
         tl.debug_barrier()
 
     @triton.jit
+    def _reserve_shared(src_ptr, scratch_ptr, col, TM, REP: tl.constexpr):
+        """Make Triton reserve 2 KiB · REP of dynamic shared memory (from `global_smem`) for the
+        hand-written shared accesses: a gather over a 512·REP-entry int32 tensor inside a branch
+        that never runs (TM < 0; `_launch` checks the reservation after compiling)."""
+        if TM < 0:
+            big = tl.load(src_ptr + tl.arange(0, 512 * REP) // REP)
+            tl.store(scratch_ptr + col, tl.gather(big, col, 0))
+
+    @triton.jit
     def _table(lut_ptr, scratch_ptr, col, lane, TM, REP: tl.constexpr, EMULATE: tl.constexpr):
         """Write the replicated table; return (this lane's copy offset in bytes, the table's shared
         address) for `_lookup` (unused in the emulation, which reads the table from global memory).
         The `TM < 0` branch never runs: its gather over a 512·REP-entry tensor only makes Triton
         reserve that much shared memory."""
         if not EMULATE:
-            if TM < 0:
-                big = tl.load(lut_ptr + tl.arange(0, 512 * REP) // REP)  # the table's bytes
-                tl.store(scratch_ptr + col, tl.gather(big, col, 0))
+            _reserve_shared(lut_ptr, scratch_ptr, col, TM, REP)
             _write_table(lut_ptr, REP)
             lane_addr = ((lane % REP) * 4, _smem_base(col))
         else:

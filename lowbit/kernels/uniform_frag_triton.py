@@ -34,7 +34,17 @@ from dataclasses import dataclass
 import torch
 
 from .pdl import wait_prior
-from .qtip_frag_triton import MAX_BATCH, _f16, _lane_ids, _launch, _mma, _out_all, _zero_acc, n_blocks
+from .qtip_frag_triton import (
+    MAX_BATCH,
+    _f16,
+    _lane_ids,
+    _launch,
+    _mma,
+    _out_all,
+    _reserve_shared,
+    _zero_acc,
+    n_blocks,
+)
 from .tuning import interpreting
 from .uniform_triton import UniformPacked, _unpack_out
 
@@ -76,6 +86,11 @@ def frag_supported(p: UniformPacked) -> str:
     return ""
 
 
+def tiles_a_step(group_size: int) -> int:
+    """16-input tiles a step takes: a step must stay inside one scale group."""
+    return 4 if group_size % 64 == 0 else 2
+
+
 def _step_columns(kt: int) -> torch.Tensor:
     """Input (within a step of 16·kt) that mma column c of the step's tile k multiplies, at
     16k + c: lane t's B registers of tile k are x[4kt·t + 4k + (0, 1)] and x[.. + (2, 3)], so a
@@ -89,8 +104,13 @@ def repack_frag(p: UniformPacked) -> UniformFrag:
     why = frag_supported(p)
     if why:
         raise ValueError(f"fragment kernel: {why}")
+    return _repack(p)
+
+
+def _repack(p: UniformPacked) -> UniformFrag:
+    """`repack_frag` for a layer already checked by `frag_supported`."""
     m, n, gs = p.out_features, p.in_features, p.group_size
-    kt = 4 if gs % 64 == 0 else 2
+    kt = tiles_a_step(gs)
     tm, ts = m // 16, n // (16 * kt)
     dev = p.qweight.device  # repacked where the layer lives (a GPU does a 70B layer in moments)
     cols = (_step_columns(kt).repeat(ts) + torch.arange(ts).repeat_interleave(16 * kt) * 16 * kt).to(dev)
@@ -190,10 +210,7 @@ if triton is not None:
             zz = (sz[r] >> 32).to(tl.int32)
             sg = _f16(lo, 0)
             s8 = _f16(lo, 16)
-            zero = tl.zeros([32 * NW], tl.float32)
-            c = ()
-            for _b in tl.static_range(NB):
-                c = c + ((zero, zero, zero, zero),)
+            c = _zero_acc(1, NB, NW)[0]  # the step's own sums, scaled once at its end
             for k in tl.static_range(KT):
                 a = _decode4(words[r][k], zz, EMULATE)
                 cn = ()
@@ -231,9 +248,7 @@ if triton is not None:
             for r in tl.static_range(RT):
                 ok = ok + (col * 0 + ib + r < TM,)  # tensors: the interpreter wants tensor masks
         if not EMULATE:
-            if TM < 0:  # never runs: makes Triton reserve the epilogue's shared memory
-                big = tl.load(codes_ptr + tl.arange(0, 512 * REP) // REP)
-                tl.store(scratch_ptr + col, tl.gather(big, col, 0).to(tl.float32))
+            _reserve_shared(codes_ptr, scratch_ptr, col, TM, REP)  # the epilogue's warp sums
         n = TS // NW
         cp = codes_ptr + ((ib * TS + wid) * KT) * 32 + lane
         CS = NW * KT * 32  # words between a warp's steps
@@ -274,7 +289,7 @@ def frag_layout(p: UniformPacked) -> UniformFrag | str:
         if p.qweight.is_cuda and torch.cuda.is_current_stream_capturing():
             raise RuntimeError("int4 fragment kernel: the layer's fragment-order copy must be made before CUDA-graph "
                                "capture (run the layer once eagerly first, as the engine's warm-up does)")
-        p.frag.value = frag_supported(p) or repack_frag(p)
+        p.frag.value = frag_supported(p) or _repack(p)  # checked once (a device sync), not again in repack_frag
     return p.frag.value
 
 
@@ -283,7 +298,7 @@ def frag_candidates(p: UniformPacked, batch: int) -> list[tuple[int, int, int]]:
     16 rows a step's x alone is 16 registers an n-block, so the ring holds one step (sm_90
     compiles of `benchmarks.sass uniform-frag`: 56–88 registers at 1–16 rows with two steps in
     flight, 253 at 64 rows)."""
-    ts = p.in_features // (16 * (4 if p.group_size % 64 == 0 else 2))
+    ts = p.in_features // (16 * tiles_a_step(p.group_size))
     pf = 2 if batch <= 16 else 1
     return [(rt, nw, pf) for rt, nw in ((1, 4), (1, 8), (2, 4), (1, 16)) if ts % nw == 0]
 
