@@ -153,8 +153,8 @@ def main(argv=None) -> int:
     for e in evs:
         by[e.name[:40]][0] += 1
         by[e.name[:40]][1] += e.time_range.end - e.time_range.start
-    for name, (count, t) in sorted(by.items(), key=lambda kv: -kv[1][1])[:8]:
-        print(f"  {t / n / 1e3:.3f} ms {count / n:.0f}x {name}")
+    for name, (count, t) in sorted(by.items(), key=lambda kv: -kv[1][1])[:12]:
+        print(f"  {t / n / 1e3:.3f} ms {count / n:.0f}x {t / count:.1f} us each {name}")
     return 0
 
 

@@ -423,6 +423,15 @@ def test_hadamard_takes_the_output_transform_before_the_norm(n, rows):
     assert not ht.takes_chain(172 * 16, rows)
 
 
+def test_chain_split_switch_takes_the_chain_where_a_row_is_split(monkeypatch):
+    """LOWBIT_CHAIN_SPLIT=1 (the A/B switch of `benchmarks.pdl_ab --knob chain-split`) takes the chain
+    where a row is split over several programs too, and never for a length with an odd factor."""
+    assert ht.plan(4096, 1)["P1"] > 1 and not ht.takes_chain(4096, 1)
+    monkeypatch.setenv("LOWBIT_CHAIN_SPLIT", "1")
+    assert ht.takes_chain(4096, 1) and ht.takes_chain(4096, 16)
+    assert not ht.takes_chain(172 * 64, 1)
+
+
 def test_qtip_pending_output_rides_in_the_next_layers_input_launch(monkeypatch):
     """A layer's `PendingOutput` (output transform not run) handed to the next layer's
     qtip_forward_normed gives what its finished output gives, exactly; where the chain cannot be

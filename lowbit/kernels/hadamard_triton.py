@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import torch
 
@@ -534,9 +535,12 @@ def takes_chain(n: int, rows: int, chunks: int = 1) -> bool:
     row (P1 = 1, from 16 rows of 4096 on). Then the launch does the two launches' work, less one
     launch and the finished output's trip through memory. With P1 > 1 (few rows) each of a row's
     P1 programs would transform the whole row again: the kernel can (`before=` takes any P1), but
-    that has not been measured to pay, so the chain is not taken there."""
+    that has not been measured to pay, so the chain is not taken there; LOWBIT_CHAIN_SPLIT=1 takes it
+    at any P1 (A/B: `benchmarks.pdl_ab --knob chain-split`)."""
     launch = plan(n, rows)
-    return takes_norm(n, rows, chunks, launch) and hadamard_factor(n) == 1 and launch["P1"] == 1
+    if not takes_norm(n, rows, chunks, launch) or hadamard_factor(n) != 1:
+        return False
+    return launch["P1"] == 1 or os.environ.get("LOWBIT_CHAIN_SPLIT", "0") == "1"
 
 
 def takes_gate(rows: int) -> bool:
