@@ -148,6 +148,16 @@ def test_uniform_fragment_kernel_is_offered_only_where_it_applies(monkeypatch):
     monkeypatch.setattr(uq, "_TUNED", {})  # the pick stays in this test
     assert uq.tune(torch.randn(1, 512).half(), p)[0].kind == "gemv"
     assert isinstance(ran[0], uf.UniformFrag) and p.frag.value is None
+    # but not while another batch bucket of the shape runs it: its captured launches read the copy
+    frag_pick = lambda run, cands, device: (run(next(c for c in cands if c.kind == "frag")), (next(  # noqa: E731
+        c for c in cands if c.kind == "frag"), []))[1]
+    monkeypatch.setattr(uq, "time_candidates", frag_pick)
+    assert uq.tune(torch.randn(1, 512).half(), p)[0].kind == "frag" and p.frag.value is not None
+    monkeypatch.setattr(uq, "time_candidates", fake_timing)
+    assert uq.tune(torch.randn(16, 512).half(), p)[0].kind == "mma"
+    assert isinstance(p.frag.value, uf.UniformFrag)  # batch 1's pick still runs it
+    monkeypatch.setattr(uq, "_TUNED", {})
+    assert uq.tune(torch.randn(16, 512).half(), p)[0].kind == "mma" and p.frag.value is None
     p.zeros[0, 0] = 7.5  # a zero fp16 cannot subtract exactly after 1024 + q
     assert "frag" not in kinds(p) and "integers" in uf.frag_supported(p)
     with pytest.raises(ValueError, match="integers"):

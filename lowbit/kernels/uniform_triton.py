@@ -848,10 +848,17 @@ def tune(x2, p: UniformPacked, bias=None, cands=None) -> tuple[UQConfig, list]:
     cands = cands or candidate_configs(p, x2.shape[0], x2.device, x2.dtype)
     out = torch.empty(x2.shape[0], p.out_features, dtype=x2.dtype, device=x2.device)
     best, timings = time_candidates(lambda cfg: run_config(x2, p, bias, cfg, out), cands, x2.device)
-    _TUNED[tune_key(p, x2.shape[0], x2.dtype)] = best
-    if best.kind != "frag":
+    key = tune_key(p, x2.shape[0], x2.dtype)
+    _TUNED[key] = best
+    if not _frag_picked(key):
         p.frag.value = None  # timing it made the fragment-order copy; keep it only where it runs
     return best, timings
+
+
+def _frag_picked(key: tuple) -> bool:
+    """Whether the fragment kernel is this process's pick for any batch bucket of key's shape: a
+    later bucket's other pick must not drop the copy an earlier bucket's (captured) launches read."""
+    return any(cfg.kind == "frag" for k, cfg in _TUNED.items() if k[:6] == key[:6] and k[7:] == key[7:])
 
 
 def choose_config(x2, p: UniformPacked, bias=None) -> UQConfig:
