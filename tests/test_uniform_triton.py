@@ -126,6 +126,24 @@ def test_uniform_int4_fragment_kernel_matches_reference_cpu(group, perm, bias, b
     _check(x, p, b, uq.UQConfig("frag", row_tiles=rt, num_warps=nw, prefetch=pf), 2e-3)
 
 
+@pytest.mark.skipif(not CPU, reason="CPU interpreter test")
+@pytest.mark.parametrize("group,perm,m,steps", [(128, False, 48, 4), (64, True, 32, 2), (32, False, 16, 1)])
+def test_uniform_int4_fragment_layout_dequantizes_to_the_weight_cpu(group, perm, m, steps):
+    """Wᵀ from the fragment layout alone (its plain-PyTorch reference, and the Triton kernel on the
+    interpreter; 6 or 12 steps, some programs ragged) equals the packed layer's weight in packed
+    input order, exactly; the output is NaN-poisoned first."""
+    p, _ = _layer(m, 384, 4, group, perm=perm, seed=m + group)
+    fp = uf.repack_frag(p)
+    want = uq.uniform_packed_dequant_reference(p)
+    if perm:
+        want = want[:, p.perm.long()]
+    assert torch.equal(uf.frag_dequantize_t_reference(fp, torch.float32), want.T)
+    out = torch.full((384, m), float("nan"))
+    assert torch.equal(uf.frag_dequantize_t(fp, torch.float32, out=out, steps=steps), want.T)
+    with pytest.raises(ValueError, match="power of two"):
+        uf.frag_dequantize_t(fp, steps=3)
+
+
 def test_uniform_fragment_kernel_is_offered_only_where_it_applies(monkeypatch):
     """Opt-in (a second copy of the codes), fp16 activations, ≤ 64 rows, 4 bits, integer zeros."""
     p, _ = _layer(64, 512, 4, 128, seed=5)
@@ -199,6 +217,17 @@ def test_uniform_kernels_match_reference_gpu(bits, group, zim, perm, shape):
             x = torch.randn(batch, n, device="cuda").to(dtype)
             tol = 3e-3 if dtype == torch.float16 else 1.5e-2
             _check(x, p, bias.to(dtype), uq.UQConfig(**cfg), tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", GPU_SHAPES)
+def test_uniform_int4_fragment_layout_dequantizes_to_the_weight_gpu(shape):
+    """The fragment layout's dequant kernel at real shapes gives the packed layout's Wᵀ bit for bit."""
+    if CPU:
+        pytest.skip("needs CUDA")
+    m, n = shape
+    p, _ = _layer(m, n, 4, 128, device="cuda", seed=m)
+    assert torch.equal(uf.frag_dequantize_t(uf.repack_frag(p)), uq.uniform_dequantize_t(p))
 
 
 @pytest.mark.gpu

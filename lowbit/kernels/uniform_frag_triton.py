@@ -132,6 +132,35 @@ def _repack(p: UniformPacked) -> UniformFrag:
     return UniformFrag(n, m, gs, kt, codes.contiguous(), sz.contiguous(), p.perm)
 
 
+def frag_dequantize_t_reference(fp: UniformFrag, dtype=torch.float16) -> torch.Tensor:
+    """Wᵀ [n, m] (inputs in packed order, as `uniform_dequantize_t`) from the fragment layout alone:
+    `_repack` undone in plain PyTorch, each weight scale · (q − zero) in float32, rounded once."""
+    m, n, kt = fp.out_features, fp.in_features, fp.kt
+    tm, ts = m // 16, n // (16 * kt)
+    dev = fp.codes.device
+    words = fp.codes.to(torch.int64) & 0xFFFFFFFF  # [i, s, k, lane]
+    lane = torch.arange(32, device=dev)
+    g, t = lane // 4, lane % 4
+    halves = fp.sz.view(torch.float16).reshape(-1, tm, 8, 4).float()  # [group, i, g, (s_g, s_g8, 1024+z_g, -(64+z_g8))]
+    group = (torch.arange(ts, device=dev) * 16 * kt) // fp.group_size
+    sz = halves[group]  # [s, i, g, 4]
+    w = torch.empty(n, m, dtype=torch.float32, device=dev)
+    s_idx = torch.arange(ts, device=dev).view(1, ts, 1, 1)
+    k_idx = torch.arange(kt, device=dev).view(1, 1, kt, 1)
+    i_idx = torch.arange(tm, device=dev).view(tm, 1, 1, 1)
+    for r in range(4):
+        lower = r % 2 == 0  # a0 / a2: rows g; a1 / a3: rows g + 8
+        scale = (sz[..., 0] if lower else sz[..., 1]).permute(1, 0, 2)  # [i, s, g]
+        zero = (sz[..., 2] - 1024 if lower else -sz[..., 3] - 64).permute(1, 0, 2)
+        scale, zero = scale[..., g].unsqueeze(2), zero[..., g].unsqueeze(2)  # [i, s, 1, lane]
+        row = 16 * i_idx + g + (0 if lower else 8)
+        for e in (0, 1):
+            q = ((words >> (_NIB[r] + 16 * e)) & 15).float()
+            col = 16 * kt * s_idx + 4 * kt * t + 4 * k_idx + 2 * (r // 2) + e
+            w[col.expand(tm, ts, kt, 32), row.expand(tm, ts, kt, 32)] = scale * (q - zero)
+    return w.to(dtype)
+
+
 if triton is not None:
     _DECODE_ASM = tl.constexpr(
         "{ .reg .b32 w8, l0, h0, l1, h1, zg, z8, s16;\n\t"
@@ -280,6 +309,52 @@ if triton is not None:
             ring = rr + (new,)
         tl.debug_barrier()
         _out_all(y_ptr, scratch_ptr, acc, col, lane, ib, B, TM, stride_yb, RT, NB, NW, NW, REP, False, EMULATE)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _uq_frag_dequant_kernel(codes_ptr, sz_ptr, w_ptr, TM, TS, stride_w, KT: tl.constexpr, SPG: tl.constexpr,
+                                SB: tl.constexpr):
+        """Wᵀ rows (inputs) of SB steps, columns (outputs) of row tile i: each word's 8 nibbles to
+        their (input, output) places, as `frag_dequantize_t_reference`."""
+        i = tl.program_id(0)
+        j = tl.arange(0, SB * KT * 32)  # (step, tile, lane) of the program's words
+        s = tl.program_id(1) * SB + j // (KT * 32)
+        k = (j // 32) % KT
+        lane = j % 32
+        g = lane // 4
+        t = lane % 4
+        ok = s < TS
+        w = tl.load(codes_ptr + ((i * TS + s) * KT + k) * 32 + lane, mask=ok, other=0)
+        szw = tl.load(sz_ptr + ((s // SPG) * TM + i) * 8 + g, mask=ok, other=0)
+        lo = szw.to(tl.int32)
+        hi = (szw >> 32).to(tl.int32)
+        scales = (_f16(lo, 0), _f16(lo, 16))
+        zeros = (_f16(hi, 0) - 1024.0, -_f16(hi, 16) - 64.0)
+        for r in tl.static_range(4):
+            row = 16 * i + g + 8 * (r % 2)
+            for e in tl.static_range(2):
+                q = ((w >> (4 * r + 16 * e)) & 15).to(tl.float32)  # _NIB[r] = 4r
+                col = 16 * KT * s + 4 * KT * t + 4 * k + 2 * (r // 2) + e
+                val = scales[r % 2] * (q - zeros[r % 2])
+                tl.store(w_ptr + col.to(tl.int64) * stride_w + row, val.to(w_ptr.dtype.element_ty), mask=ok)
+
+
+def frag_dequantize_t(fp: UniformFrag, dtype=torch.float16, out: torch.Tensor | None = None,
+                      steps: int = 4) -> torch.Tensor:
+    """Wᵀ [n, m] (inputs in packed order) from the fragment layout, by the Triton kernel: what the
+    prefill path needs where a layer keeps only that layout."""
+    m, n = fp.out_features, fp.in_features
+    tm, ts = m // 16, n // (16 * fp.kt)
+    if steps < 1 or steps & (steps - 1):
+        raise ValueError(f"steps a program must be a power of two, got {steps}")
+    if out is None:
+        out = torch.empty(n, m, dtype=dtype, device=fp.codes.device)
+    _uq_frag_dequant_kernel[(tm, triton.cdiv(ts, steps))](
+        fp.codes, fp.sz, out, tm, ts, out.stride(0), KT=fp.kt, SPG=fp.group_size // (16 * fp.kt), SB=steps,
+        num_warps=4)
+    return out
 
 
 def frag_layout(p: UniformPacked) -> UniformFrag | str:
