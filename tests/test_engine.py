@@ -219,7 +219,7 @@ def test_block_pool():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", ["fp16", "qtip2"])
+@pytest.mark.parametrize("variant", ["fp16", "qtip2", "gptq4"])
 def test_engine_on_cuda_graphs_equal_eager_and_solo(variant):
     """Decode and mixed steps replayed from CUDA graphs give the eager engine's tokens (prompts
     arriving mid-decode make mixed steps; 70 prompt tokens in one step take QTIP's prefill path)."""

@@ -144,6 +144,100 @@ def test_uniform_int4_fragment_layout_dequantizes_to_the_weight_cpu(group, perm,
         uf.frag_dequantize_t(fp, steps=3)
 
 
+def _gptq_layer(bits, act_order, in_features=256, out_features=64, seed=0):
+    from lowbit.quantized_models.linear import linear_from_checkpoint
+    from lowbit.quantized_models.synthetic import random_layer_tensors
+
+    cfg, tensors = random_layer_tensors("gptq", bits, in_features, out_features, seed=seed, device="cpu")
+    if act_order:
+        g = torch.Generator().manual_seed(seed)
+        tensors["g_idx"] = (torch.randperm(in_features, generator=g) // cfg["group_size"]).to(torch.int32)
+        cfg = dict(cfg, desc_act=True)
+    return linear_from_checkpoint("gptq", cfg, tensors, in_features, out_features, prefix="layer")
+
+
+@pytest.mark.skipif(not CPU, reason="CPU interpreter test")
+@pytest.mark.parametrize("act_order", [False, True])
+def test_int4_layer_kept_in_the_fragment_layout_cpu(act_order, monkeypatch):
+    """`use_fragment_layout` replaces a GPTQ int4 layer's packed codes by the fragment order: the
+    same weight (exactly), no more bytes, the same outputs on the CPU path and through the
+    fragment-layout launches on the interpreter (the tensor-core kernel at 1–17 rows, Wᵀ decoded
+    for cuBLAS at 17); 3-bit layers and the packed view refuse or say why."""
+    lin = _gptq_layer(4, act_order, seed=5)
+    w, nbytes = lin.dequantize(), lin.storage_bytes
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 256, generator=g).half()
+    y = lin(x)
+    assert lin.use_fragment_layout() and lin.qweight is None and lin.fragment is not None
+    assert lin.use_fragment_layout()  # a second call changes nothing
+    assert torch.equal(lin.dequantize(), w) and lin.storage_bytes <= nbytes
+    assert torch.equal(lin(x), y)  # CPU path: the weight decoded from the fragment layout
+    with pytest.raises(RuntimeError, match="fragment layout"):
+        lin.packed
+    fp = lin.fragment
+    for batch, kind in ((1, "frag"), (3, "frag"), (17, "frag"), (17, "dequant")):
+        xb = torch.randn(batch, 256, generator=g).half()
+        cfg = uq.UQConfig(kind, row_tiles=1, num_warps=4, prefetch=1)
+        out = torch.full((batch, 64), float("nan"), dtype=torch.float16 if kind == "frag" else torch.float32)
+        got = uf.frag_run(xb if kind == "frag" else xb.float(), fp, None, cfg, out).double()
+        ref = xb.double() @ w.double().T
+        assert not torch.isnan(got).any() and float((got - ref).norm() / ref.norm()) < 2e-3
+    assert {c.kind for c in uf.frag_configs(fp, 1, torch.float16)} == {"frag"}
+    assert "dequant" in [c.kind for c in uf.frag_configs(fp, 16, torch.float16)]
+    assert [c.kind for c in uf.frag_configs(fp, 65, torch.float16)] == ["dequant"]
+    assert [c.kind for c in uf.frag_configs(fp, 1, torch.bfloat16)] == ["dequant"]
+    assert not _gptq_layer(3, False).use_fragment_layout()
+
+
+@pytest.mark.skipif(not CPU, reason="CPU interpreter test")
+def test_gptq_int4_model_in_the_fragment_layout_on_the_interpreter(monkeypatch):
+    """A tiny GPTQ int4 model with every layer moved to the fragment layout gives the packed
+    model's logits through `frag_linear` (the interpreter standing in for the GPU); the model-level
+    switch leaves CPU models, other dtypes and LOWBIT_UNIFORM_FRAG=0 alone."""
+    import copy
+
+    from lowbit.quantized_models.synthetic import random_model
+    from lowbit.quantized_models.uniform import UniformLinear, use_fragment_layouts
+
+    model = random_model("tiny", "gptq4", device="cpu", dtype=torch.float16, seed=3)
+    layers = [m for m in model.modules() if isinstance(m, UniformLinear)]
+    assert layers and all(m.qweight is not None for m in layers)  # a CPU model kept the packed layout
+    ids = torch.randint(0, model.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
+    want = copy.deepcopy(model).logits(ids).double()
+    monkeypatch.setenv("LOWBIT_UNIFORM_FRAG", "0")
+    assert use_fragment_layouts(model, torch.float16) == 0
+    monkeypatch.delenv("LOWBIT_UNIFORM_FRAG")
+    assert use_fragment_layouts(model, torch.bfloat16) == 0
+    assert all(m.use_fragment_layout() for m in layers)
+    monkeypatch.setattr(UniformLinear, "forward", lambda self, x: uf.frag_linear(x, self.fragment, self.bias))
+    got = model.logits(ids).double()
+    assert float((got - want).norm() / want.norm()) < 1e-2
+
+
+@pytest.mark.gpu
+def test_gptq_int4_model_in_the_fragment_layout_gpu(monkeypatch):
+    """A CUDA fp16 GPTQ int4 model is built in the fragment layout (every layer) and gives the
+    packed layout's logits (LOWBIT_UNIFORM_FRAG=0, same seed) at 1 row, 16 and a 100-token prompt."""
+    from lowbit.quantized_models.synthetic import random_model
+    from lowbit.quantized_models.uniform import UniformLinear
+
+    if CPU:
+        pytest.skip("needs CUDA")
+    monkeypatch.setenv("LOWBIT_UNIFORM_FRAG", "0")
+    packed = random_model("tiny", "gptq4", device="cuda", dtype=torch.float16, seed=3)
+    monkeypatch.delenv("LOWBIT_UNIFORM_FRAG")
+    frag = random_model("tiny", "gptq4", device="cuda", dtype=torch.float16, seed=3)
+    layers = [m for m in frag.modules() if isinstance(m, UniformLinear)]
+    assert layers and all(m.fragment is not None and m.qweight is None for m in layers)
+    assert sum(m.storage_bytes for m in layers) <= sum(
+        m.storage_bytes for m in packed.modules() if isinstance(m, UniformLinear))
+    g = torch.Generator().manual_seed(0)
+    for shape in ((1, 1), (16, 1), (1, 100)):
+        ids = torch.randint(0, frag.config.vocab_size, shape, generator=g).cuda()
+        want, got = packed.logits(ids).double(), frag.logits(ids).double()
+        assert torch.isfinite(got).all() and float((got - want).norm() / want.norm()) < 1e-2, shape
+
+
 def test_uniform_fragment_kernel_is_offered_only_where_it_applies(monkeypatch):
     """Opt-in (a second copy of the codes), fp16 activations, ≤ 64 rows, 4 bits, integer zeros."""
     p, _ = _layer(64, 512, 4, 128, seed=5)

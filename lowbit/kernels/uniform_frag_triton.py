@@ -45,8 +45,8 @@ from .qtip_frag_triton import (
     _zero_acc,
     n_blocks,
 )
-from .tuning import interpreting
-from .uniform_triton import UniformPacked, _unpack_out
+from .tuning import as_rows, batch_bucket, choose, interpreting, time_candidates
+from .uniform_triton import UniformPacked, UQConfig, _unpack_out
 
 try:
     import triton
@@ -368,14 +368,15 @@ def frag_layout(p: UniformPacked) -> UniformFrag | str:
     return p.frag.value
 
 
-def frag_candidates(p: UniformPacked, batch: int) -> list[tuple[int, int, int]]:
+def frag_candidates(p: UniformPacked | UniformFrag, batch: int) -> list[tuple[int, int, int]]:
     """(row tiles, warps, prefetch) launches for the tuner; the warps must divide the steps. Past
     16 rows a step's x alone is 16 registers an n-block, so the ring holds one step (sm_90
     compiles of `benchmarks.sass uniform-frag`: 56–88 registers at 1–16 rows with two steps in
     flight, 253 at 64 rows)."""
     ts = p.in_features // (16 * tiles_a_step(p.group_size))
     pf = 2 if batch <= 16 else 1
-    return [(rt, nw, pf) for rt, nw in ((1, 4), (1, 8), (2, 4), (1, 16)) if ts % nw == 0]
+    fits = [(rt, nw, pf) for rt, nw in ((1, 4), (1, 8), (2, 4), (1, 16)) if ts % nw == 0]
+    return fits or [(1, 2 if ts % 2 == 0 else 1, pf)]  # odd step counts: fewer warps still divide them
 
 
 def uq_frag_matmul(x2: torch.Tensor, fp: UniformFrag, out: torch.Tensor, row_tiles: int = 1, num_warps: int = 4,
@@ -399,3 +400,54 @@ def uq_frag_matmul(x2: torch.Tensor, fp: UniformFrag, out: torch.Tensor, row_til
     _launch(_uq_frag_kernel, (triton.cdiv(tm, row_tiles),), args, "int4 frag kernel", row_tiles, num_warps, COPIES,
             B, KT=fp.kt, SPG=fp.group_size // (16 * fp.kt), NB=n_blocks(B), PF=prefetch, EVEN=tm % row_tiles == 0)
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# A layer kept only in the fragment layout (`UniformLinear.use_fragment_layout`): no packed codes
+# beside it, so >64 rows and other dtypes decode Wᵀ from it (`frag_dequantize_t`) for cuBLAS
+# ----------------------------------------------------------------------------------------------
+
+_TUNED: dict[tuple, UQConfig] = {}
+
+
+def frag_configs(fp: UniformFrag, batch: int, dtype) -> list[UQConfig]:
+    """What the tuner times for a fragment-layout layer: the tensor-core kernel's launches for
+    ≤ 64 fp16 rows, and from 16 rows on (or where the kernel cannot run) Wᵀ decoded + cuBLAS."""
+    cands = []
+    if dtype == torch.float16 and batch <= MAX_BATCH:
+        cands = [UQConfig("frag", row_tiles=rt, num_warps=nw, prefetch=pf) for rt, nw, pf in frag_candidates(fp, batch)]
+    if batch >= 16 or not cands:
+        cands.append(UQConfig("dequant"))
+    return cands
+
+
+def frag_run(x2: torch.Tensor, fp: UniformFrag, bias, cfg: UQConfig, out: torch.Tensor) -> torch.Tensor:
+    """out = x2 @ Wᵀ (+ bias) by one of `frag_configs`' launches."""
+    if cfg.kind == "frag":
+        uq_frag_matmul(x2, fp, out, cfg.row_tiles, cfg.num_warps, cfg.prefetch)
+    else:
+        xin = x2 if fp.perm is None else x2.index_select(1, fp.perm.long())
+        torch.matmul(xin, frag_dequantize_t(fp, x2.dtype), out=out)
+    if bias is not None:
+        out += bias
+    return out
+
+
+def frag_linear(x: torch.Tensor, fp: UniformFrag, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ W.T (+ bias) for a layer kept in the fragment layout, with the launch tuned per
+    (shape, batch bucket, dtype) as the packed layers' are (`uniform_triton.choose_config`)."""
+    x2, lead = as_rows(x)
+    batch = x2.shape[0]
+    key = ("int4 fragment layout", fp.group_size, fp.out_features, fp.in_features, fp.perm is not None,
+           batch_bucket(batch), str(x2.dtype))
+    out = torch.empty(batch, fp.out_features, dtype=x2.dtype, device=x2.device)
+
+    def tune() -> UQConfig:
+        best, _ = time_candidates(lambda cfg: frag_run(x2, fp, bias, cfg, out), frag_configs(fp, batch, x2.dtype),
+                                  x2.device)
+        _TUNED[key] = best
+        return best
+
+    cfg = choose(_TUNED, key, x2, tune, lambda: frag_configs(fp, batch, x2.dtype)[0], UQConfig,
+                 lambda: frag_configs(fp, batch, x2.dtype))
+    return frag_run(x2, fp, bias, cfg, out).reshape(*lead, fp.out_features)

@@ -801,7 +801,9 @@ def heuristic_config(p: UniformPacked, batch: int, device) -> UQConfig:
 def candidate_configs(p: UniformPacked, batch: int, device, dtype=torch.float16) -> list[UQConfig]:
     """What the tuner times for one (shape, batch). Tile shapes are few (each is a compile);
     the split is a run-time argument, so trying several costs no compile. The int4 tensor-core
-    kernel ("frag") only with LOWBIT_UNIFORM_FRAG=1: it keeps a second copy of the codes."""
+    kernel ("frag") for a packed layer only with LOWBIT_UNIFORM_FRAG=1 (the A/B of
+    `benchmarks.uniform_frag_ab`): it keeps a second copy of the codes. Models hold such layers in
+    the fragment layout alone instead (`quantized_models.uniform.use_fragment_layouts`)."""
     M, N = p.out_features, p.in_features
     vpw = values_per_word(p.bits)
     sms = _num_sms(device)

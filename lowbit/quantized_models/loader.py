@@ -20,6 +20,7 @@ from .checkpoint import Checkpoint, SafetensorsCheckpoint
 from .config import ModelConfig
 from .linear import _REGISTRY, CheckpointError, _import_formats, linear_from_checkpoint
 from .llama import CausalLM
+from .uniform import use_fragment_layouts
 
 log = logging.getLogger("lowbit")
 
@@ -197,6 +198,7 @@ def load_model(
         more = f" (+{len(extra) - 5} more)" if len(extra) > 5 else ""
         raise CheckpointError(f"unexpected tensor(s) in checkpoint: {', '.join(extra[:5])}{more}")
     model.rotary.to(device)
+    use_fragment_layouts(model, dtype)
     model.eval()
     model.tokenizer = _load_tokenizer(ckpt, tokenizer)
     model.name = str(path_or_id)

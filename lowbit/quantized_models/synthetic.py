@@ -17,6 +17,7 @@ from torch import nn
 from .config import ModelConfig
 from .linear import linear_from_checkpoint
 from .llama import CausalLM
+from .uniform import use_fragment_layouts
 
 SHAPES = {
     "tiny": dict(hidden_size=256, intermediate_size=512, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -145,6 +146,7 @@ def random_model(shape: str | ModelConfig, variant: str = "fp16", device: str | 
                                 for n in ("input_layernorm", "post_attention_layernorm")]:
         norm.weight = nn.Parameter(torch.ones(cfg.hidden_size, device=device, dtype=dtype), requires_grad=False)
     model.rotary.to(device)
+    use_fragment_layouts(model, dtype)
     model.name = f"random-{shape if isinstance(shape, str) else 'custom'}-{variant}"
     model.fmt = fmt
     return model.eval()

@@ -25,6 +25,7 @@ Formats, registered separately because each reads its own config and tensors:
 from __future__ import annotations
 
 import functools
+import os
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -42,6 +43,14 @@ from ..kernels.uniform import (
     packed_dense_weight,
     uniform_forward_reference,
 )
+from ..kernels.uniform_frag_triton import (
+    UniformFrag,
+    frag_dequantize_t_reference,
+    frag_linear,
+    frag_supported,
+    repack_frag,
+    tiles_a_step,
+)
 from ..kernels.uniform_triton import FragSlot, UniformPacked
 from .linear import CheckpointError, LayerTensors, QuantLinear, register
 
@@ -50,6 +59,7 @@ _INDEX = (torch.int32, torch.int64)
 _LAYER_MODULE = re.compile(r"model\.layers\.\d+\.(.+)")
 _GPTQ_LAYOUTS = ("gptq", "gptq_v2")
 _PACKED_BUFFERS = ("qweight", "qweight_hi", "scales", "zeros", "perm")
+_FRAGMENT_BUFFERS = ("frag_codes", "frag_sz")
 
 
 def _quant_config(hf_config: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -128,7 +138,8 @@ class UniformLinear(QuantLinear):
     """y = x @ W.T (+ bias) with W = scale · (q − zero) per group, held as a `UniformPacked`.
 
     Buffers (all the layer stores): `qweight` (and `qweight_hi` at 3 bits), `scales`, `zeros`,
-    `perm` (act-order only) and `bias`, laid out as UniformPacked documents."""
+    `perm` (act-order only) and `bias`, laid out as UniformPacked documents; or, after
+    `use_fragment_layout`, `frag_codes` and `frag_sz` (UniformFrag) in place of the first four."""
 
     quant_method = ""  # config.json's quantization_config.quant_method that selects the subclass
 
@@ -146,6 +157,8 @@ class UniformLinear(QuantLinear):
         for name in _PACKED_BUFFERS:
             self.register_buffer(name, getattr(packed, name))
         self.register_buffer("bias", bias)
+        for name in _FRAGMENT_BUFFERS:  # filled by use_fragment_layout, which empties qweight..zeros
+            self.register_buffer(name, None)
         self.info = dict(info)
         # (device, dtype, decoded W) of the CPU path: an attribute, never storage or state.
         self._dense: tuple[torch.device, torch.dtype, torch.Tensor] | None = None
@@ -153,6 +166,8 @@ class UniformLinear(QuantLinear):
 
     @property
     def packed(self) -> UniformPacked:
+        if self.qweight is None:
+            raise RuntimeError("this layer is kept in the int4 fragment layout (use_fragment_layout): no packed codes")
         return UniformPacked(bits=self.bits, group_size=self.group_size, in_features=self.in_features,
                              out_features=self.out_features, qweight=self.qweight, qweight_hi=self.qweight_hi,
                              scales=self.scales, zeros=self.zeros, zero_is_min=self.zero_is_min, perm=self.perm,
@@ -163,9 +178,43 @@ class UniformLinear(QuantLinear):
         self._frag = FragSlot()
         return super()._apply(fn, recurse)
 
+    @property
+    def fragment(self) -> UniformFrag | None:
+        """The layer in the int4 tensor-core kernel's order, where `use_fragment_layout` put it."""
+        if self.frag_codes is None:
+            return None
+        return UniformFrag(self.in_features, self.out_features, self.group_size, tiles_a_step(self.group_size),
+                           self.frag_codes, self.frag_sz, self.perm)
+
+    @torch.no_grad()
+    def use_fragment_layout(self) -> bool:
+        """Keep the layer only in the fragment order of `uniform_frag_triton` (int4 with integer
+        zeros): the tensor-core kernel reads it at 1–64 fp16 rows (1.2–2.6x the CUDA-core kernels,
+        RESULTS.md), larger batches decode Wᵀ from it for cuBLAS. It replaces the packed codes, so
+        the layer holds no more bytes than before. False (nothing changed) where it cannot."""
+        if self.frag_codes is not None:
+            return True
+        p = self.packed
+        if frag_supported(p):
+            return False
+        fp = repack_frag(p)
+        for name in ("qweight", "qweight_hi", "scales", "zeros"):
+            setattr(self, name, None)
+        self.frag_codes, self.frag_sz = fp.codes, fp.sz
+        self._dense = None
+        return True
+
     @torch.no_grad()
     def dequantize(self) -> torch.Tensor:
-        return packed_dense_weight(self.packed)
+        fp = self.fragment
+        if fp is None:
+            return packed_dense_weight(self.packed)
+        wt = frag_dequantize_t_reference(fp, torch.float32)  # inputs in packed (act-order) order
+        if fp.perm is None:
+            return wt.T.contiguous()
+        w = torch.empty_like(wt.T)
+        w[:, fp.perm.long()] = wt.T
+        return w
 
     def _cached_dense(self, x: torch.Tensor) -> torch.Tensor:
         d = self._dense
@@ -175,6 +224,8 @@ class UniformLinear(QuantLinear):
         return d[2]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and self.frag_codes is not None:
+            return frag_linear(x, self.fragment, self.bias)
         if x.is_cuda:
             from ..kernels.uniform_triton import uniform_matmul
 
@@ -183,6 +234,16 @@ class UniformLinear(QuantLinear):
 
     def describe(self) -> dict[str, Any]:
         return dict(self.info)
+
+
+def use_fragment_layouts(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Put every int4 layer of a CUDA fp16 model that can take it in the tensor-core kernel's
+    fragment layout (`UniformLinear.use_fragment_layout`), unless LOWBIT_UNIFORM_FRAG=0; the number
+    of layers moved. CPU models keep the packed layout (their path decodes W once, either way)."""
+    if dtype != torch.float16 or os.environ.get("LOWBIT_UNIFORM_FRAG", "1") == "0":
+        return 0
+    layers = [m for m in model.modules() if isinstance(m, UniformLinear) and m.bits == 4]
+    return sum(m.use_fragment_layout() for m in layers if m.qweight is None or m.qweight.is_cuda)
 
 
 @register("gptq")
