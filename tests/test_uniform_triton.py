@@ -173,7 +173,7 @@ def test_int4_layer_kept_in_the_fragment_layout_cpu(act_order, monkeypatch):
     assert torch.equal(lin.dequantize(), w) and lin.storage_bytes <= nbytes
     assert torch.equal(lin(x), y)  # CPU path: the weight decoded from the fragment layout
     with pytest.raises(RuntimeError, match="fragment layout"):
-        lin.packed
+        _ = lin.packed
     fp = lin.fragment
     for batch, kind in ((1, "frag"), (3, "frag"), (17, "frag"), (17, "dequant")):
         xb = torch.randn(batch, 256, generator=g).half()
