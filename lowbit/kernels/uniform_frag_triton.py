@@ -411,11 +411,15 @@ _TUNED: dict[tuple, UQConfig] = {}
 
 
 def frag_configs(fp: UniformFrag, batch: int, dtype) -> list[UQConfig]:
-    """What the tuner times for a fragment-layout layer: the tensor-core kernel's launches for
-    ≤ 64 fp16 rows, and from 16 rows on (or where the kernel cannot run) Wᵀ decoded + cuBLAS."""
+    """What the tuner times for a fragment-layout layer: the tensor-core kernel's launches (fp16;
+    past 64 rows one launch a 64-row chunk, each reading the int4 codes again), and from 16 rows
+    on (or for other dtypes) Wᵀ decoded + cuBLAS, which writes and reads the fp16 weight once.
+    With only the latter past 64 rows, a 128-token prompt's first token took 40 ms against the
+    packed layout's 32 (H200, RESULTS.md); a few chunks read less than the fp16 weight's round trip."""
     cands = []
-    if dtype == torch.float16 and batch <= MAX_BATCH:
-        cands = [UQConfig("frag", row_tiles=rt, num_warps=nw, prefetch=pf) for rt, nw, pf in frag_candidates(fp, batch)]
+    if dtype == torch.float16:
+        launches = frag_candidates(fp, min(batch, MAX_BATCH))
+        cands = [UQConfig("frag", row_tiles=rt, num_warps=nw, prefetch=pf) for rt, nw, pf in launches]
     if batch >= 16 or not cands:
         cands.append(UQConfig("dequant"))
     return cands
@@ -424,7 +428,8 @@ def frag_configs(fp: UniformFrag, batch: int, dtype) -> list[UQConfig]:
 def frag_run(x2: torch.Tensor, fp: UniformFrag, bias, cfg: UQConfig, out: torch.Tensor) -> torch.Tensor:
     """out = x2 @ Wᵀ (+ bias) by one of `frag_configs`' launches."""
     if cfg.kind == "frag":
-        uq_frag_matmul(x2, fp, out, cfg.row_tiles, cfg.num_warps, cfg.prefetch)
+        for r in range(0, x2.shape[0], MAX_BATCH):
+            uq_frag_matmul(x2[r:r + MAX_BATCH], fp, out[r:r + MAX_BATCH], cfg.row_tiles, cfg.num_warps, cfg.prefetch)
     else:
         xin = x2 if fp.perm is None else x2.index_select(1, fp.perm.long())
         torch.matmul(xin, frag_dequantize_t(fp, x2.dtype), out=out)
