@@ -198,6 +198,9 @@ def _row(kernel, fmt, model, m, n, batch, weight_bytes, res, bw):
 def bench_uniform(shapes, batches, bw, bits=4, group=128, zero_is_min=False, check=True):
     from lowbit.kernels import uniform_triton as uq
 
+    # a model's int4 layers run the tensor-core kernel (`use_fragment_layouts`): time it beside the
+    # CUDA-core kernels here too (each weight copy gets its own fragment-order copy, `_clone_uniform`)
+    os.environ.setdefault("LOWBIT_UNIFORM_FRAG", "1")
     rows = []
     fmt = f"int{bits}-g{group}" + ("-min" if zero_is_min else "")
     for model, m, n in shapes:
