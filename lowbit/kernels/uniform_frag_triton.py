@@ -46,7 +46,7 @@ from .qtip_frag_triton import (
     n_blocks,
 )
 from .tuning import as_rows, batch_bucket, choose, interpreting, time_candidates
-from .uniform_triton import UniformPacked, UQConfig, _unpack_out
+from .uniform_triton import UniformPacked, UQConfig, _unpack_out, dequant_matmul
 
 try:
     import triton
@@ -427,12 +427,10 @@ def frag_configs(fp: UniformFrag, batch: int, dtype) -> list[UQConfig]:
 
 def frag_run(x2: torch.Tensor, fp: UniformFrag, bias, cfg: UQConfig, out: torch.Tensor) -> torch.Tensor:
     """out = x2 @ Wᵀ (+ bias) by one of `frag_configs`' launches."""
-    if cfg.kind == "frag":
-        for r in range(0, x2.shape[0], MAX_BATCH):
-            uq_frag_matmul(x2[r:r + MAX_BATCH], fp, out[r:r + MAX_BATCH], cfg.row_tiles, cfg.num_warps, cfg.prefetch)
-    else:
-        xin = x2 if fp.perm is None else x2.index_select(1, fp.perm.long())
-        torch.matmul(xin, frag_dequantize_t(fp, x2.dtype), out=out)
+    if cfg.kind != "frag":
+        return dequant_matmul(x2, frag_dequantize_t(fp, x2.dtype), fp.perm, bias, out)
+    for r in range(0, x2.shape[0], MAX_BATCH):
+        uq_frag_matmul(x2[r:r + MAX_BATCH], fp, out[r:r + MAX_BATCH], cfg.row_tiles, cfg.num_warps, cfg.prefetch)
     if bias is not None:
         out += bias
     return out

@@ -172,11 +172,16 @@ def uniform_packed_dequant_reference(p: UniformPacked) -> torch.Tensor:
     s = p.scales.float().repeat_interleave(p.group_size, dim=0).T  # [m, n]
     z = p.zeros.float().repeat_interleave(p.group_size, dim=0).T
     w = s * q + z if p.zero_is_min else s * (q - z)
-    if p.perm is not None:
-        out = torch.empty_like(w)
-        out[:, p.perm.long()] = w
-        w = out
-    return w
+    return unpermute_inputs(w, p.perm)
+
+
+def unpermute_inputs(w: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
+    """W [m, n] with its columns in packed input order → the layer's own input order."""
+    if perm is None:
+        return w
+    out = torch.empty_like(w)
+    out[:, perm.long()] = w
+    return out
 
 
 def uniform_packed_matmul_reference(x: torch.Tensor, p: UniformPacked, bias: torch.Tensor | None = None):
@@ -739,13 +744,17 @@ def uniform_dequantize(p: UniformPacked, dtype=torch.float16) -> torch.Tensor:
     return wt.T
 
 
-def _launch_dequant_matmul(x2, p: UniformPacked, bias, out):
-    wt = uniform_dequantize_t(p, dtype=x2.dtype)
-    xin = x2 if p.perm is None else x2.index_select(1, p.perm.long())
+def dequant_matmul(x2, wt: torch.Tensor, perm: torch.Tensor | None, bias, out):
+    """out = x2 @ Wᵀ (+ bias) by cuBLAS, Wᵀ [n, m] decoded in packed input order (x taken in it)."""
+    xin = x2 if perm is None else x2.index_select(1, perm.long())
     torch.matmul(xin, wt, out=out)
     if bias is not None:
         out += bias
     return out
+
+
+def _launch_dequant_matmul(x2, p: UniformPacked, bias, out):
+    return dequant_matmul(x2, uniform_dequantize_t(p, dtype=x2.dtype), p.perm, bias, out)
 
 
 def run_config(x2, p: UniformPacked, bias, cfg: UQConfig, out=None):

@@ -45,13 +45,13 @@ from ..kernels.uniform import (
 )
 from ..kernels.uniform_frag_triton import (
     UniformFrag,
+    _repack,
     frag_dequantize_t_reference,
     frag_linear,
     frag_supported,
-    repack_frag,
     tiles_a_step,
 )
-from ..kernels.uniform_triton import FragSlot, UniformPacked
+from ..kernels.uniform_triton import FragSlot, UniformPacked, unpermute_inputs
 from .linear import CheckpointError, LayerTensors, QuantLinear, register
 
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32)
@@ -197,7 +197,7 @@ class UniformLinear(QuantLinear):
         p = self.packed
         if frag_supported(p):
             return False
-        fp = repack_frag(p)
+        fp = _repack(p)  # checked just above (a device sync), not again in repack_frag
         for name in ("qweight", "qweight_hi", "scales", "zeros"):
             setattr(self, name, None)
         self.frag_codes, self.frag_sz = fp.codes, fp.sz
@@ -210,11 +210,7 @@ class UniformLinear(QuantLinear):
         if fp is None:
             return packed_dense_weight(self.packed)
         wt = frag_dequantize_t_reference(fp, torch.float32)  # inputs in packed (act-order) order
-        if fp.perm is None:
-            return wt.T.contiguous()
-        w = torch.empty_like(wt.T)
-        w[:, fp.perm.long()] = wt.T
-        return w
+        return unpermute_inputs(wt.T, fp.perm).contiguous()
 
     def _cached_dense(self, x: torch.Tensor) -> torch.Tensor:
         d = self._dense
@@ -242,7 +238,7 @@ def use_fragment_layouts(model: torch.nn.Module, dtype: torch.dtype) -> int:
     of layers moved. CPU models keep the packed layout (their path decodes W once, either way)."""
     if dtype != torch.float16 or os.environ.get("LOWBIT_UNIFORM_FRAG", "1") == "0":
         return 0
-    layers = [m for m in model.modules() if isinstance(m, UniformLinear) and m.bits == 4]
+    layers = [m for m in model.modules() if isinstance(m, UniformLinear)]
     return sum(m.use_fragment_layout() for m in layers if m.qweight is None or m.qweight.is_cuda)
 
 
