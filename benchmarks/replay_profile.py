@@ -2,6 +2,7 @@
 
     python -m benchmarks.replay_profile [--shape llama-2-7b] [--format qtip2] [--context 128] [--steps 5] [--batch 1]
     python -m benchmarks.replay_profile --ablate hadamard,frag,attention
+    python -m benchmarks.replay_profile --batch 64 --timeline 2
 
 
 Captures the engine's decode graph of one batch bucket (default 1) (`CudaGraphDecoder`) for a random-weight model, replays it
@@ -9,6 +10,10 @@ Captures the engine's decode graph of one batch bucket (default 1) (`CudaGraphDe
 start to the last one's end, the summed kernel time (above the span when PDL overlaps launches),
 the gaps between kernels, and the top kernels. Unlike `profile_step` (eager steps) this is the
 graph the decode loop replays. Needs a CUDA GPU; LOWBIT_PDL=0 compares without overlap.
+
+`--timeline L` also lists, in order, one layer's cycle of launches in the last step (from layer L's
+attention launch to layer L+1's: start offset, duration, kernel): which of a layer's launches of one
+kernel (the Hadamard launches share a name) costs what.
 
 `--ablate` answers what each kernel class costs on the replayed step's critical path (the
 profiler's per-kernel sums cannot: with PDL the kernels overlap, and the profiler itself slows
@@ -121,6 +126,7 @@ def main(argv=None) -> int:
     ap.add_argument("--context", type=int, default=128)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--batch", type=int, default=1, help="sequences a step (the graph bucket)")
+    ap.add_argument("--timeline", type=int, default=-1, help="list the launches of this decoder layer in order")
     ap.add_argument("--ablate", default="", help=f"comma list of {sorted(ABLATIONS)}: time the graph without them")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -155,7 +161,30 @@ def main(argv=None) -> int:
         by[e.name[:40]][1] += e.time_range.end - e.time_range.start
     for name, (count, t) in sorted(by.items(), key=lambda kv: -kv[1][1])[:12]:
         print(f"  {t / n / 1e3:.3f} ms {count / n:.0f}x {t / count:.1f} us each {name}")
+    if args.timeline >= 0:
+        per_step = len(evs) // n
+        print_layer_timeline(evs[-per_step:], args.timeline)
     return 0
+
+
+def layer_launches(step: list, layer: int) -> list:
+    """One decoder layer's cycle of launches in one step's launches (in start order): from layer
+    `layer`'s paged-attention launch up to the next layer's (every layer launches
+    `_paged_decode_kernel` exactly once, so the cut is exact whatever else a layer launches)."""
+    marks = [i for i, e in enumerate(step) if e.name.startswith("_paged_decode_kernel")]
+    if layer + 1 >= len(marks):
+        raise ValueError(f"the step has {len(marks)} paged-attention launches: no cycle for layer {layer}")
+    return step[marks[layer]:marks[layer + 1]]
+
+
+def print_layer_timeline(step: list, layer: int) -> None:
+    launches = layer_launches(step, layer)
+    t0 = launches[0].time_range.start
+    print(f"layer {layer} from its attention launch to the next layer's: {len(launches)} launches")
+    print("| # | start us | us | kernel |")
+    print("|---|---|---|---|")
+    for i, e in enumerate(launches):
+        print(f"| {i} | {e.time_range.start - t0:.1f} | {e.time_range.end - e.time_range.start:.1f} | {e.name[:60]} |")
 
 
 if __name__ == "__main__":

@@ -112,6 +112,24 @@ def test_replay_profile_ablations_replace_the_functions_the_decode_graph_calls()
             assert callers[name][attr] is fake, f"{name}: the decode path does not call {target}"
 
 
+def test_replay_timeline_cuts_one_layer_at_its_attention_launches():
+    """`--timeline L` lists layer L's cycle: from its attention launch up to the next layer's, whatever
+    the embedding launched before the first layer; a layer past the last full cycle is an error."""
+    from types import SimpleNamespace
+
+    import pytest
+
+    from benchmarks import replay_profile
+
+    names = ["embed", "norm"] + ["_paged_decode_kernel", "_hadamard_kernel", "_hyb_frag_kernel"] * 3 + ["head"]
+    step = [SimpleNamespace(name=n) for n in names]
+    assert [e.name for e in replay_profile.layer_launches(step, 1)] == ["_paged_decode_kernel", "_hadamard_kernel",
+                                                                         "_hyb_frag_kernel"]
+    assert replay_profile.layer_launches(step, 1)[0] is step[5]
+    with pytest.raises(ValueError, match="3 paged-attention launches"):
+        replay_profile.layer_launches(step, 2)
+
+
 def test_kernel_benchmark_weight_copies_keep_their_own_fragment_copy():
     """The timing rotates over weight copies so none stays in L2; a fragment-order copy shared
     between them (the slot travels with the layer's fields) would be read hot every call."""
