@@ -9,12 +9,14 @@ device copy bandwidth measured in this run (read + write bytes of a 1 GiB device
 Timing: the calls are captured in a CUDA graph and replayed (no launch gaps, as the engine's
 decode graphs), rotating through enough copies of the weights that they cannot stay in the
 50 MB L2; the median of several replays. The fused kernels' tile/split choice comes from their
-own cached tuner (timed with L2 flushed), run first for each (shape, batch).
+own tuner's candidates (timed with L2 flushed), run first for each (shape, batch); an int4 row's
+candidates include the tensor-core kernel on the layer's fragment layout (`uniform_candidates`).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import math
@@ -129,16 +131,77 @@ def vptq_layer(m, n, k_r=0, hot: int = 0):
         outlier_centroids=None, outlier_indices=None, perm=None, weight_scale=None, weight_bias=None)
 
 
-def _clone_uniform(p):
+@dataclasses.dataclass
+class UniformCase:
+    """A uniform layer as the kernel matrix times it: its packed layout (`UniformPacked`: the
+    CUDA-core kernels, dequant + cuBLAS) and, for an int4 layer the tensor-core kernel takes, the
+    same weight in that kernel's fragment layout (`uniform_frag_triton.UniformFrag`), the layout a
+    model's int4 layers are held in (`quantized_models.uniform.use_fragment_layouts`)."""
+    packed: object
+    frag: object | None = None
+
+    @property
+    def in_features(self) -> int:
+        return self.packed.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.packed.out_features
+
+
+def uniform_case(p) -> UniformCase:
+    """p beside its fragment layout, repacked once here where the layer can take it."""
+    from lowbit.kernels import uniform_frag_triton as uf
+
+    return UniformCase(p, None if uf.frag_supported(p) else uf.repack_frag(p))
+
+
+def uniform_candidates(case: UniformCase, batch: int, dtype=torch.float16) -> list:
+    """The packed layer's tuner candidates (`uniform_triton.candidate_configs`) and, at up to 64 fp16
+    rows, the tensor-core kernel's launches on the fragment layout (`uniform_frag_triton.frag_configs`)."""
+    from lowbit.kernels import uniform_frag_triton as uf
     from lowbit.kernels import uniform_triton as uq
 
+    cands = uq.candidate_configs(case.packed, batch, case.packed.qweight.device)
+    if case.frag is not None and batch <= uf.MAX_BATCH:
+        cands += [c for c in uf.frag_configs(case.frag, batch, dtype) if c.kind == "frag"]
+    return cands
+
+
+def run_uniform(x, case: UniformCase, bias, cfg, out=None):
+    """One candidate's launch: "frag" on the fragment layout (`frag_run`), the others on the packed one."""
+    from lowbit.kernels import uniform_frag_triton as uf
+    from lowbit.kernels import uniform_triton as uq
+
+    if cfg.kind != "frag":
+        return uq.run_config(x, case.packed, bias, cfg, out)
+    if out is None:
+        out = torch.empty(x.shape[0], case.out_features, dtype=x.dtype, device=x.device)
+    return uf.frag_run(x, case.frag, bias, cfg, out)
+
+
+def tune_uniform(x, case: UniformCase, bias=None):
+    """(fastest, [(config, µs, error)]) over `uniform_candidates`, timed as the layers' tuners time them."""
+    from lowbit.kernels.tuning import time_candidates
+
+    out = torch.empty(x.shape[0], case.out_features, dtype=x.dtype, device=x.device)
+    return time_candidates(lambda cfg: run_uniform(x, case, bias, cfg, out),
+                           uniform_candidates(case, x.shape[0], x.dtype), x.device)
+
+
+def _clone_uniform(case: UniformCase) -> UniformCase:
+    """A weight copy for the rotation, both layouts its own (a shared one would stay in L2)."""
+    from lowbit.kernels import uniform_triton as uq
+
+    p = case.packed
     kw = dict(p.__dict__)
-    kw["frag"] = uq.FragSlot()  # its own fragment-order copy (a shared one would stay in L2 across the rotation)
     kw["qweight"] = p.qweight.clone()
     if p.qweight_hi is not None:
         kw["qweight_hi"] = p.qweight_hi.clone()
     kw["scales"], kw["zeros"] = p.scales.clone(), p.zeros.clone()
-    return uq.UniformPacked(**kw)
+    frag = None if case.frag is None else dataclasses.replace(case.frag, codes=case.frag.codes.clone(),
+                                                              sz=case.frag.sz.clone())
+    return UniformCase(uq.UniformPacked(**kw), frag)
 
 
 def _clone_vptq(p):
@@ -155,24 +218,25 @@ def _clone_vptq(p):
 # ----------------------------------------------------------------------------------------------
 
 
-def _measure(mod, p, clone, batch, weight_bytes, check_ref=None):
-    """Tune, verify, then time the chosen config and (batch ≥ 8) dequant + cuBLAS."""
+def _measure(tune, run, p, clone, batch, weight_bytes, check_ref=None):
+    """Tune, verify, then time the chosen config and (batch ≥ 8) dequant + cuBLAS; tune(x, p) and
+    run(x, p, bias, cfg, out) as a kernel module's `tune` and `run_config`."""
     n, m = p.in_features, p.out_features
     x = torch.randn(batch, n, device=DEV, dtype=torch.float16)
-    best, timings = mod.tune(x, p)
+    best, timings = tune(x, p)
     out = torch.full((batch, m), float("nan"), device=DEV, dtype=torch.float16)
-    mod.run_config(x, p, None, best, out)
+    run(x, p, None, best, out)
     err = None
     if check_ref is not None:
         ref = check_ref(x)
         err = float((out.double() - ref).norm() / ref.norm())
     nanfree = not torch.isnan(out).any().item()
     ps = [p] + [clone(p) for _ in range(rotation(weight_bytes) - 1)]
-    us = graph_us([lambda q=q: mod.run_config(x, q, None, best, out) for q in ps])
+    us = graph_us([lambda q=q: run(x, q, None, best, out) for q in ps])
     deq_us = None
     if batch >= 8:
         cfg = type(best)("dequant")
-        deq_us = graph_us([lambda q=q: mod.run_config(x, q, None, cfg, out) for q in ps[:2]])
+        deq_us = graph_us([lambda q=q: run(x, q, None, cfg, out) for q in ps[:2]])
     del ps
     return dict(us=us, config=str(best), path=best.kind, dequant_us=deq_us, rel_err=err, nan_free=nanfree,
                 tuned=[(str(c), round(t, 2)) for c, t, _ in timings])
@@ -198,21 +262,21 @@ def _row(kernel, fmt, model, m, n, batch, weight_bytes, res, bw):
 def bench_uniform(shapes, batches, bw, bits=4, group=128, zero_is_min=False, check=True):
     from lowbit.kernels import uniform_triton as uq
 
-    # a model's int4 layers run the tensor-core kernel (`use_fragment_layouts`): time it beside the
-    # CUDA-core kernels here too (each weight copy gets its own fragment-order copy, `_clone_uniform`)
-    os.environ.setdefault("LOWBIT_UNIFORM_FRAG", "1")
     rows = []
     fmt = f"int{bits}-g{group}" + ("-min" if zero_is_min else "")
     for model, m, n in shapes:
         p = uniform_layer(m, n, bits, group, zero_is_min)
-        wb = p.nbytes
+        wb = p.nbytes  # the fragment layout's bytes are the same (codes, then scale and zero per group)
         wref = uq.uniform_packed_dequant_reference(p).double() if check and m * n <= 4096 * 11008 else None
+        # a model's int4 layers run the tensor-core kernel on the fragment layout (`use_fragment_layouts`):
+        # its launches are timed beside the CUDA-core kernels' (`uniform_candidates`)
+        case = uniform_case(p)
         for b in batches:
             ref = (lambda x, w=wref: x.double() @ w.T) if (wref is not None and b in (1, 16)) else None
-            res = _measure(uq, p, _clone_uniform, b, wb, ref)
+            res = _measure(tune_uniform, run_uniform, case, _clone_uniform, b, wb, ref)
             rows.append(_row("uniform", fmt, model, m, n, b, wb, res, bw))
             _print_row(rows[-1])
-        del p, wref
+        del case, p, wref
         torch.cuda.empty_cache()
     return rows
 
@@ -228,7 +292,7 @@ def bench_vptq(shapes, batches, bw, k_r=0, hot=0, check=True):
         wref = vq.vptq_dequant_reference(p).double() if check and m * n <= 4096 * 4096 else None
         for b in batches:
             ref = (lambda x, w=wref: x.double() @ w.T) if (wref is not None and b in (1, 16)) else None
-            res = _measure(vq, p, _clone_vptq, b, wb, ref)
+            res = _measure(vq.tune, vq.run_config, p, _clone_vptq, b, wb, ref)
             rows.append(_row("vptq", fmt, model, m, n, b, wb, res, bw))
             _print_row(rows[-1])
         del p, wref

@@ -2,17 +2,19 @@
 
     python -m benchmarks.uniform_frag_ab --models llama-2-7b,llama-2-70b --batches 1,16
 
-For every shape and batch: cuBLAS fp16 and, per kernel family ("cuda cores": the gemv / mma
-candidates; "frag": `uniform_frag_triton`), the fastest tuner candidate (cold L2, `tuning.cold_us`),
-then that pick replayed over rotating weight copies (`kernels_uv.graph_us`, as the kernel matrix
-times it), its output checked against the fp64 reference. One JSON line a measurement, then a table.
+For every shape and batch: cuBLAS fp16 and, per kernel family ("cuda cores": the packed layer's
+gemv / mma / dequant candidates, `uniform_triton`; "frag": the tensor-core kernel's launches on the
+same weight in its fragment layout, `uniform_frag_triton.frag_configs` run by `frag_run`, the
+layout a model's int4 layers are held in), the fastest candidate (cold L2, `tuning.cold_us`), then
+that pick replayed over rotating weight copies, each with both layouts of its own
+(`kernels_uv.graph_us`, as the kernel matrix times it), its output checked against the fp64
+reference. One JSON line a measurement, then a table.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 
 import torch
 
@@ -26,7 +28,6 @@ def main(argv=None) -> int:
     ap.add_argument("--group", type=int, default=128)
     ap.add_argument("--shapes", default="", help="OUTxIN,... instead of the models' shapes")
     args = ap.parse_args(argv)
-    os.environ["LOWBIT_UNIFORM_FRAG"] = "1"
     from lowbit.kernels import uniform_triton as uq
 
     bw = uv.copy_bandwidth_gbs()
@@ -36,11 +37,12 @@ def main(argv=None) -> int:
     for model, m, n in shapes:
         p = uv.uniform_layer(m, n, 4, args.group)  # integer zeros 0..15: every layer can take the kernel
         w = uq.uniform_packed_dequant_reference(p).double()
-        copies = [p] + [uv._clone_uniform(p) for _ in range(uv.rotation(p.nbytes) - 1)]
+        case = uv.uniform_case(p)  # the fragment layout repacked once from the packed layer
+        copies = [case] + [uv._clone_uniform(case) for _ in range(uv.rotation(p.nbytes) - 1)]
         for batch in [int(b) for b in args.batches.split(",")]:
             x = torch.randn(batch, n, device="cuda", dtype=torch.float16)
             ref = x.double() @ w.T
-            _, timings = uq.tune(x, p)
+            _, timings = uv.tune_uniform(x, case)  # both families' candidates, each on its own layout
             out = torch.empty(batch, m, device="cuda", dtype=torch.float16)
             row = dict(model=model, m=m, n=n, batch=batch, fp16_us=round(uv.fp16_us(m, n, batch), 2),
                        roofline_us=round((p.nbytes + batch * (m + n) * 2) / bw / 1e3, 2))
@@ -50,13 +52,13 @@ def main(argv=None) -> int:
                     row[fam] = None
                     continue
                 cfg, cold = min(ok, key=lambda ct: ct[1])
-                uq.run_config(x, p, None, cfg, out)
+                uv.run_uniform(x, case, None, cfg, out)
                 err = float((out.double() - ref).norm() / ref.norm())
-                us = uv.graph_us([lambda q=q, cfg=cfg, x=x, out=out: uq.run_config(x, q, None, cfg, out) for q in copies])
+                us = uv.graph_us([lambda q=q, cfg=cfg, x=x, out=out: uv.run_uniform(x, q, None, cfg, out) for q in copies])
                 row[fam] = dict(config=str(cfg), cold_us=round(cold, 2), us=round(us, 2), rel_err=err)
             rows.append(row)
             print(json.dumps(row), flush=True)
-        del copies, p, w
+        del copies, case, p, w
         torch.cuda.empty_cache()
     print(f"\n# int4 g{args.group}, {torch.cuda.get_device_name()}, copy {bw:.0f} GB/s")
     print("| shape | batch | fp16 µs | CUDA-core µs | frag µs | CUDA-core × fp16 | frag × fp16 | frag % roofline |")

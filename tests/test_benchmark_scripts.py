@@ -130,15 +130,47 @@ def test_replay_timeline_cuts_one_layer_at_its_attention_launches():
         replay_profile.layer_launches(step, 2)
 
 
-def test_kernel_benchmark_weight_copies_keep_their_own_fragment_copy():
-    """The timing rotates over weight copies so none stays in L2; a fragment-order copy shared
-    between them (the slot travels with the layer's fields) would be read hot every call."""
+def test_kernel_benchmark_int4_rows_time_the_tensor_core_kernel_on_its_own_layout(monkeypatch):
+    """The kernel matrix's int4 rows (and `uniform_frag_ab`) time the tensor-core kernel on the
+    layer's fragment layout beside the packed layer's CUDA-core kernels: both give the layer's
+    product (the interpreter standing in for the GPU); the kernel is offered where a model's layer
+    runs it (int4 with integer zeros, fp16, ≤ 64 rows); every weight copy of the rotation holds
+    both layouts of its own (one shared between them would be read hot from L2 every call)."""
     import torch
 
     from benchmarks import kernels_uv
+    from lowbit.kernels import tuning
     from lowbit.kernels import uniform_triton as uq
 
-    p = uq.pack_uniform(torch.randint(0, 16, (32, 128)), 4, torch.rand(1, 32).half(), torch.full((1, 32), 8.0).half(), 128)
-    p.frag.value = object()
-    c = kernels_uv._clone_uniform(p)
-    assert c.frag is not p.frag and c.frag.value is None and torch.equal(c.qweight, p.qweight)
+    g = torch.Generator().manual_seed(0)
+    scales = (torch.rand(2, 32, generator=g) * 0.02 + 0.002).half()
+    p = uq.pack_uniform(torch.randint(0, 16, (32, 256), generator=g), 4, scales,
+                        torch.randint(0, 16, (2, 32), generator=g).half(), 128)
+    case = kernels_uv.uniform_case(p)
+    assert case.packed is p and case.frag is not None and (case.out_features, case.in_features) == (32, 256)
+    kinds = lambda c, batch, dtype=torch.float16: {k.kind for k in kernels_uv.uniform_candidates(c, batch, dtype)}  # noqa: E731
+    assert kinds(case, 1) == {"gemv", "frag"} and kinds(case, 64) == {"mma", "dequant", "frag"}
+    assert "frag" not in kinds(case, 65) | kinds(case, 1, torch.bfloat16)
+    q4_1 = kernels_uv.uniform_case(uq.pack_uniform(torch.randint(0, 16, (32, 256), generator=g), 4, scales,
+                                                   torch.randn(2, 32, generator=g).half(), 128, zero_is_min=True))
+    assert q4_1.frag is None and kinds(q4_1, 1) == {"gemv"}
+
+    x = torch.randn(2, 256, generator=g).half()
+    ref = uq.uniform_packed_matmul_reference(x.double(), p)
+    outs = []
+
+    def time_two(run, cands, device):  # the tuner's timing, cut to one launch of each family
+        picks = [next(c for c in cands if c.kind == kind) for kind in ("gemv", "frag")]
+        outs.extend(run(c).double() for c in picks)
+        return picks[1], [(c, 1.0, "") for c in picks]
+
+    monkeypatch.setattr(tuning, "time_candidates", time_two)
+    best, _ = kernels_uv.tune_uniform(x, case)
+    outs.append(kernels_uv.run_uniform(x, case, None, best).double())
+    assert best.kind == "frag" and len(outs) == 3
+    assert all(float((y - ref).norm() / ref.norm()) < 2e-3 for y in outs)
+
+    c = kernels_uv._clone_uniform(case)
+    for copy, orig in ((c.packed.qweight, p.qweight), (c.packed.scales, p.scales), (c.packed.zeros, p.zeros),
+                       (c.frag.codes, case.frag.codes), (c.frag.sz, case.frag.sz)):
+        assert torch.equal(copy, orig) and copy.data_ptr() != orig.data_ptr()

@@ -40,8 +40,13 @@ def _layer(m, n, bits, group, zero_is_min=False, perm=False, device="cpu", seed=
 
 
 def _check(x, p, bias, cfg, tol):
+    """cfg's launch against the fp64 reference; "frag" (the int4 tensor-core kernel) runs on p
+    repacked into the fragment layout, as a layer held in it (`frag_run`), the others on p."""
     out = torch.full((x.shape[0], p.out_features), float("nan"), dtype=x.dtype, device=x.device)
-    uq.uniform_matmul(x, p, bias, config=cfg, out=out)
+    if cfg.kind == "frag":
+        uf.frag_run(x, uf.repack_frag(p), bias, cfg, out)
+    else:
+        uq.uniform_matmul(x, p, bias, config=cfg, out=out)
     ref = uq.uniform_packed_matmul_reference(x.double(), p, None if bias is None else bias.double())
     assert not torch.isnan(out).any(), "unwritten (NaN) outputs"
     err = ((out.double() - ref).norm() / ref.norm()).item()
@@ -114,8 +119,9 @@ FRAG_CPU_CASES = [
 @pytest.mark.skipif(not CPU, reason="CPU interpreter test")
 @pytest.mark.parametrize("group,perm,bias,batch,launch,m", FRAG_CPU_CASES)
 def test_uniform_int4_fragment_kernel_matches_reference_cpu(group, perm, bias, batch, launch, m, monkeypatch):
-    """The int4 tensor-core kernel (mma and decode emulated lane by lane on the interpreter); the
-    layer is repacked one row tile at a time (the chunks a large layer is repacked in)."""
+    """The int4 tensor-core kernel (mma and decode emulated lane by lane on the interpreter) on the
+    layer in its fragment layout (`frag_run`), repacked one row tile at a time (the chunks a large
+    layer is repacked in)."""
     monkeypatch.setattr(uf, "_CHUNK", 1)
     seed = group + batch + m
     p, _ = _layer(m, 512, 4, group, perm=perm, seed=seed)
@@ -238,50 +244,34 @@ def test_gptq_int4_model_in_the_fragment_layout_gpu(monkeypatch):
         assert torch.isfinite(got).all() and float((got - want).norm() / want.norm()) < 1e-2, shape
 
 
-def test_uniform_fragment_kernel_is_offered_only_where_it_applies(monkeypatch):
-    """Opt-in (a second copy of the codes), fp16 activations, ≤ 64 rows, 4 bits, integer zeros."""
+def test_uniform_int4_fragment_layout_applies_only_where_it_can():
+    """The tensor-core kernel's layout takes 4-bit codes with integer zeros 0..255 and says why not
+    otherwise (refused with the reason, and a module keeps such a layer packed); a packed layer's
+    tuner never offers the kernel and a packed layer refuses its launch (it reads the fragment layout)."""
     p, _ = _layer(64, 512, 4, 128, seed=5)
-    kinds = lambda q, batch=1, dtype=torch.float16: {c.kind for c in uq.candidate_configs(q, batch, torch.device("cpu"), dtype)}  # noqa: E731
-    assert "frag" not in kinds(p)
-    monkeypatch.setenv("LOWBIT_UNIFORM_FRAG", "1")
-    assert "frag" in kinds(p) and "frag" in kinds(p, 64)
-    assert "frag" not in kinds(p, 65) and "frag" not in kinds(p, 1, torch.bfloat16)
+    assert uf.frag_supported(p) == ""
+    assert all(c.kind != "frag" for b in (1, 2, 16, 64) for c in uq.candidate_configs(p, b, torch.device("cpu")))
+    with pytest.raises(ValueError, match="fragment layout"):
+        uq.run_config(torch.randn(2, 512).half(), p, None, uq.UQConfig("frag"))
     for other in (_layer(64, 512, 3, 128, seed=5)[0], _layer(64, 512, 4, 128, zero_is_min=True, seed=5)[0]):
-        assert "frag" not in kinds(other)
-    # timing the candidates makes the fragment-order copy; a pick of another kind lets it go
-    ran = []
-
-    def fake_timing(run, cands, device):  # runs one fragment candidate, picks the first (a gemv)
-        run(next(c for c in cands if c.kind == "frag"))
-        ran.append(p.frag.value)
-        return cands[0], []
-
-    monkeypatch.setattr(uq, "time_candidates", fake_timing)
-    monkeypatch.setattr(uq, "_TUNED", {})  # the pick stays in this test
-    assert uq.tune(torch.randn(1, 512).half(), p)[0].kind == "gemv"
-    assert isinstance(ran[0], uf.UniformFrag) and p.frag.value is None
-    # but not while another batch bucket of the shape runs it: its captured launches read the copy
-    frag_pick = lambda run, cands, device: (run(next(c for c in cands if c.kind == "frag")), (next(  # noqa: E731
-        c for c in cands if c.kind == "frag"), []))[1]
-    monkeypatch.setattr(uq, "time_candidates", frag_pick)
-    assert uq.tune(torch.randn(1, 512).half(), p)[0].kind == "frag" and p.frag.value is not None
-    monkeypatch.setattr(uq, "time_candidates", fake_timing)
-    assert uq.tune(torch.randn(16, 512).half(), p)[0].kind == "mma"
-    assert isinstance(p.frag.value, uf.UniformFrag)  # batch 1's pick still runs it
-    monkeypatch.setattr(uq, "_TUNED", {})
-    assert uq.tune(torch.randn(16, 512).half(), p)[0].kind == "mma" and p.frag.value is None
-    p.zeros[0, 0] = 7.5  # a zero fp16 cannot subtract exactly after 1024 + q
-    assert "frag" not in kinds(p) and "integers" in uf.frag_supported(p)
-    with pytest.raises(ValueError, match="integers"):
-        uf.repack_frag(p)
-    # a shape's pick of the kernel reaching a layer of that shape that cannot take it: the layer
-    # runs the built-in choice instead (and remembers why, no check per call). An integer zero out
-    # of the kernel's range (fractional zeros no kernel takes: the CUDA-core ones add 2^23 to them)
-    p.zeros[0, 0] = 300.0
-    x = torch.randn(2, 512).half()
-    out = uq.run_config(x, p, None, uq.UQConfig("frag"))
-    ref = uq.uniform_packed_matmul_reference(x.double(), p)
-    assert "integers" in p.frag.value and float((out.double() - ref).norm() / ref.norm()) < 2e-3
+        assert "4-bit" in uf.frag_supported(other)
+        with pytest.raises(ValueError, match="4-bit"):
+            uf.repack_frag(other)
+    # a zero fp16 cannot subtract exactly after 1024 + q (fractional), or one out of the kernel's range
+    for zero in (7.5, 300.0, -1.0):
+        p.zeros[0, 0] = zero
+        assert "integers" in uf.frag_supported(p)
+        with pytest.raises(ValueError, match="integers"):
+            uf.repack_frag(p)
+    lin = _gptq_layer(4, False, seed=5)
+    lin.zeros[0, 0] = 300.0
+    assert not lin.use_fragment_layout() and lin.qweight is not None and lin.fragment is None
+    # the kernel itself takes ≤ 64 fp16 rows (`frag_run` cuts more into 64-row launches), warps dividing the steps
+    fp = uf.repack_frag(_layer(64, 512, 4, 128, seed=6)[0])
+    out = torch.empty(65, 64).half()
+    for x, warps in ((torch.randn(65, 512).half(), 4), (torch.randn(2, 512), 4), (torch.randn(2, 512).half(), 3)):
+        with pytest.raises(ValueError, match="int4 fragment kernel"):
+            uf.uq_frag_matmul(x, fp, out[:x.shape[0]], num_warps=warps)
 
 
 GPU_SHAPES = [(1024, 4096), (4096, 11008)]
@@ -443,34 +433,3 @@ def test_repack_gguf_matches_spec(kind):
     data = torch.tensor(rows, dtype=torch.uint8)
     p = uq.repack_gguf(data, kind)
     assert torch.allclose(uq.uniform_packed_dequant_reference(p), want, rtol=1e-6, atol=1e-6)
-
-
-@pytest.mark.skipif(not CPU, reason="CPU interpreter test")
-def test_gptq_int4_model_through_the_fragment_kernel_on_the_interpreter(monkeypatch):
-    """A whole tiny GPTQ int4 model (fp16) with every projection on the int4 tensor-core kernel (the
-    interpreter stands in for the GPU; each layer gets its own fragment-order copy on first use)
-    gives the reference path's logits."""
-    import copy
-
-    from lowbit.quantized_models.synthetic import random_model
-    from lowbit.quantized_models.uniform import UniformLinear
-
-    model = random_model("tiny", "gptq4", device="cpu", dtype=torch.float16, seed=3)
-    ids = torch.randint(0, model.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
-    want = copy.deepcopy(model).logits(ids).double()
-    cfg = uq.UQConfig("frag", row_tiles=2, num_warps=4, prefetch=1)
-    monkeypatch.setattr(UniformLinear, "forward", lambda self, x: uq.uniform_matmul(x, self.packed, self.bias, cfg))
-    repacks = []
-    repack = uf._repack  # where every layer's copy is made (`frag_layout` checks first, then calls it)
-    monkeypatch.setattr(uf, "_repack", lambda p: repacks.append(p) or repack(p))
-    got = model.logits(ids).double()
-    assert float((got - want).norm() / want.norm()) < 1e-2
-    # the module builds a new UniformPacked view each call: its copy lives in the module's slot,
-    # made once per layer, not once per call (a second pass repacks nothing)
-    layers = [m for m in model.modules() if isinstance(m, UniformLinear)]
-    assert layers and all(isinstance(m.packed.frag.value, uf.UniformFrag) for m in layers)
-    assert len(repacks) == len(layers)
-    model.logits(ids[:, :2])
-    assert len(repacks) == len(layers)
-    model.to(torch.float16)  # moving or casting the module makes a new slot (the copy follows the buffers)
-    assert all(m.packed.frag.value is None for m in layers)

@@ -357,23 +357,12 @@ def frag_dequantize_t(fp: UniformFrag, dtype=torch.float16, out: torch.Tensor | 
     return out
 
 
-def frag_layout(p: UniformPacked) -> UniformFrag | str:
-    """The layer's fragment-order copy, made on first use and kept in its `FragSlot`; or why this
-    layer cannot have one (a pick is made per shape: another layer of it may have other zeros)."""
-    if p.frag.value is None:
-        if p.qweight.is_cuda and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("int4 fragment kernel: the layer's fragment-order copy must be made before CUDA-graph "
-                               "capture (run the layer once eagerly first, as the engine's warm-up does)")
-        p.frag.value = frag_supported(p) or _repack(p)  # checked once (a device sync), not again in repack_frag
-    return p.frag.value
-
-
-def frag_candidates(p: UniformPacked | UniformFrag, batch: int) -> list[tuple[int, int, int]]:
-    """(row tiles, warps, prefetch) launches for the tuner; the warps must divide the steps. Past
-    16 rows a step's x alone is 16 registers an n-block, so the ring holds one step (sm_90
-    compiles of `benchmarks.sass uniform-frag`: 56–88 registers at 1–16 rows with two steps in
-    flight, 253 at 64 rows)."""
-    ts = p.in_features // (16 * tiles_a_step(p.group_size))
+def frag_candidates(fp: UniformFrag, batch: int) -> list[tuple[int, int, int]]:
+    """(row tiles, warps, prefetch) launches for the tuner (`frag_configs`); the warps must divide
+    the steps. Past 16 rows a step's x alone is 16 registers an n-block, so the ring holds one step
+    (sm_90 compiles of `benchmarks.sass uniform-frag`: 56–88 registers at 1–16 rows with two steps
+    in flight, 253 at 64 rows)."""
+    ts = fp.in_features // (16 * tiles_a_step(fp.group_size))
     pf = 2 if batch <= 16 else 1
     fits = [(rt, nw, pf) for rt, nw in ((1, 4), (1, 8), (2, 4), (1, 16)) if ts % nw == 0]
     return fits or [(1, 2 if ts % 2 == 0 else 1, pf)]  # odd step counts: fewer warps still divide them

@@ -35,8 +35,7 @@ per group: LOP3 + FADD + FFMA per weight.
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -57,13 +56,6 @@ except ImportError:  # pragma: no cover
 
 
 @dataclass
-class FragSlot:
-    """Where a layer's fragment-order copy of its codes (`uniform_frag_triton`) lives once made:
-    shared by every `UniformPacked` view of the layer (a module builds a new view per call)."""
-    value: object | None = None
-
-
-@dataclass
 class UniformPacked:
     bits: int
     group_size: int
@@ -75,7 +67,6 @@ class UniformPacked:
     zeros: torch.Tensor
     zero_is_min: bool = False
     perm: torch.Tensor | None = None
-    frag: FragSlot = field(default_factory=FragSlot)  # the int4 tensor-core kernel's copy, made on first use
 
     def tensors(self) -> dict[str, torch.Tensor]:
         d = {"qweight": self.qweight, "scales": self.scales, "zeros": self.zeros}
@@ -90,7 +81,7 @@ class UniformPacked:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
     def to(self, device) -> "UniformPacked":
-        kw = dict(self.__dict__, frag=FragSlot())
+        kw = dict(self.__dict__)
         for k, v in self.tensors().items():
             kw[k] = v.to(device)
         return UniformPacked(**kw)
@@ -645,9 +636,9 @@ if triton is not None:
 
 @dataclass(frozen=True)
 class UQConfig:
-    """One launch choice. kind: "gemv" (CUDA cores), "mma" (tensor cores), "frag" (int4 on tensor
-    cores from the fragment-order copy, `uniform_frag_triton`; row_tiles, num_warps, prefetch) or
-    "dequant" (+cuBLAS).
+    """One launch choice. kind: "gemv" (CUDA cores), "mma" (tensor cores), "dequant" (+cuBLAS), or
+    "frag": int4 on tensor cores from a layer held in the fragment layout (row_tiles, num_warps,
+    prefetch; `uniform_frag_triton.frag_configs` / `frag_run`, never a packed layer's launch).
 
     bk: input rows per tile (must divide the group size), bmw: packed words per tile row (outputs
     = bmw · values per word), bb: rows of x per program, split_k: programs along the input."""
@@ -762,16 +753,9 @@ def run_config(x2, p: UniformPacked, bias, cfg: UQConfig, out=None):
         out = torch.empty(x2.shape[0], p.out_features, dtype=x2.dtype, device=x2.device)
     if cfg.kind == "dequant":
         return _launch_dequant_matmul(x2, p, bias, out)
-    if cfg.kind == "frag":
-        from .uniform_frag_triton import frag_layout, uq_frag_matmul
-
-        fp = frag_layout(p)
-        if isinstance(fp, str):  # this layer cannot take it (the shape's pick came from another layer)
-            return run_config(x2, p, bias, heuristic_config(p, x2.shape[0], x2.device), out)
-        uq_frag_matmul(x2, fp, out, cfg.row_tiles, cfg.num_warps, cfg.prefetch)
-        if bias is not None:
-            out += bias
-        return out
+    if cfg.kind not in ("gemv", "mma"):
+        raise ValueError(f"a packed layer runs gemv, mma or dequant launches, not {cfg.kind!r} (the int4 "
+                         "tensor-core kernel reads the fragment layout: uniform_frag_triton.frag_run)")
     return _launch_fused(x2, p, bias, cfg, out)
 
 
@@ -807,12 +791,11 @@ def heuristic_config(p: UniformPacked, batch: int, device) -> UQConfig:
     return UQConfig("mma", bk=bk, bmw=bmw, bb=bb, split_k=_split_for(ctas, N // bk, sms), num_stages=2)
 
 
-def candidate_configs(p: UniformPacked, batch: int, device, dtype=torch.float16) -> list[UQConfig]:
+def candidate_configs(p: UniformPacked, batch: int, device) -> list[UQConfig]:
     """What the tuner times for one (shape, batch). Tile shapes are few (each is a compile);
     the split is a run-time argument, so trying several costs no compile. The int4 tensor-core
-    kernel ("frag") for a packed layer only with LOWBIT_UNIFORM_FRAG=1 (the A/B of
-    `benchmarks.uniform_frag_ab`): it keeps a second copy of the codes. Models hold such layers in
-    the fragment layout alone instead (`quantized_models.uniform.use_fragment_layouts`)."""
+    kernel is no candidate here: it reads its own layout, which a layer holds in place of this one
+    (`quantized_models.uniform.use_fragment_layouts`; tuned by `uniform_frag_triton.frag_configs`)."""
     M, N = p.out_features, p.in_features
     vpw = values_per_word(p.bits)
     sms = _num_sms(device)
@@ -838,11 +821,6 @@ def candidate_configs(p: UniformPacked, batch: int, device, dtype=torch.float16)
                 cands.append(UQConfig("mma", bk=bk, bmw=bmw, bb=bb, split_k=split, num_stages=2))
     if batch >= 16:
         cands.append(UQConfig("dequant"))
-    if os.environ.get("LOWBIT_UNIFORM_FRAG", "0") == "1" and dtype == torch.float16 and batch <= 64:
-        from .uniform_frag_triton import frag_candidates, frag_supported
-
-        if not frag_supported(p):
-            cands += [UQConfig("frag", row_tiles=rt, num_warps=nw, prefetch=pf) for rt, nw, pf in frag_candidates(p, batch)]
     return cands
 
 
@@ -856,26 +834,17 @@ def tune_key(p: UniformPacked, batch: int, dtype) -> tuple:
 
 def tune(x2, p: UniformPacked, bias=None, cands=None) -> tuple[UQConfig, list]:
     """Time every candidate as a decode step runs it (`tuning.cold_us`), cache the fastest."""
-    cands = cands or candidate_configs(p, x2.shape[0], x2.device, x2.dtype)
+    cands = cands or candidate_configs(p, x2.shape[0], x2.device)
     out = torch.empty(x2.shape[0], p.out_features, dtype=x2.dtype, device=x2.device)
     best, timings = time_candidates(lambda cfg: run_config(x2, p, bias, cfg, out), cands, x2.device)
-    key = tune_key(p, x2.shape[0], x2.dtype)
-    _TUNED[key] = best
-    if not _frag_picked(key):
-        p.frag.value = None  # timing it made the fragment-order copy; keep it only where it runs
+    _TUNED[tune_key(p, x2.shape[0], x2.dtype)] = best
     return best, timings
-
-
-def _frag_picked(key: tuple) -> bool:
-    """Whether the fragment kernel is this process's pick for any batch bucket of key's shape: a
-    later bucket's other pick must not drop the copy an earlier bucket's (captured) launches read."""
-    return any(cfg.kind == "frag" for k, cfg in _TUNED.items() if k[:6] == key[:6] and k[7:] == key[7:])
 
 
 def choose_config(x2, p: UniformPacked, bias=None) -> UQConfig:
     return choose(_TUNED, tune_key(p, x2.shape[0], x2.dtype), x2, lambda: tune(x2, p, bias)[0],
                   lambda: heuristic_config(p, x2.shape[0], x2.device), UQConfig,
-                  lambda: candidate_configs(p, x2.shape[0], x2.device, x2.dtype))
+                  lambda: candidate_configs(p, x2.shape[0], x2.device))
 
 
 def uniform_matmul(x: torch.Tensor, p: UniformPacked, bias: torch.Tensor | None = None,

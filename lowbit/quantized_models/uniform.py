@@ -51,7 +51,7 @@ from ..kernels.uniform_frag_triton import (
     frag_supported,
     tiles_a_step,
 )
-from ..kernels.uniform_triton import FragSlot, UniformPacked, unpermute_inputs
+from ..kernels.uniform_triton import UniformPacked, unpermute_inputs
 from .linear import CheckpointError, LayerTensors, QuantLinear, register
 
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32)
@@ -162,7 +162,6 @@ class UniformLinear(QuantLinear):
         self.info = dict(info)
         # (device, dtype, decoded W) of the CPU path: an attribute, never storage or state.
         self._dense: tuple[torch.device, torch.dtype, torch.Tensor] | None = None
-        self._frag = FragSlot()  # the int4 tensor-core kernel's copy of the codes, once made
 
     @property
     def packed(self) -> UniformPacked:
@@ -170,12 +169,10 @@ class UniformLinear(QuantLinear):
             raise RuntimeError("this layer is kept in the int4 fragment layout (use_fragment_layout): no packed codes")
         return UniformPacked(bits=self.bits, group_size=self.group_size, in_features=self.in_features,
                              out_features=self.out_features, qweight=self.qweight, qweight_hi=self.qweight_hi,
-                             scales=self.scales, zeros=self.zeros, zero_is_min=self.zero_is_min, perm=self.perm,
-                             frag=self._frag)
+                             scales=self.scales, zeros=self.zeros, zero_is_min=self.zero_is_min, perm=self.perm)
 
     def _apply(self, fn, recurse=True):
         self._dense = None  # buffers moved or changed: decode again from them
-        self._frag = FragSlot()
         return super()._apply(fn, recurse)
 
     @property
