@@ -8,7 +8,9 @@ graphs captured afresh) with the switch off and then on, so the two settings alt
 weights, kernels and GPU state. `--knob pdl`: LOWBIT_PDL=0 / 1 with PDL on every launch, whatever its
 rows (LOWBIT_PDL_MAX_ROWS lifted); `--knob chain`: LOWBIT_CHAIN_OUTPUTS=0 / 1 (a QTIP projection's
 output transform in the next norm's launch); `--knob chain-split`: LOWBIT_CHAIN_SPLIT=0 / 1 (that chain
-also where a row's transform is split over several programs: batch 1–8). Prints one JSON line a measurement and a table of medians.
+also where a row's transform is split over several programs: batch 1–8); `--knob dot-epilogues`:
+LOWBIT_DOT_EPILOGUES=0 / 1 (SiLU·mul and the rotary step inside the product kernel's Hadamard launches
+at 8–255 rows, or in launches of their own). Prints one JSON line a measurement and a table of medians.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from lowbit.quantized_models.synthetic import random_model
 # knob -> (the variable set to 0 / 1, variables set alongside for both settings)
 KNOBS = {"pdl": ("LOWBIT_PDL", {"LOWBIT_PDL_MAX_ROWS": str(1 << 30)}),  # "with": every launch, whatever its rows
          "chain": ("LOWBIT_CHAIN_OUTPUTS", {}),
-         "chain-split": ("LOWBIT_CHAIN_SPLIT", {})}
+         "chain-split": ("LOWBIT_CHAIN_SPLIT", {}),
+         "dot-epilogues": ("LOWBIT_DOT_EPILOGUES", {})}
 
 
 def main(argv=None) -> int:

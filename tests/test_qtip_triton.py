@@ -286,11 +286,20 @@ def test_hadamard_transform_takes_the_rmsnorm(n, rows, with_residual):
         assert torch.equal(res_out, rmsnorm_reference(x, w, 1e-5, r)[1]) and torch.equal(res_out, s)
 
 
-def test_fused_inputs_and_rotary_stay_off_prefill_tiles():
+def test_fused_inputs_and_rotary_only_on_butterfly_launches_unless_asked(monkeypatch):
+    """SiLU·mul and the rotary step ride in the butterfly kernel's launches (few rows); the product
+    kernel's (8–255 rows) take them only with LOWBIT_DOT_EPILOGUES=1, prefill tiles never."""
+    monkeypatch.delenv("LOWBIT_DOT_EPILOGUES", raising=False)
+    assert ht.rotary_plan(12288, 1, 128)["P1"] == 8 and ht.rotary_plan(12288, 1, 96) is None
+    assert ht.rotary_plan(12288, ht.DOT_ROWS - 1, 128)["kernel"] == "butterfly"
+    assert ht.rotary_plan(12288, ht.DOT_ROWS, 128) is None and ht.rotary_plan(12288, 64, 128) is None
+    assert ht.rotary_plan(4096, 64, 128)["kernel"] == "butterfly"  # a power of two: butterfly at any rows
+    assert ht.takes_gate(11008, ht.DOT_ROWS - 1) and not ht.takes_gate(11008, ht.DOT_ROWS)
+    assert ht.takes_gate(8192, 64) and not ht.takes_gate(8192, ht.PREFILL_ROWS)
+    monkeypatch.setenv("LOWBIT_DOT_EPILOGUES", "1")
     assert ht.rotary_plan(12288, ht.PREFILL_ROWS - 1, 128)["Q"] == 128
     assert ht.rotary_plan(12288, ht.PREFILL_ROWS, 128) is None  # prefill keeps its own tiles and launch
-    assert ht.rotary_plan(12288, 1, 128)["P1"] == 8 and ht.rotary_plan(12288, 1, 96) is None
-    assert ht.takes_gate(ht.PREFILL_ROWS - 1) and not ht.takes_gate(ht.PREFILL_ROWS)
+    assert ht.takes_gate(11008, ht.PREFILL_ROWS - 1) and not ht.takes_gate(11008, ht.PREFILL_ROWS)
 
 
 def test_hadamard_norm_only_where_one_program_sees_the_row():
@@ -334,11 +343,14 @@ ROTARY_CASES = [((4, 2), 16, 3), ((16, 4), 16, 1), ((8, 2), 32, ht.DOT_ROWS), ((
 
 @pytest.mark.parametrize("heads,head_dim,rows", ROTARY_CASES)
 @pytest.mark.parametrize("with_cache", [True, False])
-def test_hadamard_output_transform_takes_the_rotary_step(heads, head_dim, rows, with_cache):
+def test_hadamard_output_transform_takes_the_rotary_step(heads, head_dim, rows, with_cache, monkeypatch):
     """rotary=: the output of a fused q|k|v projection with its q/k heads rotated (rotate-half at each
     token's position) and, with a cache, k and v written at scattered slots; against the same
-    transform followed by the reference rotary and KV store."""
+    transform followed by the reference rotary and KV store (the product kernel's launch with
+    LOWBIT_DOT_EPILOGUES=1, which offers it)."""
     from lowbit.kernels.fused import QKVRotary, rotary_qkv_
+
+    monkeypatch.setenv("LOWBIT_DOT_EPILOGUES", "1")
 
     hq, hkv = heads
     n = (hq + 2 * hkv) * head_dim
@@ -818,19 +830,40 @@ def test_qtip_model_on_fused_launches_matches_the_cpu_reference_gpu():
     assert float((got - want).norm() / want.norm()) < 1e-2
 
 
-def test_qtip_model_through_the_fused_launches_on_the_interpreter(monkeypatch):
+def _special_order_shape():
+    """A tiny Llama shape whose q|k|v (4 + 2·4 heads of 64) and MLP (768) lengths are 12·64: at 8 or
+    more rows their transforms run the product kernel, where SiLU·mul and the rotary step take
+    launches of their own unless LOWBIT_DOT_EPILOGUES=1 (inside them: the kernel tests above)."""
+    import dataclasses
+
+    from lowbit.quantized_models.synthetic import shape_config
+
+    return dataclasses.replace(shape_config("tiny"), intermediate_size=768, num_kv_heads=4, num_layers=1)
+
+
+@pytest.mark.parametrize("shape,dot_epilogues", [("tiny", "0"), ("special", "0")])
+def test_qtip_model_through_the_fused_launches_on_the_interpreter(shape, dot_epilogues, monkeypatch):
     """A whole tiny QTIP model with every projection on the fused launches (norm, SiLU·mul, rotary and
     the pending outputs chained into the next norm; the interpreter stands in for the GPU) gives
-    the reference path's logits."""
+    the reference path's logits; with lengths of a special order the product kernel's launches,
+    with SiLU·mul and the rotary step inside them or in launches of their own."""
     import copy
 
     from lowbit.quantized_models import qtip as qtip_linear
     from lowbit.quantized_models.synthetic import random_model
 
-    model = random_model("tiny", "qtip2", device="cpu", dtype=torch.float32, seed=1)
+    monkeypatch.setenv("LOWBIT_DOT_EPILOGUES", dot_epilogues)
+    cfg = "tiny" if shape == "tiny" else _special_order_shape()
+    model = random_model(cfg, "qtip2", device="cpu", dtype=torch.float32, seed=1)
     ids = torch.randint(0, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
     want = copy.deepcopy(model).logits(ids).double()
     assert ht.takes_chain(model.config.hidden_size, 12)  # 12 rows: the o → gate|up and down → qkv chains run
+    c = model.config
+    qkv = (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
+    fused_here = shape == "tiny" or dot_epilogues == "1"
+    assert (ht.rotary_plan(qkv, 12, c.head_dim) is not None) == fused_here
+    assert ht.takes_gate(c.intermediate_size, 12) == fused_here
+    assert shape == "tiny" or ht.plan(qkv, 12)["kernel"] == ht.plan(c.intermediate_size, 12)["kernel"] == "dot"
     calls = []
 
     def fusing(self, x):

@@ -53,7 +53,8 @@ _WIDE = 4096
 # Rows of x from which the product kernel runs for lengths with a special factor k > 1.
 DOT_ROWS = 8
 # Rows of x from which the product kernel takes prefill-sized tiles; the fused SiLU·mul input and
-# rotary output are only taken below it (at 1000 rows they made the product kernel 3x slower).
+# rotary output are never taken from here (at 1000 rows they made the product kernel 3x slower), and
+# below it only with `dot_epilogues`.
 PREFILL_ROWS = 256
 
 if triton is not None:
@@ -543,24 +544,38 @@ def takes_chain(n: int, rows: int, chunks: int = 1) -> bool:
     return launch["P1"] == 1 or os.environ.get("LOWBIT_CHAIN_SPLIT", "0") == "1"
 
 
-def takes_gate(rows: int) -> bool:
-    """Whether the transform of `rows` rows takes SiLU·mul (`up=`) at no loss: below PREFILL_ROWS
-    (a prefill's product-kernel tiles ran 3x slower with it, measured)."""
-    return rows < PREFILL_ROWS
+def dot_epilogues() -> bool:
+    """Whether the product kernel takes SiLU·mul at its input (`up=`) and the rotary step at its output
+    (`rotary=`) for 8–255 rows, as the butterfly kernel does for fewer. Off: in a 64-row QTIP-2 decode
+    step (H100, `benchmarks.replay_profile --batch 64 --timeline 2`, eighteenth session) the q|k|v
+    output transform with the rotary step and the KV write took 34.9 µs and the gated 11008-long
+    input 19.0 µs (16 rows: 23.0 / 9.0), where the same transforms without them took 11.4 and 13.8 µs
+    at four times the rows (256, twelfth / eleventh sessions) and the fp16 engine's rotary + KV write
+    and SiLU·mul launches 5.3 and 2.2 µs at 64 rows: one launch more each, predicted 20–30 µs less a
+    layer. LOWBIT_DOT_EPILOGUES=1 takes them (A/B: `benchmarks.pdl_ab --knob dot-epilogues`)."""
+    return os.environ.get("LOWBIT_DOT_EPILOGUES", "0") == "1"
+
+
+def takes_gate(n: int, rows: int) -> bool:
+    """Whether the input transform of `rows` rows of length n takes SiLU·mul (`up=`) at no loss: the
+    butterfly kernel's launches, and the product kernel's where `dot_epilogues`; never prefill tiles
+    (PREFILL_ROWS: they ran 3x slower with it, measured)."""
+    return rows < PREFILL_ROWS and (plan(n, rows)["kernel"] == "butterfly" or dot_epilogues())
 
 
 def rotary_plan(ch: int, rows: int, head_dim: int) -> dict | None:
     """`plan`'s launch reshaped so that each row of a program's output tile is one whole head
     (butterfly: column blocks of head_dim; product kernel: q = head_dim), which lets the output
     transform of a fused q|k|v projection apply the rotary embedding (`rotary=`); None where the
-    length's power-of-two part is not a multiple of head_dim (or the tile would not fit)."""
+    length's power-of-two part is not a multiple of head_dim (or the tile would not fit), and for
+    the product kernel's launches unless `dot_epilogues`."""
     pl = plan(ch, rows)
     k = hadamard_factor(ch)
     p = ch // k
     if head_dim < 16 or head_dim & (head_dim - 1) or p % head_dim:
         return None
     if pl["kernel"] == "dot":  # only the launch the plain transform takes (prefill keeps its own tiles)
-        return dict(pl) if pl["Q"] == head_dim and rows < PREFILL_ROWS else None
+        return dict(pl) if pl["Q"] == head_dim and rows < PREFILL_ROWS and dot_epilogues() else None
     if k > 1 and pl["KP"] * head_dim > 8192:
         return None
     p1 = p // head_dim

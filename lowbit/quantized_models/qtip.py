@@ -241,7 +241,7 @@ class QTIPLinear(QuantLinear):
     def forward_gated(self, gate, up, pending=False):
         kernels = self._fusing_kernels(gate)
         if kernels is not None and up.shape == gate.shape and up.stride(-1) == 1 and \
-                kernels.takes_gate(gate.shape[0]):
+                kernels.takes_gate(gate.shape[-1], gate.shape[0]):
             return kernels.qtip_forward_gated(self, gate, up, pending)
         return super().forward_gated(gate, up, pending)
 
