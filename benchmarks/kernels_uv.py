@@ -156,24 +156,32 @@ def uniform_case(p) -> UniformCase:
     return UniformCase(p, None if uf.frag_supported(p) else uf.repack_frag(p))
 
 
+# The fragment layout's "dequant" (Wᵀ decoded from it for cuBLAS), told apart from the packed layer's.
+FRAG_DEQUANT = "frag-dequant"
+
+
 def uniform_candidates(case: UniformCase, batch: int, dtype=torch.float16) -> list:
-    """The packed layer's tuner candidates (`uniform_triton.candidate_configs`) and, at up to 64 fp16
-    rows, the tensor-core kernel's launches on the fragment layout (`uniform_frag_triton.frag_configs`)."""
+    """The packed layer's tuner candidates (`uniform_triton.candidate_configs`) and the fragment
+    layout's (`uniform_frag_triton.frag_configs`: the tensor-core kernel for fp16, in 64-row chunks
+    past 64 rows, and Wᵀ decoded from that layout for cuBLAS, here kind FRAG_DEQUANT), as a model
+    holding either layout would tune them."""
     from lowbit.kernels import uniform_frag_triton as uf
     from lowbit.kernels import uniform_triton as uq
 
     cands = uq.candidate_configs(case.packed, batch, case.packed.qweight.device)
-    if case.frag is not None and batch <= uf.MAX_BATCH:
-        cands += [c for c in uf.frag_configs(case.frag, batch, dtype) if c.kind == "frag"]
+    if case.frag is not None:
+        cands += [c if c.kind == "frag" else dataclasses.replace(c, kind=FRAG_DEQUANT)
+                  for c in uf.frag_configs(case.frag, batch, dtype)]
     return cands
 
 
 def run_uniform(x, case: UniformCase, bias, cfg, out=None):
-    """One candidate's launch: "frag" on the fragment layout (`frag_run`), the others on the packed one."""
+    """One candidate's launch: "frag" and FRAG_DEQUANT on the fragment layout (`frag_run`), the others
+    on the packed one."""
     from lowbit.kernels import uniform_frag_triton as uf
     from lowbit.kernels import uniform_triton as uq
 
-    if cfg.kind != "frag":
+    if cfg.kind not in ("frag", FRAG_DEQUANT):
         return uq.run_config(x, case.packed, bias, cfg, out)
     if out is None:
         out = torch.empty(x.shape[0], case.out_features, dtype=x.dtype, device=x.device)

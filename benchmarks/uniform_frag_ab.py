@@ -2,10 +2,11 @@
 
     python -m benchmarks.uniform_frag_ab --models llama-2-7b,llama-2-70b --batches 1,16
 
-For every shape and batch: cuBLAS fp16 and, per kernel family ("cuda cores": the packed layer's
-gemv / mma / dequant candidates, `uniform_triton`; "frag": the tensor-core kernel's launches on the
-same weight in its fragment layout, `uniform_frag_triton.frag_configs` run by `frag_run`, the
-layout a model's int4 layers are held in), the fastest candidate (cold L2, `tuning.cold_us`), then
+For every shape and batch: cuBLAS fp16 and, per layout ("cuda cores" / packed: the packed layer's
+gemv / mma / dequant candidates, `uniform_triton`; "frag": the same weight in the tensor-core
+kernel's fragment layout, the layout a model's int4 layers are held in, with its candidates
+`uniform_frag_triton.frag_configs` run by `frag_run`: the kernel, in 64-row chunks past 64 rows, and
+Wᵀ decoded from that layout for cuBLAS), the fastest candidate (cold L2, `tuning.cold_us`), then
 that pick replayed over rotating weight copies, each with both layouts of its own
 (`kernels_uv.graph_us`, as the kernel matrix times it), its output checked against the fp64
 reference. One JSON line a measurement, then a table.
@@ -19,6 +20,10 @@ import json
 import torch
 
 from benchmarks import kernels_uv as uv
+
+
+def _kind(res: dict) -> str:
+    return res["config"].split("(")[1].split(",")[0].split("=")[1].strip("'\"")
 
 
 def main(argv=None) -> int:
@@ -46,7 +51,7 @@ def main(argv=None) -> int:
             out = torch.empty(batch, m, device="cuda", dtype=torch.float16)
             row = dict(model=model, m=m, n=n, batch=batch, fp16_us=round(uv.fp16_us(m, n, batch), 2),
                        roofline_us=round((p.nbytes + batch * (m + n) * 2) / bw / 1e3, 2))
-            for fam, kinds in (("cuda_cores", ("gemv", "mma", "dequant")), ("frag", ("frag",))):
+            for fam, kinds in (("cuda_cores", ("gemv", "mma", "dequant")), ("frag", ("frag", uv.FRAG_DEQUANT))):
                 ok = [(c, t) for c, t, e in timings if c.kind in kinds and not e]
                 if not ok:
                     row[fam] = None
@@ -61,12 +66,12 @@ def main(argv=None) -> int:
         del copies, case, p, w
         torch.cuda.empty_cache()
     print(f"\n# int4 g{args.group}, {torch.cuda.get_device_name()}, copy {bw:.0f} GB/s")
-    print("| shape | batch | fp16 µs | CUDA-core µs | frag µs | CUDA-core × fp16 | frag × fp16 | frag % roofline |")
+    print("| shape | batch | fp16 µs | packed µs (pick) | frag µs (pick) | packed × fp16 | frag × fp16 | frag % roofline |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         g, f = r["cuda_cores"], r["frag"]
         if g and f:
-            print(f"| {r['m']}×{r['n']} | {r['batch']} | {r['fp16_us']} | {g['us']} | {f['us']} | "
+            print(f"| {r['m']}×{r['n']} | {r['batch']} | {r['fp16_us']} | {g['us']} ({_kind(g)}) | {f['us']} ({_kind(f)}) | "
                   f"{r['fp16_us'] / g['us']:.2f} | {r['fp16_us'] / f['us']:.2f} | {100 * r['roofline_us'] / f['us']:.0f}% |")
     return 0
 

@@ -133,8 +133,9 @@ def test_replay_timeline_cuts_one_layer_at_its_attention_launches():
 def test_kernel_benchmark_int4_rows_time_the_tensor_core_kernel_on_its_own_layout(monkeypatch):
     """The kernel matrix's int4 rows (and `uniform_frag_ab`) time the tensor-core kernel on the
     layer's fragment layout beside the packed layer's CUDA-core kernels: both give the layer's
-    product (the interpreter standing in for the GPU); the kernel is offered where a model's layer
-    runs it (int4 with integer zeros, fp16, ≤ 64 rows); every weight copy of the rotation holds
+    product (the interpreter standing in for the GPU); the fragment layout's candidates are the ones a
+    model's layer tunes (the kernel for fp16, in 64-row chunks past 64 rows; its own decode + cuBLAS,
+    kind "frag-dequant", from 16 rows or for other dtypes); every weight copy of the rotation holds
     both layouts of its own (one shared between them would be read hot from L2 every call)."""
     import torch
 
@@ -149,8 +150,9 @@ def test_kernel_benchmark_int4_rows_time_the_tensor_core_kernel_on_its_own_layou
     case = kernels_uv.uniform_case(p)
     assert case.packed is p and case.frag is not None and (case.out_features, case.in_features) == (32, 256)
     kinds = lambda c, batch, dtype=torch.float16: {k.kind for k in kernels_uv.uniform_candidates(c, batch, dtype)}  # noqa: E731
-    assert kinds(case, 1) == {"gemv", "frag"} and kinds(case, 64) == {"mma", "dequant", "frag"}
-    assert "frag" not in kinds(case, 65) | kinds(case, 1, torch.bfloat16)
+    assert kinds(case, 1) == {"gemv", "frag"} and kinds(case, 64) == {"mma", "dequant", "frag", "frag-dequant"}
+    assert kinds(case, 1000) == {"mma", "dequant", "frag", "frag-dequant"}  # the kernel in 64-row chunks
+    assert kinds(case, 1, torch.bfloat16) == {"gemv", "frag-dequant"}  # the kernel takes fp16 only
     q4_1 = kernels_uv.uniform_case(uq.pack_uniform(torch.randint(0, 16, (32, 256), generator=g), 4, scales,
                                                    torch.randn(2, 32, generator=g).half(), 128, zero_is_min=True))
     assert q4_1.frag is None and kinds(q4_1, 1) == {"gemv"}
@@ -168,6 +170,8 @@ def test_kernel_benchmark_int4_rows_time_the_tensor_core_kernel_on_its_own_layou
     best, _ = kernels_uv.tune_uniform(x, case)
     outs.append(kernels_uv.run_uniform(x, case, None, best).double())
     assert best.kind == "frag" and len(outs) == 3
+    outs.append(kernels_uv.run_uniform(x, case, None, uq.UQConfig(kernels_uv.FRAG_DEQUANT)).double())
+    outs.append(kernels_uv.run_uniform(x.repeat(40, 1), case, None, uq.UQConfig("frag")).double()[-2:])  # 2 chunks
     assert all(float((y - ref).norm() / ref.norm()) < 2e-3 for y in outs)
 
     c = kernels_uv._clone_uniform(case)
