@@ -185,6 +185,8 @@ def run_uniform(x, case: UniformCase, bias, cfg, out=None):
         return uq.run_config(x, case.packed, bias, cfg, out)
     if out is None:
         out = torch.empty(x.shape[0], case.out_features, dtype=x.dtype, device=x.device)
+    if cfg.kind == FRAG_DEQUANT:
+        cfg = dataclasses.replace(cfg, kind="dequant")  # the layout's own name for it
     return uf.frag_run(x, case.frag, bias, cfg, out)
 
 

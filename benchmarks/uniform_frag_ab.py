@@ -22,10 +22,6 @@ import torch
 from benchmarks import kernels_uv as uv
 
 
-def _kind(res: dict) -> str:
-    return res["config"].split("(")[1].split(",")[0].split("=")[1].strip("'\"")
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="llama-2-7b,llama-2-70b")
@@ -60,7 +56,7 @@ def main(argv=None) -> int:
                 uv.run_uniform(x, case, None, cfg, out)
                 err = float((out.double() - ref).norm() / ref.norm())
                 us = uv.graph_us([lambda q=q, cfg=cfg, x=x, out=out: uv.run_uniform(x, q, None, cfg, out) for q in copies])
-                row[fam] = dict(config=str(cfg), cold_us=round(cold, 2), us=round(us, 2), rel_err=err)
+                row[fam] = dict(kind=cfg.kind, config=str(cfg), cold_us=round(cold, 2), us=round(us, 2), rel_err=err)
             rows.append(row)
             print(json.dumps(row), flush=True)
         del copies, case, p, w
@@ -71,7 +67,7 @@ def main(argv=None) -> int:
     for r in rows:
         g, f = r["cuda_cores"], r["frag"]
         if g and f:
-            print(f"| {r['m']}×{r['n']} | {r['batch']} | {r['fp16_us']} | {g['us']} ({_kind(g)}) | {f['us']} ({_kind(f)}) | "
+            print(f"| {r['m']}×{r['n']} | {r['batch']} | {r['fp16_us']} | {g['us']} ({g['kind']}) | {f['us']} ({f['kind']}) | "
                   f"{r['fp16_us'] / g['us']:.2f} | {r['fp16_us'] / f['us']:.2f} | {100 * r['roofline_us'] / f['us']:.0f}% |")
     return 0
 

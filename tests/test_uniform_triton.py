@@ -247,7 +247,8 @@ def test_gptq_int4_model_in_the_fragment_layout_gpu(monkeypatch):
 def test_uniform_int4_fragment_layout_applies_only_where_it_can():
     """The tensor-core kernel's layout takes 4-bit codes with integer zeros 0..255 and says why not
     otherwise (refused with the reason, and a module keeps such a layer packed); a packed layer's
-    tuner never offers the kernel and a packed layer refuses its launch (it reads the fragment layout)."""
+    tuner never offers the kernel and a packed layer refuses its launch (it reads the fragment layout),
+    as a fragment-layout layer refuses a packed layer's."""
     p, _ = _layer(64, 512, 4, 128, seed=5)
     assert uf.frag_supported(p) == ""
     assert all(c.kind != "frag" for b in (1, 2, 16, 64) for c in uq.candidate_configs(p, b, torch.device("cpu")))
@@ -272,6 +273,8 @@ def test_uniform_int4_fragment_layout_applies_only_where_it_can():
     for x, warps in ((torch.randn(65, 512).half(), 4), (torch.randn(2, 512), 4), (torch.randn(2, 512).half(), 3)):
         with pytest.raises(ValueError, match="int4 fragment kernel"):
             uf.uq_frag_matmul(x, fp, out[:x.shape[0]], num_warps=warps)
+    with pytest.raises(ValueError, match="frag or dequant"):  # a packed layer's launch kind
+        uf.frag_run(torch.randn(2, 512).half(), fp, None, uq.UQConfig("gemv"), out[:2])
 
 
 GPU_SHAPES = [(1024, 4096), (4096, 11008)]

@@ -551,7 +551,7 @@ def dot_epilogues() -> bool:
     output transform with the rotary step and the KV write took 34.9 µs and the gated 11008-long
     input 19.0 µs (16 rows: 23.0 / 9.0), where the same transforms without them took 11.4 and 13.8 µs
     at four times the rows (256, twelfth / eleventh sessions) and the fp16 engine's rotary + KV write
-    and SiLU·mul launches 5.3 and 2.2 µs at 64 rows: one launch more each, predicted 20–30 µs less a
+    and SiLU·mul launches 5.3 and 2.2 µs at 64 rows: one launch more each, predicted 21–33 µs less a
     layer. LOWBIT_DOT_EPILOGUES=1 takes them (A/B: `benchmarks.pdl_ab --knob dot-epilogues`)."""
     return os.environ.get("LOWBIT_DOT_EPILOGUES", "0") == "1"
 

@@ -416,7 +416,9 @@ def frag_configs(fp: UniformFrag, batch: int, dtype) -> list[UQConfig]:
 
 def frag_run(x2: torch.Tensor, fp: UniformFrag, bias, cfg: UQConfig, out: torch.Tensor) -> torch.Tensor:
     """out = x2 @ Wᵀ (+ bias) by one of `frag_configs`' launches."""
-    if cfg.kind != "frag":
+    if cfg.kind not in ("frag", "dequant"):
+        raise ValueError(f"a fragment-layout layer runs frag or dequant launches, not {cfg.kind!r}")
+    if cfg.kind == "dequant":
         return dequant_matmul(x2, frag_dequantize_t(fp, x2.dtype), fp.perm, bias, out)
     for r in range(0, x2.shape[0], MAX_BATCH):
         uq_frag_matmul(x2[r:r + MAX_BATCH], fp, out[r:r + MAX_BATCH], cfg.row_tiles, cfg.num_warps, cfg.prefetch)
