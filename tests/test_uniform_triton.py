@@ -133,11 +133,13 @@ def test_uniform_int4_fragment_kernel_matches_reference_cpu(group, perm, bias, b
 
 
 @pytest.mark.skipif(not CPU, reason="CPU interpreter test")
-@pytest.mark.parametrize("group,perm,m,steps", [(128, False, 48, 4), (64, True, 32, 2), (32, False, 16, 1)])
-def test_uniform_int4_fragment_layout_dequantizes_to_the_weight_cpu(group, perm, m, steps):
+@pytest.mark.parametrize("group,perm,m,row_tiles", [(128, False, 48, 2), (64, True, 32, 1), (32, False, 48, 4),
+                                                    (96, False, 16, 1)])
+def test_uniform_int4_fragment_layout_dequantizes_to_the_weight_cpu(group, perm, m, row_tiles):
     """Wᵀ from the fragment layout alone (its plain-PyTorch reference, and the Triton kernel on the
-    interpreter; 6 or 12 steps, some programs ragged) equals the packed layer's weight in packed
-    input order, exactly; the output is NaN-poisoned first."""
+    interpreter; 2- and 4-tile steps, groups of 1–3 steps, programs with rows past the layer)
+    equals the packed layer's weight in packed input order, exactly; the output is NaN-poisoned
+    first."""
     p, _ = _layer(m, 384, 4, group, perm=perm, seed=m + group)
     fp = uf.repack_frag(p)
     want = uq.uniform_packed_dequant_reference(p)
@@ -145,9 +147,9 @@ def test_uniform_int4_fragment_layout_dequantizes_to_the_weight_cpu(group, perm,
         want = want[:, p.perm.long()]
     assert torch.equal(uf.frag_dequantize_t_reference(fp, torch.float32), want.T)
     out = torch.full((384, m), float("nan"))
-    assert torch.equal(uf.frag_dequantize_t(fp, torch.float32, out=out, steps=steps), want.T)
+    assert torch.equal(uf.frag_dequantize_t(fp, torch.float32, out=out, row_tiles=row_tiles), want.T)
     with pytest.raises(ValueError, match="power of two"):
-        uf.frag_dequantize_t(fp, steps=3)
+        uf.frag_dequantize_t(fp, row_tiles=3)
 
 
 def _gptq_layer(bits, act_order, in_features=256, out_features=64, seed=0):

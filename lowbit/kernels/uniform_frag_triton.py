@@ -314,46 +314,53 @@ if triton is not None:
 if triton is not None:
 
     @triton.jit
-    def _uq_frag_dequant_kernel(codes_ptr, sz_ptr, w_ptr, TM, TS, stride_w, KT: tl.constexpr, SPG: tl.constexpr,
-                                SB: tl.constexpr):
-        """Wᵀ rows (inputs) of SB steps, columns (outputs) of row tile i: each word's 8 nibbles to
-        their (input, output) places, as `frag_dequantize_t_reference`."""
-        i = tl.program_id(0)
-        j = tl.arange(0, SB * KT * 32)  # (step, tile, lane) of the program's words
-        s = tl.program_id(1) * SB + j // (KT * 32)
-        k = (j // 32) % KT
-        lane = j % 32
-        g = lane // 4
-        t = lane % 4
-        ok = s < TS
-        w = tl.load(codes_ptr + ((i * TS + s) * KT + k) * 32 + lane, mask=ok, other=0)
-        szw = tl.load(sz_ptr + ((s // SPG) * TM + i) * 8 + g, mask=ok, other=0)
+    def _uq_frag_dequant_kernel(codes_ptr, sz_ptr, w_ptr, M, TS, stride_w, KT: tl.constexpr, SPG: tl.constexpr,
+                                BK: tl.constexpr, BO: tl.constexpr):
+        """One [BK inputs, BO outputs] tile of Wᵀ per program, as `frag_dequantize_t_reference`.
+
+        Each element finds its nibble (word of row tile, step, tile, lane; bit of register and
+        half) from its (input, output) place, so the store walks whole tile rows (the tuned
+        packed dequant's shape): the word's 8 nibbles sit 16 B apart in Wᵀ, and scattering them
+        from the word's lane stored 16-byte runs. A word is read by 8 elements of one tile, from
+        L1. BK divides the group size: the tile's scales and zeros are one row vector."""
+        k0 = tl.program_id(1) * BK
+        row = tl.program_id(0) * BO + tl.arange(0, BO)  # outputs
+        col = k0 + tl.arange(0, BK)  # inputs, packed order
+        rok = row < M
+        i = row // 16
+        g = row % 8
+        up = (row // 8) % 2  # rows g + 8: registers a1 / a3, nibble 4 bits higher
+        c = col % (16 * KT)  # place in the step: 4·KT·t + 4k + 2·(r // 2) + e (`_step_columns`)
+        word = ((i * TS)[None, :] + (col // (16 * KT))[:, None]) * KT + ((c // 4) % KT)[:, None]
+        word = word * 32 + (4 * g)[None, :] + (c // (4 * KT))[:, None]
+        shift = (4 * up)[None, :] + (8 * ((c // 2) % 2) + 16 * (c % 2))[:, None]
+        ok = rok[None, :]
+        w = tl.load(codes_ptr + word, mask=ok, other=0)
+        q = ((w >> shift) & 15).to(tl.float32)
+        szw = tl.load(sz_ptr + ((k0 // (16 * KT * SPG)) * (M // 16) + i) * 8 + g, mask=rok, other=0)
         lo = szw.to(tl.int32)
         hi = (szw >> 32).to(tl.int32)
-        scales = (_f16(lo, 0), _f16(lo, 16))
-        zeros = (_f16(hi, 0) - 1024.0, -_f16(hi, 16) - 64.0)
-        for r in tl.static_range(4):
-            row = 16 * i + g + 8 * (r % 2)
-            for e in tl.static_range(2):
-                q = ((w >> (4 * r + 16 * e)) & 15).to(tl.float32)  # _NIB[r] = 4r
-                col = 16 * KT * s + 4 * KT * t + 4 * k + 2 * (r // 2) + e
-                val = scales[r % 2] * (q - zeros[r % 2])
-                tl.store(w_ptr + col.to(tl.int64) * stride_w + row, val.to(w_ptr.dtype.element_ty), mask=ok)
+        scale = tl.where(up == 1, _f16(lo, 16), _f16(lo, 0))
+        zero = tl.where(up == 1, -_f16(hi, 16) - 64.0, _f16(hi, 0) - 1024.0)
+        val = scale[None, :] * (q - zero[None, :])
+        tl.store(w_ptr + col.to(tl.int64)[:, None] * stride_w + row[None, :], val.to(w_ptr.dtype.element_ty),
+                 mask=ok)
 
 
 def frag_dequantize_t(fp: UniformFrag, dtype=torch.float16, out: torch.Tensor | None = None,
-                      steps: int = 4) -> torch.Tensor:
+                      row_tiles: int = 8) -> torch.Tensor:
     """Wᵀ [n, m] (inputs in packed order) from the fragment layout, by the Triton kernel: what the
-    prefill path needs where a layer keeps only that layout."""
+    prefill path needs where a layer keeps only that layout. Tiles of 32 inputs × 16·row_tiles
+    outputs (the packed layout's dequant: 32 × 128)."""
     m, n = fp.out_features, fp.in_features
-    tm, ts = m // 16, n // (16 * fp.kt)
-    if steps < 1 or steps & (steps - 1):
-        raise ValueError(f"steps a program must be a power of two, got {steps}")
+    if row_tiles < 1 or row_tiles & (row_tiles - 1):
+        raise ValueError(f"row tiles a program must be a power of two, got {row_tiles}")
     if out is None:
         out = torch.empty(n, m, dtype=dtype, device=fp.codes.device)
-    _uq_frag_dequant_kernel[(tm, triton.cdiv(ts, steps))](
-        fp.codes, fp.sz, out, tm, ts, out.stride(0), KT=fp.kt, SPG=fp.group_size // (16 * fp.kt), SB=steps,
-        num_warps=4)
+    bk = 32  # divides every group size the layout takes (multiples of 32)
+    _uq_frag_dequant_kernel[(triton.cdiv(m, 16 * row_tiles), n // bk)](
+        fp.codes, fp.sz, out, m, n // (16 * fp.kt), out.stride(0), KT=fp.kt, SPG=fp.group_size // (16 * fp.kt),
+        BK=bk, BO=16 * row_tiles, num_warps=4)
     return out
 
 
