@@ -34,15 +34,16 @@ CALLS = ((4096, "in", 3), (4096, "out", 2), (12288, "out", 1), (22016, "out", 1)
 
 def candidates(ch: int, rows: int = 1) -> list[dict]:
     """Product-kernel launches worth timing for a chunk of length ch and `rows` rows of x: one row
-    a program, and from PREFILL_ROWS rows also 2, 4 or 8 rows a program (L's tiles shared)."""
+    a program, and from 16 rows also 2, 4 or 8 rows a program (L's tiles shared; fewer, longer
+    programs)."""
     out = _one_row_candidates(ch)
-    if rows >= ht.PREFILL_ROWS:
+    if rows >= 16:
         k = hadamard_factor(ch)
         for q in (32, 64, 128):
             m = ch // q
             if (ch // k) % q or m > 512 or m < 16:
                 continue
-            for br in (2, 4, 8):
+            for br in (b for b in (2, 4, 8) if 4 * b <= rows):
                 for ib in (32, 64):
                     for r_dot in (False, True):
                         for warps in (4, 8):
@@ -124,6 +125,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rows", default="1,16,64,1000")
     ap.add_argument("--sweep", action="store_true", help="time every product-kernel launch in `candidates`")
     ap.add_argument("--jobs", type=int, default=12, help="processes compiling the sweep's kernels")
+    ap.add_argument("--lengths", default="", help="only these transform lengths (e.g. 11008,12288,22016)")
     ap.add_argument("--match", default="", help="sweep only launches whose name holds one of these "
                     "comma-separated strings (e.g. 'br1 Rbfly,q64 ib64')")
     args = ap.parse_args(argv)
@@ -131,7 +133,8 @@ def main(argv=None) -> int:
     dev = torch.device("cuda")
     bw = copy_bandwidth(dev)
     jobs = {}
-    for n, side, _ in CALLS:
+    calls = [c for c in CALLS if not args.lengths or str(c[0]) in args.lengths.split(",")]
+    for n, side, _ in calls:
         for rows in rows_list:
             swept = candidates(n, rows) if args.sweep else []
             if args.match:
@@ -147,7 +150,7 @@ def main(argv=None) -> int:
     print("| length | side | rows | picked µs | butterfly µs | best µs | floor µs | best launch | picked launch | error |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     layer = {r: [0.0, 0.0, 0.0] for r in rows_list}
-    for n, side, count in CALLS:
+    for n, side, count in calls:
         for rows in rows_list:
             x, scale, out = _inputs(n, side, rows, dev)
             times = []
@@ -171,7 +174,8 @@ def main(argv=None) -> int:
                 for us, err, launch in sorted(times, key=lambda t: t[0]):
                     print(f"#   {us:.1f} µs {_name(launch)} err {err:.1e}")
     for rows, (p, b, best) in layer.items():
-        print(f"# one decoder layer's 8 transforms at {rows} rows: picked {p:.1f} µs, butterfly {b:.1f} µs, "
+        what = "one decoder layer's 8 transforms" if calls == list(CALLS) else "the transforms timed"
+        print(f"# {what} at {rows} rows: picked {p:.1f} µs, butterfly {b:.1f} µs, "
               f"best {best:.1f} µs (x32 layers: {32 * p / 1e3:.2f} / {32 * b / 1e3:.2f} / {32 * best / 1e3:.2f} ms)")
     return 0
 

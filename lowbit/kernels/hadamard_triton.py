@@ -552,7 +552,9 @@ def dot_epilogues() -> bool:
     input 19.0 µs (16 rows: 23.0 / 9.0), where the same transforms without them took 11.4 and 13.8 µs
     at four times the rows (256, twelfth / eleventh sessions) and the fp16 engine's rotary + KV write
     and SiLU·mul launches 5.3 and 2.2 µs at 64 rows: one launch more each, predicted 21–33 µs less a
-    layer. LOWBIT_DOT_EPILOGUES=1 takes them (A/B: `benchmarks.pdl_ab --knob dot-epilogues`)."""
+    layer; measured (nineteenth session, H100) 8.82 against 9.59 ms a 64-row step and 4.31 against
+    4.69 at 16 rows (1.09x tokens/s at both). LOWBIT_DOT_EPILOGUES=1 takes them (A/B:
+    `benchmarks.pdl_ab --knob dot-epilogues`)."""
     return os.environ.get("LOWBIT_DOT_EPILOGUES", "0") == "1"
 
 
