@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -86,3 +87,28 @@ def test_a_pick_made_among_other_candidates_is_tuned_again(timing_cache, monkeyp
     assert tuning.choose({}, key, x, tune(Cfg("frag", 4)), lambda: Cfg("h"), Cfg, lambda: new) == Cfg("frag", 4)
     assert tuned == [Cfg("mma", 2), Cfg("frag", 4)]
     assert len(json.loads(tuning.tuned_file().read_text())) == 2
+
+
+def test_a_pick_made_with_other_kernel_code_is_tuned_again(timing_cache, monkeypatch):
+    """Same candidates, changed kernel source (a faster kernel under the same launch name): tuned again."""
+    x = torch.zeros(16, 8)
+    cands = [Cfg("frag"), Cfg("dequant")]
+    key = ("layer", 4096, 4096, 1024)
+    assert tuning.choose({}, key, x, lambda: Cfg("frag"), lambda: Cfg("h"), Cfg, lambda: cands) == Cfg("frag")
+    assert f"kernels {tuning.kernels_digest()} |" in next(iter(json.loads(tuning.tuned_file().read_text())))
+    monkeypatch.setattr(tuning, "_DISK", None)  # a new process, same kernels: the saved pick
+    assert tuning.choose({}, key, x, lambda: Cfg("x"), lambda: Cfg("h"), Cfg, lambda: cands) == Cfg("frag")
+    monkeypatch.setattr(tuning, "_DISK", None)  # a new process whose kernel files differ
+    monkeypatch.setattr(tuning, "kernels_digest", lambda: "0123456789ab")
+    assert tuning.choose({}, key, x, lambda: Cfg("dequant"), lambda: Cfg("h"), Cfg, lambda: cands) == Cfg("dequant")
+
+
+def test_the_kernels_digest_follows_their_source_files(tmp_path):
+    (tmp_path / "a.py").write_text("x = 1\n")
+    (tmp_path / "b.py").write_text("y = 2\n")
+    first = tuning.sources_digest(tmp_path)
+    (tmp_path / "notes.txt").write_text("not a source file")
+    assert tuning.sources_digest(tmp_path) == first and len(first) == 12
+    (tmp_path / "b.py").write_text("y = 3\n")
+    assert tuning.sources_digest(tmp_path) != first
+    assert tuning.kernels_digest() == tuning.sources_digest(Path(tuning.__file__).parent)

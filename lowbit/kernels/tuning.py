@@ -9,6 +9,7 @@ graph of writes alone, is subtracted).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -127,14 +128,32 @@ def _disk() -> dict[str, dict]:
     return _DISK
 
 
+@functools.cache
+def kernels_digest() -> str:
+    """A short fingerprint of the kernels' source files (this package's .py files). A pick made with
+    other kernel code is stale even among the same candidates: the int4 fragment layout's Wᵀ decode
+    got 2.8–3.8x faster under the same launch name, and a pick between it and the kernel in 64-row
+    chunks made before would have kept the slower path (RESULTS.md, nineteenth session)."""
+    return sources_digest(Path(__file__).parent)
+
+
+def sources_digest(folder: Path) -> str:
+    """12 hex digits of the SHA-1 over the names and bytes of the .py files in folder, in name order."""
+    h = hashlib.sha1()
+    for f in sorted(folder.glob("*.py")):
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:12]
+
+
 def _disk_key(key: tuple, device: torch.device, among: str = "") -> str:
-    """The pick is only valid for the same GPU model, Triton version and candidate list (`among`,
-    a digest: a lowbit with other kernels or launch shapes re-tunes instead of reusing a pick
-    made without them)."""
+    """The pick is only valid for the same GPU model, Triton version, kernel code and candidate list
+    (`among`, a digest: a lowbit with other kernels or launch shapes re-tunes instead of reusing a
+    pick made without them)."""
     import triton
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    return f"{name} | triton {triton.__version__} | {key!r}" + (f" | among {among}" if among else "")
+    return (f"{name} | triton {triton.__version__} | kernels {kernels_digest()} | {key!r}"
+            + (f" | among {among}" if among else ""))
 
 
 def digest(candidates: list) -> str:
