@@ -178,3 +178,34 @@ def test_kernel_benchmark_int4_rows_time_the_tensor_core_kernel_on_its_own_layou
     for copy, orig in ((c.packed.qweight, p.qweight), (c.packed.scales, p.scales), (c.packed.zeros, p.zeros),
                        (c.frag.codes, case.frag.codes), (c.frag.sz, case.frag.sz)):
         assert torch.equal(copy, orig) and copy.data_ptr() != orig.data_ptr()
+
+
+def test_vptq_gather_baseline_sums_the_entries_its_indices_name(monkeypatch):
+    """`benchmarks.vptq_gather`'s bare gather kernel (the ceiling the VPTQ lookup-GEMV is held
+    against) really gathers: its per-program sums add up to the sum of the named codebook rows,
+    indices read as unsigned 16-bit, ragged last program masked; the sweep list holds the tuner's
+    own candidates plus the pipelined and 8-warp variants of each."""
+    import pytest
+    import torch
+
+    from benchmarks.kernels_uv import vptq_layer
+    from tests.conftest import kernel_module
+
+    if torch.cuda.is_available():
+        pytest.skip("a CPU check (Triton's interpreter); the GPU run is the benchmark itself")
+    vptq_gather = kernel_module("benchmarks.vptq_gather")
+
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(-(2**15), 2**15, (1000,), generator=g, dtype=torch.int16)
+    tab = torch.randn(65536 * 8, generator=g).half()
+    out = torch.full((4 * 8,), float("nan"))
+    vptq_gather._gather_sum_kernel[(4,)](idx, tab, out, 1000, ITERS=2, BLOCK=128, V=8)
+    ref = tab.view(65536, 8)[idx.long() & 0xFFFF].float().sum(0)
+    assert torch.allclose(out.view(4, 8).sum(0), ref, atol=1e-4)
+
+    monkeypatch.setattr("benchmarks.kernels_uv.DEV", "cpu")
+    p = vptq_layer(64, 256)
+    base = vptq_gather.vq.candidate_configs(p, 1, torch.device("cpu"))
+    sweep = vptq_gather.sweep_configs(p, torch.device("cpu"))
+    assert sweep[: len(base)] == base and len(sweep) == 5 * len(base)
+    assert {(c.num_stages, c.num_warps) for c in sweep} == {(1, 4), (2, 4), (3, 4), (1, 8), (3, 8)}
