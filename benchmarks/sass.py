@@ -3,6 +3,7 @@
     python -m benchmarks.sass uniform-gemv --shape 4096x4096 --config 16,32,4
     python -m benchmarks.sass qtip-frag --shape 22016x4096 --batch 1 --config 4,4,16,2
     python -m benchmarks.sass qtip-frag --shape 4096x4096 --batch 1 --config 2,8,128,4,16 --sass /tmp/frag.sass
+    python -m benchmarks.sass vptq-gemv --shape 4096x4096 --config 8,64,16,4,1,2
 
 Device time is scarce; what a kernel compiles to is not. The launch is made through lowbit's own entry
 point on CPU tensors, with Triton's launcher replaced by a recorder (so the arguments, constexprs and
@@ -162,7 +163,26 @@ def _qtip_frag(m: int, n: int, batch: int, config: list[int]) -> None:
                    per, atomic=per < n // 16, prefetch=pf, copies=copies[0] if copies else 32)
 
 
-SCENARIOS = {"uniform-gemv": _uniform_gemv, "uniform-frag": _uniform_frag, "qtip-frag": _qtip_frag}
+def _vptq_gemv(m: int, n: int, batch: int, config: list[int]) -> None:
+    """VPTQ v8-k65536 lookup-GEMV (`vptq_triton._vq_gemv_kernel`): config BR (vectors), BC (columns),
+    split[, warps[, Triton stages[, prefetch]]]."""
+    from lowbit.kernels import vptq_triton as vq
+
+    br, bc, split, *rest = config
+    g = torch.Generator().manual_seed(0)
+    p = vq.VptqPacked(in_features=n, out_features=m, v=8, k=65536, k_r=0, group_num=1, group_size=n,
+                      outlier_size=0, v_o=0, k_o=0,
+                      indices=torch.randint(-(2**31), 2**31, (m // 8, n // 2), generator=g, dtype=torch.int64).to(
+                          torch.int32),
+                      centroids=torch.randn(1, 65536 * 8, generator=g).half(), res_centroids=None,
+                      outlier_centroids=None, outlier_indices=None, perm=None, weight_scale=None, weight_bias=None)
+    cfg = vq.VQConfig("gemv", br=br, bc=bc, split_k=split, num_warps=rest[0] if rest else 4,
+                      num_stages=rest[1] if len(rest) > 1 else 1, prefetch=rest[2] if len(rest) > 2 else 1)
+    vq.run_config(torch.randn(batch, n, generator=g).half(), p, None, cfg)
+
+
+SCENARIOS = {"uniform-gemv": _uniform_gemv, "uniform-frag": _uniform_frag, "qtip-frag": _qtip_frag,
+             "vptq-gemv": _vptq_gemv}
 
 
 def main(argv=None) -> int:
