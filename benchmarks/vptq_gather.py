@@ -18,7 +18,6 @@ A v8-k65536 layer (2 bits a weight) reads 2 bytes of index per 8 weights from DR
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 import torch
 
@@ -70,13 +69,12 @@ def gather_us(lookups: int, dev, iters=(1, 4, 16), blocks=(256, 1024), warps=(4,
 
 
 def sweep_configs(p: vq.VptqPacked, dev) -> list:
-    """The tuner's batch-1 candidates and the same tiles with 2 / 3 of Triton's pipelining stages and
-    with 8 warps."""
+    """The tuner's batch-1 candidates and the same tiles with 2 / 3 pipelining stages and 8 warps."""
     base = vq.candidate_configs(p, 1, dev)
     out = list(base)
     for c in base:
         for st, w in ((2, 4), (3, 4), (1, 8), (3, 8)):
-            out.append(dataclasses.replace(c, num_warps=w, num_stages=st))
+            out.append(vq.VQConfig(c.kind, br=c.br, bc=c.bc, bb=c.bb, split_k=c.split_k, num_warps=w, num_stages=st))
     return out
 
 

@@ -326,25 +326,19 @@ if triton is not None:
             tl.store(y_ptr + yoff, acc.to(y_ptr.dtype.element_ty), mask=omask)
 
     @triton.jit
-    def _vq_gemv_load(it, x_ptr, idx_ptr, cb_ptr, rcb_ptr, perm_ptr, ws_ptr, wb_ptr,
+    def _vq_gemv_step(acc, beta, it, x_ptr, idx_ptr, cb_ptr, rcb_ptr, perm_ptr, ws_ptr, wb_ptr,
                       r, rmask, t, tmask, pid_k, b, stride_xb, NV, P, GS, NMAIN, OS, iters,
                       K: tl.constexpr, KR: tl.constexpr, V: tl.constexpr, FB: tl.constexpr,
                       LOGK: tl.constexpr, ONE_GROUP: tl.constexpr, BC: tl.constexpr,
                       HAS_PERM: tl.constexpr, NORM: tl.constexpr):
-        """One column tile's operands, one row of x: the codebook vectors [BR, BC, VP] and x' [BC]
-        (with its norm-bias term); nothing past this split's `iters` tiles."""
+        """One column tile, one row of x: products accumulate elementwise in acc [BR, BC, VP]
+        (no per-tile reduction: the sum over columns happens once at the end)."""
         cm = (pid_k * iters + it) * BC + tl.arange(0, BC)
-        cmask = (cm < NMAIN) & (cm * 0 + it < iters)
+        cmask = cm < NMAIN
         cv = _vq_main_vectors(idx_ptr, cb_ptr, rcb_ptr, r, rmask, cm, cmask, t, tmask, NV, P, GS,
-                              K, KR, V, FB, LOGK, ONE_GROUP)
+                              K, KR, V, FB, LOGK, ONE_GROUP).to(tl.float32)
         xv, xb = _vq_x(x_ptr, perm_ptr, ws_ptr, wb_ptr, b, stride_xb, cm + OS, cmask, HAS_PERM, NORM)
-        return cv, xv, xb
-
-    @triton.jit
-    def _vq_gemv_acc(acc, beta, cv, xv, xb, NORM: tl.constexpr):
-        """Products accumulate elementwise in acc [BR, BC, VP] (no per-tile reduction: the sum
-        over columns happens once at the end)."""
-        acc += cv.to(tl.float32) * xv[None, :, None]
+        acc += cv * xv[None, :, None]
         if NORM:
             beta += xb
         return acc, beta
@@ -363,28 +357,6 @@ if triton is not None:
         return acc, beta
 
     @triton.jit
-    def _vq_gemv_iter(acc, beta, cur, it, x_ptr, idx_ptr, cb_ptr, rcb_ptr, perm_ptr, ws_ptr, wb_ptr,
-                      r, rmask, t, tmask, pid_k, b, stride_xb, NV, P, GS, NMAIN, OS, iters,
-                      K: tl.constexpr, KR: tl.constexpr, V: tl.constexpr, FB: tl.constexpr,
-                      LOGK: tl.constexpr, ONE_GROUP: tl.constexpr, BC: tl.constexpr,
-                      HAS_PERM: tl.constexpr, NORM: tl.constexpr, PF: tl.constexpr):
-        """Tile `it`. PF = 2: `cur` holds its operands, loaded an iteration early, and the next tile's
-        are asked for before this tile's products; returns them. PF = 1: the tile loads, then
-        multiplies (`cur` passes through untouched: the kernel's first load was fully masked)."""
-        if PF == 2:
-            nxt = _vq_gemv_load(it + 1, x_ptr, idx_ptr, cb_ptr, rcb_ptr, perm_ptr, ws_ptr, wb_ptr, r, rmask, t, tmask,
-                                pid_k, b, stride_xb, NV, P, GS, NMAIN, OS, iters, K, KR, V, FB, LOGK, ONE_GROUP,
-                                BC, HAS_PERM, NORM)
-            acc, beta = _vq_gemv_acc(acc, beta, cur[0], cur[1], cur[2], NORM)
-        else:
-            c = _vq_gemv_load(it, x_ptr, idx_ptr, cb_ptr, rcb_ptr, perm_ptr, ws_ptr, wb_ptr, r, rmask, t, tmask,
-                              pid_k, b, stride_xb, NV, P, GS, NMAIN, OS, iters, K, KR, V, FB, LOGK, ONE_GROUP,
-                              BC, HAS_PERM, NORM)
-            acc, beta = _vq_gemv_acc(acc, beta, c[0], c[1], c[2], NORM)
-            nxt = cur
-        return acc, beta, nxt
-
-    @triton.jit
     def _vq_gemv_kernel(
         x_ptr, idx_ptr, cb_ptr, rcb_ptr, oidx_ptr, ocb_ptr, perm_ptr, ws_ptr, wb_ptr, bias_ptr,
         y_ptr, wsp_ptr, cnt_ptr,
@@ -393,7 +365,7 @@ if triton is not None:
         LOGK: tl.constexpr, ONE_GROUP: tl.constexpr, VO: tl.constexpr,
         BR: tl.constexpr, BC: tl.constexpr,
         HAS_PERM: tl.constexpr, NORM: tl.constexpr, HAS_OUTLIER: tl.constexpr, HAS_BIAS: tl.constexpr,
-        LOOP_WHILE: tl.constexpr, PF: tl.constexpr,
+        LOOP_WHILE: tl.constexpr,
         PDL: tl.constexpr,
     ):
         """CUDA-core lookup-GEMV, one row of x per program (program b fastest in the grid)."""
@@ -409,23 +381,18 @@ if triton is not None:
         jmask = rmask[:, None] & tmask[None, :] & (j < M)
         acc = tl.zeros([BR, BC, VP], tl.float32)
         beta = tl.zeros([BC], tl.float32)
-        # PF = 2: the next tile's indices, gathers and x are asked for before this tile's products (a
-        # software pipeline one tile deep, in registers); PF = 1: each tile loads, then multiplies
-        cur = _vq_gemv_load(0 if PF == 2 else iters, x_ptr, idx_ptr, cb_ptr, rcb_ptr, perm_ptr, ws_ptr, wb_ptr,
-                            r, rmask, t, tmask, pid_k, pid_b, stride_xb, NV, P, GS, NMAIN, OS, iters, K, KR, V, FB,
-                            LOGK, ONE_GROUP, BC, HAS_PERM, NORM)
         if LOOP_WHILE:  # interpreter: no runtime range() bounds (numpy 2 refuses int() of its scalars)
             it = 0
             while it < iters:
-                acc, beta, cur = _vq_gemv_iter(acc, beta, cur, it, x_ptr, idx_ptr, cb_ptr, rcb_ptr, perm_ptr, ws_ptr,
-                                               wb_ptr, r, rmask, t, tmask, pid_k, pid_b, stride_xb, NV, P, GS, NMAIN,
-                                               OS, iters, K, KR, V, FB, LOGK, ONE_GROUP, BC, HAS_PERM, NORM, PF)
+                acc, beta = _vq_gemv_step(acc, beta, it, x_ptr, idx_ptr, cb_ptr, rcb_ptr, perm_ptr, ws_ptr,
+                                          wb_ptr, r, rmask, t, tmask, pid_k, pid_b, stride_xb, NV, P,
+                                          GS, NMAIN, OS, iters, K, KR, V, FB, LOGK, ONE_GROUP, BC, HAS_PERM, NORM)
                 it += 1
         else:
             for it in range(0, iters):
-                acc, beta, cur = _vq_gemv_iter(acc, beta, cur, it, x_ptr, idx_ptr, cb_ptr, rcb_ptr, perm_ptr, ws_ptr,
-                                               wb_ptr, r, rmask, t, tmask, pid_k, pid_b, stride_xb, NV, P, GS, NMAIN,
-                                               OS, iters, K, KR, V, FB, LOGK, ONE_GROUP, BC, HAS_PERM, NORM, PF)
+                acc, beta = _vq_gemv_step(acc, beta, it, x_ptr, idx_ptr, cb_ptr, rcb_ptr, perm_ptr, ws_ptr,
+                                          wb_ptr, r, rmask, t, tmask, pid_k, pid_b, stride_xb, NV, P,
+                                          GS, NMAIN, OS, iters, K, KR, V, FB, LOGK, ONE_GROUP, BC, HAS_PERM, NORM)
         if HAS_OUTLIER:
             if pid_k == 0:
                 if LOOP_WHILE:
@@ -543,8 +510,7 @@ if triton is not None:
 
 @dataclass(frozen=True)
 class VQConfig:
-    """kind: "gemv" (CUDA cores), "mma" (tensor cores) or "dequant" (+cuBLAS); prefetch (gemv): 2
-    loads each column tile's indices, codebook vectors and x an iteration ahead of its products."""
+    """kind: "gemv" (CUDA cores), "mma" (tensor cores) or "dequant" (+cuBLAS)."""
     kind: str
     br: int = 16
     bc: int = 64
@@ -552,7 +518,6 @@ class VQConfig:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 1
-    prefetch: int = 1
 
 
 _WS: dict = {}
@@ -605,7 +570,7 @@ def _launch_gemv(x2, p: VptqPacked, bias, cfg: VQConfig, out):
         p.outlier_indices.shape[0] if p.outlier_size else 1, iters, triton.cdiv(max(p.outlier_size, 1), cfg.bc),
         split, **c["consts"], VO=max(p.v_o, 1), BR=cfg.br, BC=cfg.bc,
         HAS_PERM=p.perm is not None, NORM=p.weight_scale is not None, HAS_OUTLIER=p.outlier_size > 0,
-        HAS_BIAS=bias is not None, LOOP_WHILE=interpreting(), PF=cfg.prefetch,
+        HAS_BIAS=bias is not None, LOOP_WHILE=interpreting(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(x2, B),
     )
     return out
@@ -729,8 +694,7 @@ def candidate_configs(p: VptqPacked, batch: int, device) -> list[VQConfig]:
             ctas = triton.cdiv(p.n_vec, br) * batch
             s0 = _split_for(ctas, triton.cdiv(nmain, bc), 8 * sms)
             for split in sorted({max(1, s0 // 2), s0, s0 * 2}):
-                for pf in (1, 2):
-                    cands.append(VQConfig("gemv", br=br, bc=bc, split_k=split, prefetch=pf))
+                cands.append(VQConfig("gemv", br=br, bc=bc, split_k=split))
     if batch >= 2:
         bb = max(16, min(64, triton.next_power_of_2(batch)))
         for br in (8, 16):
