@@ -4,6 +4,7 @@
     python -m benchmarks.sass qtip-frag --shape 22016x4096 --batch 1 --config 4,4,16,2
     python -m benchmarks.sass qtip-frag --shape 4096x4096 --batch 1 --config 2,8,128,4,16 --sass /tmp/frag.sass
     python -m benchmarks.sass vptq-gemv --shape 4096x4096 --config 8,64,16,4,2
+    python -m benchmarks.sass hadamard --shape 12288x1 --batch 1 --config 1     # the q|k|v output transform with rotary
 
 Device time is scarce; what a kernel compiles to is not. The launch is made through lowbit's own entry
 point on CPU tensors, with Triton's launcher replaced by a recorder (so the arguments, constexprs and
@@ -99,23 +100,23 @@ def compile_launch(kernel, args, kwargs, capability: int = 90) -> dict:
                 shared=int(found.get("SHARED", 0)), sass=sass)
 
 
-def main_loop_counts(sass: str, first: bool = False) -> Counter:
+def main_loop_counts(sass: str, pick: str = "longest") -> Counter:
     """Instruction classes between the target and the source of the longest backward branch (the
-    kernel's main loop), or with `first` of the first one in the code (where a split-K epilogue's
-    loop is longer than the main loop): the opcode up to its first dot, memory instructions whole
-    (LDG.E.128 and LDG.E.U16 apart)."""
+    kernel's main loop), with pick "first" of the first one in the code (where a split-K epilogue's
+    loop is longer than the main loop), with "whole" (or where there is no loop) of the whole
+    kernel: the opcode up to its first dot, memory instructions whole (LDG.E.128 and LDG.E.U16
+    apart). Static counts: code on a path not taken (a slow path) counts too."""
     rows = re.findall(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);", sass)
     best = None
     for addr, _, op, rest in rows:
         target = re.search(r"0x([0-9a-f]+)", rest)
         if op == "BRA" and target and int(target.group(1), 16) < int(addr, 16):
             span = (int(target.group(1), 16), int(addr, 16))
-            if best is None or (span[0] < best[0] if first else span[1] - span[0] > best[1] - best[0]):
+            if best is None or (span[0] < best[0] if pick == "first" else span[1] - span[0] > best[1] - best[0]):
                 best = span
-    if best is None:
-        return Counter()
+    lo, hi = best if best is not None and pick != "whole" else (0, 1 << 62)
     return Counter(op.split(".")[0] if not op.startswith(("LDG", "STG", "LDS", "STS")) else op
-                   for addr, _, op, _ in rows if best[0] <= int(addr, 16) <= best[1])
+                   for addr, _, op, _ in rows if lo <= int(addr, 16) <= hi)
 
 
 def _int4_layer(m: int, n: int, g: torch.Generator):
@@ -182,9 +183,29 @@ def _vptq_gemv(m: int, n: int, batch: int, config: list[int]) -> None:
     vq.run_config(torch.randn(batch, n, generator=g).half(), p, None, cfg)
 
 
+def _hadamard(m: int, n: int, batch: int, config: list[int]) -> None:
+    """A QTIP output transform of length m (n unused) as `plan` launches it for `batch` rows: config
+    0 plain, 1 with the rotary step and KV write of a fused q|k|v output (heads of 128, 32 q heads)."""
+    from lowbit.kernels import fused
+    from lowbit.kernels import hadamard_triton as ht
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(batch, m, generator=g)
+    post = torch.randn(m, generator=g).half()
+    rotary = None
+    if config[0]:
+        hkv = (m // 128 - 32) // 2
+        cache = torch.zeros(64, hkv, 128, dtype=torch.float16)
+        rotary = fused.QKVRotary(torch.arange(batch), torch.rand(64, generator=g), 32, hkv, 128,
+                                 (cache, cache.clone(), torch.arange(batch)))
+    ht.hadamard_transform(y, post=post, alpha=32.0, out_dtype=torch.float16, rotary=rotary)
+
+
 SCENARIOS = {"uniform-gemv": _uniform_gemv, "uniform-frag": _uniform_frag, "qtip-frag": _qtip_frag,
-             "vptq-gemv": _vptq_gemv}
-FIRST_LOOP = {"vptq-gemv"}  # its split-K epilogue's 16 partial loads make a longer loop than the main one
+             "vptq-gemv": _vptq_gemv, "hadamard": _hadamard}
+# which loop to count: VPTQ's split-K epilogue (16 partial loads) is a longer loop than its main one;
+# the Hadamard kernels are unrolled (a loop there is sin / cos's slow path)
+LOOP_PICK = {"vptq-gemv": "first", "hadamard": "whole"}
 
 
 def main(argv=None) -> int:
@@ -204,8 +225,10 @@ def main(argv=None) -> int:
         out = compile_launch(kernel, a, kw)
         print(f"{out['name']} grid {tuple(grid)}: {out['registers']} registers, {out['local']} B local (spills), "
               f"{out['shared']} B static shared")
-        loop = main_loop_counts(out["sass"], first=args.scenario in FIRST_LOOP)
-        print("  main loop: " + ", ".join(f"{k} {v}" for k, v in loop.most_common(16)))
+        pick = LOOP_PICK.get(args.scenario, "longest")
+        loop = main_loop_counts(out["sass"], pick)
+        print(f"  {'whole kernel' if pick == 'whole' else 'main loop'}: "
+              + ", ".join(f"{k} {v}" for k, v in loop.most_common(16)) + f" ({sum(loop.values())} instructions)")
         if args.sass:
             with open(args.sass, "w") as f:
                 f.write(out["sass"])

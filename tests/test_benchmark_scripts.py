@@ -99,6 +99,14 @@ def test_sass_report_compiles_a_recorded_launch_for_sm90_without_a_gpu():
     assert re.search(r"_vq_gemv_kernel grid \(1, 4, 2\): \d+ registers, 0 B local", vq.stdout), vq.stdout
     loop = dict((k, int(v)) for k, v in re.findall(r"([A-Z][A-Z0-9_.]*) (\d+)", vq.stdout.split("main loop:")[1]))
     assert loop.get("LDG.E.128", 0) >= 4 and loop.get("FFMA", 0) == 8 * loop["LDG.E.128"], vq.stdout
+    # the q|k|v output transform with the rotary step stores whole rows (16-byte stores, q and the
+    # caches), not half rows of 2-byte stores
+    rot = subprocess.run([sys.executable, "-m", "benchmarks.sass", "hadamard", "--shape", "12288x1",
+                          "--config", "1"], capture_output=True, text=True, env=env, timeout=300,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert rot.returncode == 0, rot.stderr[-2000:]
+    ops = dict((k, int(v)) for k, v in re.findall(r"([A-Z][A-Z0-9_.]*) (\d+)", rot.stdout.split("whole kernel:")[1]))
+    assert "_hadamard_kernel grid (1, 1, 8)" in rot.stdout and "STG.E.U16" not in ops, rot.stdout
 
 
 def test_replay_profile_ablations_replace_the_functions_the_decode_graph_calls():

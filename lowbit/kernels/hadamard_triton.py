@@ -205,25 +205,20 @@ if triton is not None:
         c, s, slot = cs
         dt = y_ptr.dtype.element_ty
         a, b = _halves(y.to(dt).to(tl.float32), R, HALF)
-        o1, o2 = _halves(yoff, R, HALF)
-        m1, _m2 = _halves(msk.to(tl.int8), R, HALF)
-        m = m1 != 0
-        d = tl.arange(0, HALF)[None, :]
         rot = head < HQ + HKV
         r1 = tl.where(rot, a * c - b * s, a).to(dt)
         r2 = tl.where(rot, b * c + a * s, b).to(dt)
-        tl.store(y_ptr + o1, r1, mask=m)
-        tl.store(y_ptr + o2, r2, mask=m)
+        # the halves joined back into whole rows: each row's stores are contiguous (vector stores),
+        # where two half-row stores were 2-byte ones
+        r = tl.reshape(tl.permute(tl.join(r1, r2), (0, 2, 1)), [R, 2 * HALF])
+        tl.store(y_ptr + yoff, r, mask=msk)
         if KV:
+            d = tl.arange(0, 2 * HALF)[None, :]
             is_k = (head >= HQ) & (head < HQ + HKV)
             is_v = (head >= HQ + HKV) & (head < HQ + 2 * HKV)
             dst = slot * sc_s + tl.where(is_k, head - HQ, head - HQ - HKV) * sc_h + d
-            mk = tl.where(is_k, m, False)
-            mv = tl.where(is_v, m, False)
-            tl.store(kc_ptr + dst, r1, mask=mk)
-            tl.store(kc_ptr + dst + HALF, r2, mask=mk)
-            tl.store(vc_ptr + dst, r1, mask=mv)
-            tl.store(vc_ptr + dst + HALF, r2, mask=mv)
+            tl.store(kc_ptr + dst, r, mask=tl.where(is_k, msk, False))
+            tl.store(vc_ptr + dst, r, mask=tl.where(is_v, msk, False))
 
     @triton.jit
     def _epilogue_weights(post_ptr, bias_ptr, pos2, msk, HAS_POST: tl.constexpr, HAS_BIAS: tl.constexpr):
