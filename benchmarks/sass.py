@@ -184,21 +184,31 @@ def _vptq_gemv(m: int, n: int, batch: int, config: list[int]) -> None:
 
 
 def _hadamard(m: int, n: int, batch: int, config: list[int]) -> None:
-    """A QTIP output transform of length m (n unused) as `plan` launches it for `batch` rows: config
-    0 plain, 1 with the rotary step and KV write of a fused q|k|v output (heads of 128, 32 q heads)."""
+    """A QTIP transform of length m (n unused) as a decode step launches it for `batch` rows; config:
+    0 an output transform (float32 product in, SV, fp16 out), 1 the same with the rotary step and KV
+    write of a fused q|k|v output (heads of 128, 32 q heads), 2 an input transform taking SiLU·mul
+    (fp16 gate and up, SU's signs, zeroing the split-K output as the decode launch asks), 3 an input
+    transform taking the residual add and RMSNorm."""
     from lowbit.kernels import fused
     from lowbit.kernels import hadamard_triton as ht
 
     g = torch.Generator().manual_seed(0)
-    y = torch.randn(batch, m, generator=g)
-    post = torch.randn(m, generator=g).half()
+    kind = config[0]
+    signs = (torch.randint(0, 2, (m,), generator=g) * 2 - 1).half()
+    if kind >= 2:
+        x = torch.randn(batch, m, generator=g).half()
+        extra = (dict(up=torch.randn(batch, m, generator=g).half(), zero=torch.empty(batch, 4096))
+                 if kind == 2 else dict(norm=(torch.rand(m, generator=g).half(), 1e-5, x.clone(), torch.empty_like(x))))
+        ht.hadamard_transform(x, transpose=True, pre=signs, pre_signs=True, alpha=1 / 32, **extra)
+        return
     rotary = None
-    if config[0]:
+    if kind == 1:
         hkv = (m // 128 - 32) // 2
         cache = torch.zeros(64, hkv, 128, dtype=torch.float16)
         rotary = fused.QKVRotary(torch.arange(batch), torch.rand(64, generator=g), 32, hkv, 128,
                                  (cache, cache.clone(), torch.arange(batch)))
-    ht.hadamard_transform(y, post=post, alpha=32.0, out_dtype=torch.float16, rotary=rotary)
+    ht.hadamard_transform(torch.randn(batch, m, generator=g), post=signs, alpha=32.0, out_dtype=torch.float16,
+                          rotary=rotary)
 
 
 SCENARIOS = {"uniform-gemv": _uniform_gemv, "uniform-frag": _uniform_frag, "qtip-frag": _qtip_frag,
