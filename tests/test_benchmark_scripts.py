@@ -60,53 +60,44 @@ def test_serve_compare_runs_each_model_per_server_flag_set(tmp_path, capsys):
     assert len(list(tmp_path.glob("warmup_*.json"))) == 2  # one unreported warm-up run a server
 
 
-def test_sass_report_compiles_a_recorded_launch_for_sm90_without_a_gpu():
-    """The launch is recorded, not run (CPU tensors), compiled for sm_90, and its main loop counted:
-    the int4 GEMV's loop holds its 16-byte code loads and one FFMA a weight's partial product."""
+def _sass(scenario: str, shape: str, config: str) -> tuple[str, dict]:
+    """`benchmarks.sass` run as a user runs it (compiled, not interpreted): its output and the
+    instruction counts it printed (main loop or whole kernel)."""
     import os
     import subprocess
     import sys
 
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")  # the suite interprets
-    run = subprocess.run([sys.executable, "-m", "benchmarks.sass", "uniform-gemv", "--shape", "256x256",
-                          "--config", "32,16,4,1"], capture_output=True, text=True, env=env, timeout=300,
+    run = subprocess.run([sys.executable, "-m", "benchmarks.sass", scenario, "--shape", shape, "--config", config],
+                         capture_output=True, text=True, env=env, timeout=300,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    out = run.stdout
     assert run.returncode == 0, run.stderr[-2000:]
+    counts = re.split(r"(?:main loop|whole kernel):", run.stdout)[-1]
+    return run.stdout, {k: int(v) for k, v in re.findall(r"([A-Z][A-Z0-9_.]*) (\d+)", counts)}
+
+
+def test_sass_report_compiles_a_recorded_launch_for_sm90_without_a_gpu():
+    """The launch is recorded, not run (CPU tensors), compiled for sm_90, and its main loop counted:
+    the int4 GEMV's loop holds its 16-byte code loads and one FFMA a weight's partial product."""
+    out, loop = _sass("uniform-gemv", "256x256", "32,16,4,1")
     regs = re.search(r"_uq_gemv_kernel grid \(1, 2, 1\): (\d+) registers, 0 B local", out)
     assert regs and 24 <= int(regs.group(1)) <= 255, out
-    loop = dict((k, int(v)) for k, v in re.findall(r"([A-Z][A-Z0-9_.]*) (\d+)", out.split("main loop:")[1]))
     assert loop.get("LDG.E.128", 0) >= 1 and loop.get("FFMA", 0) >= 64, out
     # a register cap in the config (UQConfig.max_registers) reaches ptxas
-    capped = subprocess.run([sys.executable, "-m", "benchmarks.sass", "uniform-gemv", "--shape", "256x256",
-                             "--config", "32,16,4,1,64"], capture_output=True, text=True, env=env, timeout=300,
-                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert capped.returncode == 0, capped.stderr[-2000:]
-    assert re.search(r"_uq_gemv_kernel grid \(1, 2, 1\): (?:[0-5]\d|6[0-4]) registers", capped.stdout), capped.stdout
+    out, _ = _sass("uniform-gemv", "256x256", "32,16,4,1,64")
+    assert re.search(r"_uq_gemv_kernel grid \(1, 2, 1\): (?:[0-5]\d|6[0-4]) registers", out), out
     # the int4 tensor-core kernel's hand-written PTX (decode, mma) assembles for sm_90: HMMA in its loop
-    frag = subprocess.run([sys.executable, "-m", "benchmarks.sass", "uniform-frag", "--shape", "64x1024",
-                           "--config", "1,4,2"], capture_output=True, text=True, env=env, timeout=300,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert frag.returncode == 0, frag.stderr[-2000:]
-    assert re.search(r"_uq_frag_kernel grid \(4,\): \d+ registers, 0 B local", frag.stdout), frag.stdout
-    loop = dict((k, int(v)) for k, v in re.findall(r"([A-Z][A-Z0-9_.]*) (\d+)", frag.stdout.split("main loop:")[1]))
-    assert loop.get("HMMA", 0) >= 4 and loop.get("HFMA2", 0) >= 8, frag.stdout
+    out, loop = _sass("uniform-frag", "64x1024", "1,4,2")
+    assert re.search(r"_uq_frag_kernel grid \(4,\): \d+ registers, 0 B local", out), out
+    assert loop.get("HMMA", 0) >= 4 and loop.get("HFMA2", 0) >= 8, out
     # the VPTQ lookup-GEMV (Triton's two-stage pipeline): 16-byte codebook gathers and 8 FFMAs each in its loop
-    vq = subprocess.run([sys.executable, "-m", "benchmarks.sass", "vptq-gemv", "--shape", "256x512",
-                         "--config", "8,64,2,4,2"], capture_output=True, text=True, env=env, timeout=300,
-                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert vq.returncode == 0, vq.stderr[-2000:]
-    assert re.search(r"_vq_gemv_kernel grid \(1, 4, 2\): \d+ registers, 0 B local", vq.stdout), vq.stdout
-    loop = dict((k, int(v)) for k, v in re.findall(r"([A-Z][A-Z0-9_.]*) (\d+)", vq.stdout.split("main loop:")[1]))
-    assert loop.get("LDG.E.128", 0) >= 4 and loop.get("FFMA", 0) == 8 * loop["LDG.E.128"], vq.stdout
+    out, loop = _sass("vptq-gemv", "256x512", "8,64,2,4,2")
+    assert re.search(r"_vq_gemv_kernel grid \(1, 4, 2\): \d+ registers, 0 B local", out), out
+    assert loop.get("LDG.E.128", 0) >= 4 and loop.get("FFMA", 0) == 8 * loop["LDG.E.128"], out
     # the q|k|v output transform with the rotary step stores whole rows (16-byte stores, q and the
     # caches), not half rows of 2-byte stores
-    rot = subprocess.run([sys.executable, "-m", "benchmarks.sass", "hadamard", "--shape", "12288x1",
-                          "--config", "1"], capture_output=True, text=True, env=env, timeout=300,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert rot.returncode == 0, rot.stderr[-2000:]
-    ops = dict((k, int(v)) for k, v in re.findall(r"([A-Z][A-Z0-9_.]*) (\d+)", rot.stdout.split("whole kernel:")[1]))
-    assert "_hadamard_kernel grid (1, 1, 8)" in rot.stdout and "STG.E.U16" not in ops, rot.stdout
+    out, ops = _sass("hadamard", "12288x1", "1")
+    assert "_hadamard_kernel grid (1, 1, 8)" in out and "STG.E.U16" not in ops and "whole kernel:" in out, out
 
 
 def test_replay_profile_ablations_replace_the_functions_the_decode_graph_calls():
