@@ -237,8 +237,11 @@ def main(argv=None) -> int:
               f"{out['shared']} B static shared")
         pick = LOOP_PICK.get(args.scenario, "longest")
         loop = main_loop_counts(out["sass"], pick)
+        memory = [(k, v) for k, v in loop.most_common() if k.startswith(("LD", "ST")) and (k, v) not in
+                  loop.most_common(16)]  # every load and store class, however rare
         print(f"  {'whole kernel' if pick == 'whole' else 'main loop'}: "
-              + ", ".join(f"{k} {v}" for k, v in loop.most_common(16)) + f" ({sum(loop.values())} instructions)")
+              + ", ".join(f"{k} {v}" for k, v in loop.most_common(16) + memory)
+              + f" ({sum(loop.values())} instructions)")
         if args.sass:
             with open(args.sass, "w") as f:
                 f.write(out["sass"])
