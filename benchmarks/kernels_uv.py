@@ -112,22 +112,24 @@ def uniform_layer(m, n, bits, group, zero_is_min=False):
                             qweight_hi=qh, scales=s, zeros=z, zero_is_min=zero_is_min)
 
 
-def vptq_layer(m, n, k_r=0, hot: int = 0):
-    """v8-k65536 (2 bits) or v8-k65536-256 (3 bits); hot > 0 confines indices to that many entries."""
+def vptq_layer(m, n, k_r=0, hot: int = 0, device=None):
+    """v8-k65536 (2 bits) or v8-k65536-256 (3 bits); hot > 0 confines indices to that many entries.
+    On `device` (default the benchmark's, DEV)."""
     from lowbit.kernels import vptq_triton as vq
 
+    dev = device or DEV
     v, k = 8, 65536
     N = m // v
     fb = 16 + (8 if k_r else 0)
     P = -(-n * fb // 32)
-    idx = torch.randint(-(2**31), 2**31, (N, P), device=DEV, dtype=torch.int64).to(torch.int32)
+    idx = torch.randint(-(2**31), 2**31, (N, P), device=dev, dtype=torch.int64).to(torch.int32)
     if hot:
         idx = idx & ((hot - 1) | ((hot - 1) << 16))
     return vq.VptqPacked(
         in_features=n, out_features=m, v=v, k=k, k_r=k_r, group_num=1, group_size=n, outlier_size=0,
         v_o=0, k_o=0, indices=idx,
-        centroids=(torch.randn(1, k * v, device=DEV) * 0.02).half(),
-        res_centroids=(torch.randn(1, k_r * v, device=DEV) * 0.005).half() if k_r else None,
+        centroids=(torch.randn(1, k * v, device=dev) * 0.02).half(),
+        res_centroids=(torch.randn(1, k_r * v, device=dev) * 0.005).half() if k_r else None,
         outlier_centroids=None, outlier_indices=None, perm=None, weight_scale=None, weight_bias=None)
 
 

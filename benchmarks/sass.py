@@ -168,19 +168,14 @@ def _qtip_frag(m: int, n: int, batch: int, config: list[int]) -> None:
 def _vptq_gemv(m: int, n: int, batch: int, config: list[int]) -> None:
     """VPTQ v8-k65536 lookup-GEMV (`vptq_triton._vq_gemv_kernel`): config BR (vectors), BC (columns),
     split[, warps[, Triton stages]]."""
+    from benchmarks.kernels_uv import vptq_layer
     from lowbit.kernels import vptq_triton as vq
 
     br, bc, split, *rest = config
-    g = torch.Generator().manual_seed(0)
-    p = vq.VptqPacked(in_features=n, out_features=m, v=8, k=65536, k_r=0, group_num=1, group_size=n,
-                      outlier_size=0, v_o=0, k_o=0,
-                      indices=torch.randint(-(2**31), 2**31, (m // 8, n // 2), generator=g, dtype=torch.int64).to(
-                          torch.int32),
-                      centroids=torch.randn(1, 65536 * 8, generator=g).half(), res_centroids=None,
-                      outlier_centroids=None, outlier_indices=None, perm=None, weight_scale=None, weight_bias=None)
+    p = vptq_layer(m, n, device="cpu")
     cfg = vq.VQConfig("gemv", br=br, bc=bc, split_k=split, num_warps=rest[0] if rest else 4,
                       num_stages=rest[1] if len(rest) > 1 else 1)
-    vq.run_config(torch.randn(batch, n, generator=g).half(), p, None, cfg)
+    vq.run_config(torch.randn(batch, n).half(), p, None, cfg)
 
 
 def _hadamard(m: int, n: int, batch: int, config: list[int]) -> None:
@@ -237,10 +232,10 @@ def main(argv=None) -> int:
               f"{out['shared']} B static shared")
         pick = LOOP_PICK.get(args.scenario, "longest")
         loop = main_loop_counts(out["sass"], pick)
-        memory = [(k, v) for k, v in loop.most_common() if k.startswith(("LD", "ST")) and (k, v) not in
-                  loop.most_common(16)]  # every load and store class, however rare
+        ranked = loop.most_common()
+        shown = ranked[:16] + [(k, v) for k, v in ranked[16:] if k.startswith(("LD", "ST"))]  # every load / store
         print(f"  {'whole kernel' if pick == 'whole' else 'main loop'}: "
-              + ", ".join(f"{k} {v}" for k, v in loop.most_common(16) + memory)
+              + ", ".join(f"{k} {v}" for k, v in shown)
               + f" ({sum(loop.values())} instructions)")
         if args.sass:
             with open(args.sass, "w") as f:

@@ -188,7 +188,7 @@ def test_kernel_benchmark_int4_rows_time_the_tensor_core_kernel_on_its_own_layou
         assert torch.equal(copy, orig) and copy.data_ptr() != orig.data_ptr()
 
 
-def test_vptq_gather_baseline_sums_the_entries_its_indices_name(monkeypatch):
+def test_vptq_gather_baseline_sums_the_entries_its_indices_name():
     """`benchmarks.vptq_gather`'s bare gather kernel (the ceiling the VPTQ lookup-GEMV is held
     against) really gathers: its per-program sums add up to the sum of the named codebook rows,
     indices read as unsigned 16-bit, ragged last program masked; the sweep list holds the tuner's
@@ -211,8 +211,7 @@ def test_vptq_gather_baseline_sums_the_entries_its_indices_name(monkeypatch):
     ref = tab.view(65536, 8)[idx.long() & 0xFFFF].float().sum(0)
     assert torch.allclose(out.view(4, 8).sum(0), ref, atol=1e-4)
 
-    monkeypatch.setattr("benchmarks.kernels_uv.DEV", "cpu")
-    p = vptq_layer(64, 256)
+    p = vptq_layer(64, 256, device="cpu")
     base = vptq_gather.vq.candidate_configs(p, 1, torch.device("cpu"))
     sweep = vptq_gather.sweep_configs(p, torch.device("cpu"))
     assert sweep[: len(base)] == base and len(sweep) == 5 * len(base)
