@@ -56,16 +56,17 @@ ABLATIONS = {
 }
 
 
-def _decoder(model, context: int, batch: int = 1):
+def _decoder(model, context: int, batch: int = 1, capacity: int = 0):
     """The engine's decode graph for `batch` sequences of `model` at `context` tokens each (pages of
     their own), captured and warmed."""
     dev = torch.device("cuda")
     cfg, block = model.config, 16
     per = -(-(context + 1) // block)
+    width = max(per, -(-capacity // block))  # the page table's width: the engine sizes it by max_model_len
     shape = (cfg.num_layers, batch * per + 1, block, cfg.num_kv_heads, cfg.head_dim)
     kc = torch.zeros(shape, dtype=model.dtype, device=dev)
     vc = torch.zeros_like(kc)
-    dec = CudaGraphDecoder(model, kc, vc, per, scratch_slot=batch * per * block, buckets=[batch])
+    dec = CudaGraphDecoder(model, kc, vc, width, scratch_slot=batch * per * block, buckets=[batch])
     dec.capture()
     p = torch.full((batch,), context, device=dev)
     tables = torch.arange(batch * per, dtype=torch.int32, device=dev).view(batch, per)
@@ -92,7 +93,7 @@ def _replay_ms(graph, steps: int, rounds: int = 5) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def ablate(model, context: int, names: list[str], steps: int = 200, batch: int = 1) -> int:
+def ablate(model, context: int, names: list[str], steps: int = 200, batch: int = 1, capacity: int = 0) -> int:
     """Replay time of the whole graph and of graphs with one launch class left out."""
     rows = []
     for name in ["none", *names]:
@@ -100,7 +101,7 @@ def ablate(model, context: int, names: list[str], steps: int = 200, batch: int =
             if name != "none":
                 target, fake = ABLATIONS[name]
                 stack.enter_context(mock.patch(target, fake))
-            dec, graph = _decoder(model, context, batch)
+            dec, graph = _decoder(model, context, batch, capacity)
             kernels = _count_kernels(graph)
             rows.append((name, kernels, _replay_ms(graph, steps)))
             del dec, graph
@@ -124,6 +125,8 @@ def main(argv=None) -> int:
     ap.add_argument("--shape", default="llama-2-7b")
     ap.add_argument("--format", default="qtip2")
     ap.add_argument("--context", type=int, default=128)
+    ap.add_argument("--capacity", type=int, default=0,
+                    help="tokens a sequence's page table holds (default: the context; the engine's is max_model_len)")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--batch", type=int, default=1, help="sequences a step (the graph bucket)")
     ap.add_argument("--timeline", type=int, default=-1, help="list the launches of this decoder layer in order")
@@ -139,9 +142,10 @@ def main(argv=None) -> int:
         if unknown:
             print(f"error: --ablate takes {sorted(ABLATIONS)}, got {sorted(unknown)}")
             return 2
-        print(f"# {torch.cuda.get_device_name()} {args.shape} {args.format} batch {args.batch} context {args.context}")
-        return ablate(model, args.context, names, batch=args.batch)
-    _dec, graph = _decoder(model, args.context, args.batch)
+        print(f"# {torch.cuda.get_device_name()} {args.shape} {args.format} batch {args.batch} context {args.context} "
+          f"capacity {max(args.capacity, args.context + 1)}")
+        return ablate(model, args.context, names, batch=args.batch, capacity=args.capacity)
+    _dec, graph = _decoder(model, args.context, args.batch, args.capacity)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(args.steps):
             graph.replay()
@@ -151,7 +155,8 @@ def main(argv=None) -> int:
     span = (evs[-1].time_range.end - evs[0].time_range.start) / n
     busy = sum(e.time_range.end - e.time_range.start for e in evs) / n
     gaps = [b.time_range.start - a.time_range.end for a, b in zip(evs, evs[1:], strict=False)]
-    print(f"# {torch.cuda.get_device_name()} {args.shape} {args.format} batch {args.batch} context {args.context}")
+    print(f"# {torch.cuda.get_device_name()} {args.shape} {args.format} batch {args.batch} context {args.context} "
+          f"capacity {max(args.capacity, args.context + 1)}")
     print(f"kernels/step {len(evs) / n:.0f} span/step {span / 1e3:.3f} ms, summed kernel time {busy / 1e3:.3f} ms")
     print(f"overlapping pairs {sum(g < 0 for g in gaps) / n:.0f}/step, "
           f"total positive gap {sum(max(0, g) for g in gaps) / n / 1e3:.3f} ms")

@@ -61,6 +61,7 @@ CPU_CASES = [
     (3, 12, 4, 16, 8, [5, 64, 33], 3),  # same, forced splits; some splits empty for short rows
     (2, 6, 1, 24, 32, [70, 2], 2),  # D not a power of two, MQA
     (1, 16, 16, 32, 4, [129], 4),  # tiny pages: many page-table lookups per tile
+    (2, 4, 2, 16, 16, [49, 16], 4),  # the newest token opens a split's first tile / ends it
 ]
 
 

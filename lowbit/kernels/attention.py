@@ -16,7 +16,9 @@ Long contexts with few (sequence, kv head) pairs would leave most SMs idle, so t
 into SPLITS ranges (flash-decoding); each program writes its unnormalised partial (running max m,
 sum l, accumulator) and a second small kernel merges them. The number of splits depends only on
 shapes known on the host (B, Hkv, max_blocks), never on context_lens, so a call can be captured in
-a CUDA graph and replayed with other lengths.
+a CUDA graph and replayed with other lengths; each program cuts its row's actual length into that
+many whole-tile ranges. Under PDL a program fetches its first tile's cached K/V rows before its
+wait, all but the newest token's (which the launch before it writes).
 
 Paged prefill attention (`paged_prefill_attention`): the prompt chunks of an engine step, any
 number of them of any lengths, in one launch. A program owns BLOCK_M queries of one chunk and one
@@ -69,16 +71,11 @@ def paged_decode_attention_reference(q, k_cache, v_cache, block_tables, context_
 if triton is not None:
 
     @triton.jit
-    def _attend_tile(q, k_ptr, v_ptr, bt_ptr, b, hkv, t0, end, m_i, l_i, acc,
-                     qk_scale, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_btb,
-                     D: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
-                     qpos, CAUSAL: tl.constexpr):
-        """One BLOCK_N-token tile of the online softmax: gather K/V rows through the page table.
-        CAUSAL: query row i sees only key positions <= qpos[i]."""
-        offs_n = tl.arange(0, BLOCK_N)
+    def _kv_rows(k_ptr, v_ptr, bt_ptr, b, hkv, tok, n_mask, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_btb,
+                 D: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr):
+        """K and V rows [BLOCK_N, BLOCK_D] of tokens `tok` of sequence b (zeros where not n_mask),
+        gathered through the page table."""
         offs_d = tl.arange(0, BLOCK_D)
-        tok = t0 + offs_n
-        n_mask = tok < end
         page = tl.load(bt_ptr + b * s_btb + tok // PAGE, mask=n_mask, other=0).to(tl.int64)
         slot = tok % PAGE
         kv_mask = n_mask[:, None] & (offs_d < D)[None, :]
@@ -90,17 +87,36 @@ if triton is not None:
             v_ptr + page[:, None] * s_vb + slot[:, None] * s_vt + hkv * s_vh + offs_d[None, :],
             mask=kv_mask, other=0.0,
         )
-        s = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_G, BLOCK_N], fp32
+        return k, v
+
+    @triton.jit
+    def _softmax_tile(q, k, v, tok, n_mask, m_i, l_i, acc, qk_scale, qpos, CAUSAL: tl.constexpr):
+        """One tile of the online softmax over keys `tok` (n_mask: those that exist).
+        CAUSAL: query row i sees only key positions <= qpos[i]."""
+        s = tl.dot(q, tl.trans(k)) * qk_scale  # [rows, BLOCK_N], fp32
         if CAUSAL:
             s = tl.where(n_mask[None, :] & (tok[None, :] <= qpos[:, None]), s, float("-inf"))
         else:
             s = tl.where(n_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key yet (an empty split): weights 0, not NaN
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         return m_new, l_i, acc
+
+    @triton.jit
+    def _attend_tile(q, k_ptr, v_ptr, bt_ptr, b, hkv, t0, end, m_i, l_i, acc,
+                     qk_scale, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_btb,
+                     D: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
+                     qpos, CAUSAL: tl.constexpr):
+        """The BLOCK_N-token tile of keys from t0 (up to `end`): its K/V rows, then its softmax step."""
+        tok = t0 + tl.arange(0, BLOCK_N)
+        n_mask = tok < end
+        k, v = _kv_rows(k_ptr, v_ptr, bt_ptr, b, hkv, tok, n_mask, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_btb,
+                        D, BLOCK_D, PAGE)
+        return _softmax_tile(q, k, v, tok, n_mask, m_i, l_i, acc, qk_scale, qpos, CAUSAL)
 
     @triton.jit
     def _paged_decode_kernel(
@@ -111,13 +127,14 @@ if triton is not None:
         s_vb, s_vt, s_vh,
         s_btb,
         s_ob, s_oh,
-        tokens_per_split,
         SPLITS: tl.constexpr,
         G: tl.constexpr, BLOCK_G: tl.constexpr,
         D: tl.constexpr, BLOCK_D: tl.constexpr,
-        PAGE: tl.constexpr, BLOCK_N: tl.constexpr, LOOP_WHILE: tl.constexpr, PDL: tl.constexpr,
+        PAGE: tl.constexpr, BLOCK_N: tl.constexpr, LOOP_WHILE: tl.constexpr, EARLY: tl.constexpr,
+        PDL: tl.constexpr,
     ):
-        wait_prior(PDL)
+        if not EARLY:
+            wait_prior(PDL)
         b = tl.program_id(0)
         hkv = tl.program_id(1)
         split = tl.program_id(2)
@@ -126,32 +143,47 @@ if triton is not None:
         offs_d = tl.arange(0, BLOCK_D)
         g_mask = offs_g < G
         d_mask = offs_d < D
-
         heads = hkv * G + offs_g
+
+        # Before the wait (PDL: the kernel before this one may still run): the step's context length
+        # and page table, written before the step, and the first tile's cached K/V rows except the
+        # newest token's, which that kernel may be writing. The splits share the actual context
+        # (not the table's capacity) in whole tiles, so none idles while another walks many tiles.
+        ctx = tl.load(len_ptr + b)
+        per = tl.cdiv(tl.cdiv(ctx, SPLITS), BLOCK_N) * BLOCK_N
+        start = split * per
+        end = tl.minimum(start + per, ctx)
+        tok = start + tl.arange(0, BLOCK_N)
+        k, v = _kv_rows(k_ptr, v_ptr, bt_ptr, b, hkv, tok, tok < tl.minimum(end, ctx - 1),
+                        s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_btb, D, BLOCK_D, PAGE)
+        if EARLY:
+            wait_prior(PDL)
         q = tl.load(
             q_ptr + b * s_qb + heads[:, None] * s_qh + offs_d[None, :],
             mask=g_mask[:, None] & d_mask[None, :], other=0.0,
         )
-
-        ctx = tl.load(len_ptr + b)
-        start = split * tokens_per_split
-        end = tl.minimum(start + tokens_per_split, ctx)
+        newest = (tok == ctx - 1) & (tok < end)
+        k_new, v_new = _kv_rows(k_ptr, v_ptr, bt_ptr, b, hkv, tok, newest,
+                                s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_btb, D, BLOCK_D, PAGE)
+        k = tl.where(newest[:, None], k_new, k)
+        v = tl.where(newest[:, None], v_new, v)
 
         m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_G], tl.float32)
         acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+        m_i, l_i, acc = _softmax_tile(q, k, v, tok, tok < end, m_i, l_i, acc, qk_scale, 0, False)
 
         if LOOP_WHILE:
             # The interpreter cannot use a loaded scalar as a range() bound (numpy 2 refuses int() of
             # its 1-element arrays); a while loop runs there. Compiled code keeps the pipelined for.
-            t0 = start
+            t0 = start + BLOCK_N
             while t0 < end:
                 m_i, l_i, acc = _attend_tile(q, k_ptr, v_ptr, bt_ptr, b, hkv, t0, end, m_i, l_i, acc,
                                              qk_scale, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_btb,
                                              D, BLOCK_D, PAGE, BLOCK_N, 0, False)
                 t0 += BLOCK_N
         else:
-            for t0 in range(start, end, BLOCK_N):
+            for t0 in range(start + BLOCK_N, end, BLOCK_N):
                 m_i, l_i, acc = _attend_tile(q, k_ptr, v_ptr, bt_ptr, b, hkv, t0, end, m_i, l_i, acc,
                                              qk_scale, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_btb,
                                              D, BLOCK_D, PAGE, BLOCK_N, 0, False)
@@ -286,20 +318,17 @@ def _num_sms(device: torch.device) -> int:
     return _NUM_SMS[idx]
 
 
-def _plan(B: int, Hkv: int, max_tokens: int, block_n: int, num_sms: int) -> tuple[int, int]:
-    """(splits, tokens_per_split) from host-known shapes only.
+def _plan(B: int, Hkv: int, max_tokens: int, block_n: int, num_sms: int) -> int:
+    """Context splits from host-known shapes only (graph capture replays them at other lengths).
 
-    Aim for about two programs per SM, but keep each split at least 4 tiles long so the merge
-    stays cheap relative to the work.
+    Aim for about two programs per SM, but keep each split at least 4 tiles of the page table's
+    capacity long so the merge stays cheap relative to the work. The kernel then cuts each row's
+    actual context into that many whole-tile ranges.
     """
     pairs = B * Hkv
     want = max(1, -(-2 * num_sms // pairs))
     most = max(1, max_tokens // (4 * block_n))
-    splits = min(want, most, 64)
-    per = -(-max_tokens // splits)
-    per = -(-per // block_n) * block_n
-    splits = max(1, -(-max_tokens // per))
-    return splits, per
+    return max(1, min(want, most, 64))
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, *, out=None,
@@ -313,16 +342,16 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
     _, page, Hkv, _ = k_cache.shape
     _check_inputs(q, k_cache, v_cache)
     G = Hq // Hkv
+    # The kernel reads the lengths and the table before its PDL wait: safe only where no launch
+    # right before it produced them, so a conversion (a launch of its own) turns that off.
+    early = block_tables.dtype == torch.int32 and context_lens.dtype == torch.int32
     block_tables = block_tables.to(torch.int32)
     context_lens = context_lens.to(torch.int32)
     max_tokens = block_tables.shape[1] * page
     if block_n is None:
         block_n = 64 if D <= 128 else 32
     if splits is None:
-        splits, per = _plan(B, Hkv, max_tokens, block_n, _num_sms(q.device))
-    else:
-        per = -(-max_tokens // splits)
-        per = -(-per // block_n) * block_n
+        splits = _plan(B, Hkv, max_tokens, block_n, _num_sms(q.device))
     if num_warps is None:
         num_warps = 4
     if out is None:
@@ -338,9 +367,8 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
         q, k_cache, v_cache, block_tables, context_lens, out, part_acc, part_ml,
         float(scale) * math.log2(math.e),
         *_strides(q, k_cache, v_cache, block_tables, out),
-        per,
         SPLITS=splits, G=G, BLOCK_G=BLOCK_G, D=D, BLOCK_D=BLOCK_D, PAGE=page, BLOCK_N=block_n,
-        LOOP_WHILE=interpreting(),
+        LOOP_WHILE=interpreting(), EARLY=early,
         num_warps=num_warps, **launch_options(q, B),
     )
     if splits > 1:
