@@ -5,6 +5,7 @@
     python -m benchmarks.sass qtip-frag --shape 4096x4096 --batch 1 --config 2,8,128,4,16 --sass /tmp/frag.sass
     python -m benchmarks.sass vptq-gemv --shape 4096x4096 --config 8,64,16,4,2
     python -m benchmarks.sass hadamard --shape 12288x1 --batch 1 --config 1     # the q|k|v output transform with rotary
+    python -m benchmarks.sass attention --shape 4096x128 --config 1 --pdl      # decode attention, first tile early
 
 Device time is scarce; what a kernel compiles to is not. The launch is made through lowbit's own entry
 point on CPU tensors, with Triton's launcher replaced by a recorder (so the arguments, constexprs and
@@ -12,7 +13,9 @@ grid are exactly what a real launch would pass); each recorded launch is then co
 `triton.compile` for `GPUTarget("cuda", 90, 32)`, integer arguments specialized as the JIT would
 (== 1, divisible by 16), and `cuobjdump` (bundled with Triton) reports registers, spills and shared
 memory, and the instruction classes inside the kernel's main loop (its longest backward branch).
-On CPU tensors `pdl.enabled` is false, so launches compile without programmatic dependent launch.
+On CPU tensors `pdl.enabled` is false, so launches compile without programmatic dependent launch
+unless `--pdl` asks for it; then the report also counts the global loads placed before the wait
+(`griddepcontrol.wait`, ACQBULK in SASS): what a program fetches while the kernel before it runs.
 """
 
 from __future__ import annotations
@@ -206,11 +209,34 @@ def _hadamard(m: int, n: int, batch: int, config: list[int]) -> None:
                           rotary=rotary)
 
 
+def _attention(m: int, n: int, batch: int, config: list[int]) -> None:
+    """Paged decode attention for `batch` sequences, Llama-2-7B heads (32 of 128), a page table of m
+    tokens a sequence (its capacity: the split count follows it) at context n; config: early (1: the
+    first tile read before the PDL wait, what PDL launches take; 0: after it)."""
+    from lowbit.kernels.attention import paged_decode_attention
+
+    page, heads = 16, 32
+    blocks = -(-m // page)
+    q = torch.zeros(batch, heads, 128, dtype=torch.float16)
+    cache = torch.zeros(batch * blocks + 1, page, heads, 128, dtype=torch.float16)
+    tables = torch.arange(batch * blocks, dtype=torch.int32).view(batch, blocks)
+    lens = torch.full((batch,), n, dtype=torch.int32)
+    paged_decode_attention(q, cache, cache.clone(), tables, lens, 128 ** -0.5, early=bool(config[0]))
+
+
+def loads_before_wait(sass: str) -> int | None:
+    """Global loads (LDG, LDGSTS) placed before the first ACQBULK (griddepcontrol.wait); None without one."""
+    ops = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass)
+    if "ACQBULK" not in ops:
+        return None
+    return sum(op.startswith("LDG") for op in ops[:ops.index("ACQBULK")])
+
+
 SCENARIOS = {"uniform-gemv": _uniform_gemv, "uniform-frag": _uniform_frag, "qtip-frag": _qtip_frag,
-             "vptq-gemv": _vptq_gemv, "hadamard": _hadamard}
+             "vptq-gemv": _vptq_gemv, "hadamard": _hadamard, "attention": _attention}
 # which loop to count: VPTQ's split-K epilogue (16 partial loads) is a longer loop than its main one;
 # the Hadamard kernels are unrolled (a loop there is sin / cos's slow path)
-LOOP_PICK = {"vptq-gemv": "first", "hadamard": "whole"}
+LOOP_PICK = {"vptq-gemv": "first", "hadamard": "whole", "attention": "whole"}
 
 
 def main(argv=None) -> int:
@@ -220,6 +246,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--config", required=True, help="comma-separated launch shape (see the scenario)")
     ap.add_argument("--sass", help="also write the SASS here")
+    ap.add_argument("--pdl", action="store_true", help="compile the launches as PDL launches (PDL=True)")
     args = ap.parse_args(argv)
     if interpreting():
         ap.error("TRITON_INTERPRET is set: kernels are interpreted, there is nothing to compile")
@@ -227,9 +254,12 @@ def main(argv=None) -> int:
     with recording() as launches:
         SCENARIOS[args.scenario](m, n, args.batch, [int(v) for v in args.config.split(",")])
     for kernel, grid, a, kw in launches:
+        if args.pdl and "PDL" in kw:
+            kw = {**kw, "PDL": True}
         out = compile_launch(kernel, a, kw)
+        early = loads_before_wait(out["sass"]) if args.pdl else None
         print(f"{out['name']} grid {tuple(grid)}: {out['registers']} registers, {out['local']} B local (spills), "
-              f"{out['shared']} B static shared")
+              f"{out['shared']} B static shared" + ("" if early is None else f", {early} global loads before the wait"))
         pick = LOOP_PICK.get(args.scenario, "longest")
         loop = main_loop_counts(out["sass"], pick)
         ranked = loop.most_common()

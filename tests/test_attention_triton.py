@@ -65,21 +65,24 @@ CPU_CASES = [
 ]
 
 
+@pytest.mark.parametrize("early", [False, True], ids=["after-wait", "first-tile-early"])
 @pytest.mark.parametrize("B,Hq,Hkv,D,page,lens,splits", CPU_CASES)
-def test_paged_decode_matches_reference_cpu(B, Hq, Hkv, D, page, lens, splits):
+def test_paged_decode_matches_reference_cpu(B, Hq, Hkv, D, page, lens, splits, early):
+    """Both kernel variants: the one PDL launches take (first tile read before the wait, the
+    newest token's row after it) and the plain one."""
     if torch.cuda.is_available():
         pytest.skip("CPU interpreter test")
     q, k, v, bt, cl = _make_case(B, Hq, Hkv, D, page, lens, "cpu", torch.float16, seed=B * 100 + D)
-    _check(q, k, v, bt, cl, 1 / math.sqrt(D), 3e-3, block_n=16, splits=splits)
+    _check(q, k, v, bt, cl, 1 / math.sqrt(D), 3e-3, block_n=16, splits=splits, early=early)
 
 
 def test_paged_decode_zero_context_gives_zeros_cpu():
     if torch.cuda.is_available():
         pytest.skip("CPU interpreter test")
     q, k, v, bt, cl = _make_case(2, 4, 2, 16, 16, [0, 20], "cpu", torch.float16)
-    for splits in (1, 2):
+    for splits, early in ((1, False), (2, False), (1, True), (2, True)):
         out = torch.full_like(q, float("nan"))
-        paged_decode_attention(q, k, v, bt, cl, 0.25, out=out, block_n=16, splits=splits)
+        paged_decode_attention(q, k, v, bt, cl, 0.25, out=out, block_n=16, splits=splits, early=early)
         assert torch.equal(out[0], torch.zeros_like(out[0]))
         ref = paged_decode_attention_reference(q, k, v, bt, cl, 0.25)
         assert (out[1].float() - ref[1].float()).norm() / ref[1].float().norm() < 3e-3
@@ -108,6 +111,7 @@ def test_paged_decode_matches_reference_gpu(B, Hq, Hkv, D, page, lens, dtype):
     _check(q, k, v, bt, cl, 1 / math.sqrt(D), tol)
     for splits in (1, 5):
         _check(q, k, v, bt, cl, 1 / math.sqrt(D), tol, splits=splits)
+        _check(q, k, v, bt, cl, 1 / math.sqrt(D), tol, splits=splits, early=True)
 
 
 # ---- paged prefill attention: every prompt chunk of a step in one launch ----------------------------

@@ -60,7 +60,7 @@ def test_serve_compare_runs_each_model_per_server_flag_set(tmp_path, capsys):
     assert len(list(tmp_path.glob("warmup_*.json"))) == 2  # one unreported warm-up run a server
 
 
-def _sass(scenario: str, shape: str, config: str) -> tuple[str, dict]:
+def _sass(scenario: str, shape: str, config: str, *extra: str) -> tuple[str, dict]:
     """`benchmarks.sass` run as a user runs it (compiled, not interpreted): its output and the
     instruction counts it printed (main loop or whole kernel)."""
     import os
@@ -68,7 +68,7 @@ def _sass(scenario: str, shape: str, config: str) -> tuple[str, dict]:
     import sys
 
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")  # the suite interprets
-    run = subprocess.run([sys.executable, "-m", "benchmarks.sass", scenario, "--shape", shape, "--config", config],
+    run = subprocess.run([sys.executable, "-m", "benchmarks.sass", scenario, "--shape", shape, "--config", config, *extra],
                          capture_output=True, text=True, env=env, timeout=300,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert run.returncode == 0, run.stderr[-2000:]
@@ -99,6 +99,13 @@ def test_sass_report_compiles_a_recorded_launch_for_sm90_without_a_gpu():
     out, ops = _sass("hadamard", "12288x1", "1")
     assert "_hadamard_kernel grid (1, 1, 8)" in out and "whole kernel:" in out, out
     assert ops.get("STG.E.128", 0) >= 3 and "STG.E.U16" not in ops, out  # every store class is listed
+    # decode attention compiled as a PDL launch: the early variant fetches its first tile's K and V
+    # (16 KiB each, 8 16-byte loads a thread of each) before the wait; the plain one nothing
+    out, _ = _sass("attention", "4096x128", "1", "--pdl")
+    early = re.search(r"_paged_decode_kernel grid \(1, 32, \d+\): .* (\d+) global loads before the wait", out)
+    assert early and int(early.group(1)) >= 16, out
+    out, _ = _sass("attention", "4096x128", "0", "--pdl")
+    assert re.search(r"_paged_decode_kernel grid .* 0 global loads before the wait", out), out
 
 
 def test_replay_profile_ablations_replace_the_functions_the_decode_graph_calls():

@@ -145,45 +145,48 @@ if triton is not None:
         d_mask = offs_d < D
         heads = hkv * G + offs_g
 
-        # Before the wait (PDL: the kernel before this one may still run): the step's context length
-        # and page table, written before the step, and the first tile's cached K/V rows except the
-        # newest token's, which that kernel may be writing. The splits share the actual context
-        # (not the table's capacity) in whole tiles, so none idles while another walks many tiles.
+        # The splits share the actual context (not the table's capacity) in whole tiles, so none idles
+        # while another walks many tiles.
         ctx = tl.load(len_ptr + b)
         per = tl.cdiv(tl.cdiv(ctx, SPLITS), BLOCK_N) * BLOCK_N
         start = split * per
         end = tl.minimum(start + per, ctx)
-        tok = start + tl.arange(0, BLOCK_N)
-        k, v = _kv_rows(k_ptr, v_ptr, bt_ptr, b, hkv, tok, tok < tl.minimum(end, ctx - 1),
-                        s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_btb, D, BLOCK_D, PAGE)
+        m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_G], tl.float32)
+        acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+        t1 = start
         if EARLY:
+            # Before the wait (the kernel before this one may still run): the step's lengths and page
+            # table, written before the step, and the first tile's cached K/V rows but the newest
+            # token's, which that kernel may be writing; that row is read after the wait.
+            tok = start + tl.arange(0, BLOCK_N)
+            k, v = _kv_rows(k_ptr, v_ptr, bt_ptr, b, hkv, tok, tok < tl.minimum(end, ctx - 1),
+                            s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_btb, D, BLOCK_D, PAGE)
             wait_prior(PDL)
         q = tl.load(
             q_ptr + b * s_qb + heads[:, None] * s_qh + offs_d[None, :],
             mask=g_mask[:, None] & d_mask[None, :], other=0.0,
         )
-        newest = (tok == ctx - 1) & (tok < end)
-        k_new, v_new = _kv_rows(k_ptr, v_ptr, bt_ptr, b, hkv, tok, newest,
-                                s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_btb, D, BLOCK_D, PAGE)
-        k = tl.where(newest[:, None], k_new, k)
-        v = tl.where(newest[:, None], v_new, v)
-
-        m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_G], tl.float32)
-        acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-        m_i, l_i, acc = _softmax_tile(q, k, v, tok, tok < end, m_i, l_i, acc, qk_scale, 0, False)
+        if EARLY:
+            newest = (tok == ctx - 1) & (tok < end)
+            k_new, v_new = _kv_rows(k_ptr, v_ptr, bt_ptr, b, hkv, tok, newest,
+                                    s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_btb, D, BLOCK_D, PAGE)
+            k = tl.where(newest[:, None], k_new, k)
+            v = tl.where(newest[:, None], v_new, v)
+            m_i, l_i, acc = _softmax_tile(q, k, v, tok, tok < end, m_i, l_i, acc, qk_scale, 0, False)
+            t1 = start + BLOCK_N
 
         if LOOP_WHILE:
             # The interpreter cannot use a loaded scalar as a range() bound (numpy 2 refuses int() of
             # its 1-element arrays); a while loop runs there. Compiled code keeps the pipelined for.
-            t0 = start + BLOCK_N
+            t0 = t1
             while t0 < end:
                 m_i, l_i, acc = _attend_tile(q, k_ptr, v_ptr, bt_ptr, b, hkv, t0, end, m_i, l_i, acc,
                                              qk_scale, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_btb,
                                              D, BLOCK_D, PAGE, BLOCK_N, 0, False)
                 t0 += BLOCK_N
         else:
-            for t0 in range(start + BLOCK_N, end, BLOCK_N):
+            for t0 in range(t1, end, BLOCK_N):
                 m_i, l_i, acc = _attend_tile(q, k_ptr, v_ptr, bt_ptr, b, hkv, t0, end, m_i, l_i, acc,
                                              qk_scale, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_btb,
                                              D, BLOCK_D, PAGE, BLOCK_N, 0, False)
@@ -332,19 +335,24 @@ def _plan(B: int, Hkv: int, max_tokens: int, block_n: int, num_sms: int) -> int:
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, *, out=None,
-                           block_n=None, num_warps=None, splits=None):
+                           block_n=None, num_warps=None, splits=None, early=None):
     """Triton paged decode attention (see module docstring); same result as the reference.
 
-    `out` is an optional preallocated [B, Hq, D] result; `block_n`, `num_warps`, `splits` override
-    the heuristics (for benchmarks and tests).
+    `out` is an optional preallocated [B, Hq, D] result; `block_n`, `num_warps`, `splits` and
+    `early` (the first tile read before the PDL wait) override the heuristics (for benchmarks and
+    tests).
     """
     B, Hq, D = q.shape
     _, page, Hkv, _ = k_cache.shape
     _check_inputs(q, k_cache, v_cache)
     G = Hq // Hkv
-    # The kernel reads the lengths and the table before its PDL wait: safe only where no launch
-    # right before it produced them, so a conversion (a launch of its own) turns that off.
-    early = block_tables.dtype == torch.int32 and context_lens.dtype == torch.int32
+    launch = launch_options(q, B)
+    if early is None:
+        # Reading the lengths and the table before the PDL wait is safe only where no launch right
+        # before this one produced them (a dtype conversion is a launch of its own); and it pays only
+        # under PDL: the preloaded tile costs registers (178 against 96 a thread, sm_90), which
+        # would halve the programs an SM holds at many rows, where PDL is off anyway.
+        early = launch["PDL"] and block_tables.dtype == torch.int32 and context_lens.dtype == torch.int32
     block_tables = block_tables.to(torch.int32)
     context_lens = context_lens.to(torch.int32)
     max_tokens = block_tables.shape[1] * page
@@ -368,8 +376,8 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
         float(scale) * math.log2(math.e),
         *_strides(q, k_cache, v_cache, block_tables, out),
         SPLITS=splits, G=G, BLOCK_G=BLOCK_G, D=D, BLOCK_D=BLOCK_D, PAGE=page, BLOCK_N=block_n,
-        LOOP_WHILE=interpreting(), EARLY=early,
-        num_warps=num_warps, **launch_options(q, B),
+        LOOP_WHILE=interpreting(), EARLY=bool(early),
+        num_warps=num_warps, **launch,
     )
     if splits > 1:
         _paged_decode_merge_kernel[(B, Hq)](
