@@ -103,7 +103,8 @@ def test_a_pick_made_with_other_kernel_code_is_tuned_again(timing_cache, monkeyp
     assert tuning.choose({}, key, x, lambda: Cfg("dequant"), lambda: Cfg("h"), Cfg, lambda: cands) == Cfg("dequant")
 
 
-def test_the_kernels_digest_follows_their_source_files(tmp_path):
+def test_the_kernels_digest_follows_their_source_files(tmp_path, monkeypatch):
+    monkeypatch.delenv("LOWBIT_KERNELS_DIGEST", raising=False)
     (tmp_path / "a.py").write_text("x = 1\n")
     (tmp_path / "b.py").write_text("y = 2\n")
     first = tuning.sources_digest(tmp_path)
@@ -112,3 +113,20 @@ def test_the_kernels_digest_follows_their_source_files(tmp_path):
     (tmp_path / "b.py").write_text("y = 3\n")
     assert tuning.sources_digest(tmp_path) != first
     assert tuning.kernels_digest() == tuning.sources_digest(Path(tuning.__file__).parent)
+
+
+def test_a_pinned_kernels_digest_keeps_the_picks_of_other_kernel_code(timing_cache, monkeypatch):
+    """LOWBIT_KERNELS_DIGEST (A/B trees that differ in one kernel): a pick saved under the pinned
+    digest is reused whatever the source files hold."""
+    x = torch.zeros(16, 8)
+    cands = [Cfg("frag"), Cfg("dequant")]
+    key = ("layer", 4096, 4096, 1)
+    monkeypatch.setenv("LOWBIT_KERNELS_DIGEST", "ee2adffdd779")
+    assert tuning.kernels_digest() == "ee2adffdd779"
+    assert tuning.choose({}, key, x, lambda: Cfg("frag"), lambda: Cfg("h"), Cfg, lambda: cands) == Cfg("frag")
+    monkeypatch.setattr(tuning, "_DISK", None)  # a new process of a tree with other kernel files
+    monkeypatch.setattr(tuning, "_own_digest", lambda: "0123456789ab")
+    assert tuning.choose({}, key, x, lambda: Cfg("dequant"), lambda: Cfg("h"), Cfg, lambda: cands) == Cfg("frag")
+    monkeypatch.delenv("LOWBIT_KERNELS_DIGEST")
+    monkeypatch.setattr(tuning, "_DISK", None)  # unpinned, the same tree: its own digest, tuned again
+    assert tuning.choose({}, key, x, lambda: Cfg("dequant"), lambda: Cfg("h"), Cfg, lambda: cands) == Cfg("dequant")

@@ -128,12 +128,19 @@ def _disk() -> dict[str, dict]:
     return _DISK
 
 
-@functools.cache
 def kernels_digest() -> str:
     """A short fingerprint of the kernels' source files (this package's .py files). A pick made with
     other kernel code is stale even among the same candidates: the int4 fragment layout's Wᵀ decode
     got 2.8–3.8x faster under the same launch name, and a pick between it and the kernel in 64-row
-    chunks made before would have kept the slower path (RESULTS.md, nineteenth session)."""
+    chunks made before would have kept the slower path (RESULTS.md, nineteenth session).
+    LOWBIT_KERNELS_DIGEST pins it, for A/B timing of trees that differ in one kernel (an attention
+    or transform change) with the same tuned picks: otherwise each tree re-tunes the decode
+    kernels, which costs device time and lets the tuner's noise into the comparison."""
+    return os.environ.get("LOWBIT_KERNELS_DIGEST") or _own_digest()
+
+
+@functools.cache
+def _own_digest() -> str:
     return sources_digest(Path(__file__).parent)
 
 
