@@ -120,6 +120,12 @@ def _count_kernels(graph) -> int:
     return sum(e.device_type.name == "CUDA" for e in prof.events())
 
 
+def _header(args) -> str:
+    """The run's first line: device, model, batch, context and the page table's capacity."""
+    return (f"# {torch.cuda.get_device_name()} {args.shape} {args.format} batch {args.batch} context {args.context} "
+            f"capacity {max(args.capacity, args.context + 1)}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="llama-2-7b")
@@ -142,8 +148,7 @@ def main(argv=None) -> int:
         if unknown:
             print(f"error: --ablate takes {sorted(ABLATIONS)}, got {sorted(unknown)}")
             return 2
-        print(f"# {torch.cuda.get_device_name()} {args.shape} {args.format} batch {args.batch} context {args.context} "
-          f"capacity {max(args.capacity, args.context + 1)}")
+        print(_header(args))
         return ablate(model, args.context, names, batch=args.batch, capacity=args.capacity)
     _dec, graph = _decoder(model, args.context, args.batch, args.capacity)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -155,8 +160,7 @@ def main(argv=None) -> int:
     span = (evs[-1].time_range.end - evs[0].time_range.start) / n
     busy = sum(e.time_range.end - e.time_range.start for e in evs) / n
     gaps = [b.time_range.start - a.time_range.end for a, b in zip(evs, evs[1:], strict=False)]
-    print(f"# {torch.cuda.get_device_name()} {args.shape} {args.format} batch {args.batch} context {args.context} "
-          f"capacity {max(args.capacity, args.context + 1)}")
+    print(_header(args))
     print(f"kernels/step {len(evs) / n:.0f} span/step {span / 1e3:.3f} ms, summed kernel time {busy / 1e3:.3f} ms")
     print(f"overlapping pairs {sum(g < 0 for g in gaps) / n:.0f}/step, "
           f"total positive gap {sum(max(0, g) for g in gaps) / n / 1e3:.3f} ms")

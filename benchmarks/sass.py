@@ -103,13 +103,18 @@ def compile_launch(kernel, args, kwargs, capability: int = 90) -> dict:
                 shared=int(found.get("SHARED", 0)), sass=sass)
 
 
+def _instructions(sass: str) -> list[tuple[str, str, str, str]]:
+    """(address, predicate, opcode, operands) of each SASS instruction, in code order."""
+    return re.findall(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);", sass)
+
+
 def main_loop_counts(sass: str, pick: str = "longest") -> Counter:
     """Instruction classes between the target and the source of the longest backward branch (the
     kernel's main loop), with pick "first" of the first one in the code (where a split-K epilogue's
     loop is longer than the main loop), with "whole" (or where there is no loop) of the whole
     kernel: the opcode up to its first dot, memory instructions whole (LDG.E.128 and LDG.E.U16
     apart). Static counts: code on a path not taken (a slow path) counts too."""
-    rows = re.findall(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);", sass)
+    rows = _instructions(sass)
     best = None
     for addr, _, op, rest in rows:
         target = re.search(r"0x([0-9a-f]+)", rest)
@@ -226,7 +231,7 @@ def _attention(m: int, n: int, batch: int, config: list[int]) -> None:
 
 def loads_before_wait(sass: str) -> int | None:
     """Global loads (LDG, LDGSTS) placed before the first ACQBULK (griddepcontrol.wait); None without one."""
-    ops = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass)
+    ops = [op for _, _, op, _ in _instructions(sass)]
     if "ACQBULK" not in ops:
         return None
     return sum(op.startswith("LDG") for op in ops[:ops.index("ACQBULK")])
