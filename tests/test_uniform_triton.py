@@ -108,26 +108,29 @@ def test_uniform_heuristic_dispatch_cpu():
 
 
 FRAG_CPU_CASES = [
-    # group, perm, bias, batch, (row tiles, warps, prefetch), out_features (48 with 2 row tiles: ragged)
-    (128, False, True, 1, (1, 2, 2), 32),
-    (64, True, False, 3, (2, 2, 1), 48),
-    (32, False, False, 9, (1, 4, 3), 32),
-    (128, False, True, 17, (2, 1, 2), 64),
+    # group, perm, bias, batch, (row tiles, warps, prefetch), out_features (48 with 2 row tiles: ragged), inputs
+    (128, False, True, 1, (1, 2, 2), 32, 512),
+    (64, True, False, 3, (2, 2, 1), 48, 512),
+    (32, False, False, 9, (1, 4, 3), 32, 512),
+    (128, False, True, 17, (2, 1, 2), 64, 512),
+    # warps that do not divide the steps: 7 steps, 4 warps (warp 3's second step is past the end); 11 steps, 2 warps
+    (64, False, True, 2, (1, 4, 2), 32, 448),
+    (64, True, False, 5, (2, 2, 3), 48, 704),
 ]
 
 
 @pytest.mark.skipif(not CPU, reason="CPU interpreter test")
-@pytest.mark.parametrize("group,perm,bias,batch,launch,m", FRAG_CPU_CASES)
-def test_uniform_int4_fragment_kernel_matches_reference_cpu(group, perm, bias, batch, launch, m, monkeypatch):
+@pytest.mark.parametrize("group,perm,bias,batch,launch,m,n", FRAG_CPU_CASES)
+def test_uniform_int4_fragment_kernel_matches_reference_cpu(group, perm, bias, batch, launch, m, n, monkeypatch):
     """The int4 tensor-core kernel (mma and decode emulated lane by lane on the interpreter) on the
     layer in its fragment layout (`frag_run`), repacked one row tile at a time (the chunks a large
     layer is repacked in)."""
     monkeypatch.setattr(uf, "_CHUNK", 1)
     seed = group + batch + m
-    p, _ = _layer(m, 512, 4, group, perm=perm, seed=seed)
+    p, _ = _layer(m, n, 4, group, perm=perm, seed=seed)
     g = torch.Generator().manual_seed(seed + 1)
     b = torch.randn(m, generator=g).half() if bias else None
-    x = torch.randn(batch, 512, generator=g).half()
+    x = torch.randn(batch, n, generator=g).half()
     rt, nw, pf = launch
     _check(x, p, b, uq.UQConfig("frag", row_tiles=rt, num_warps=nw, prefetch=pf), 2e-3)
 
@@ -269,7 +272,7 @@ def test_uniform_int4_fragment_layout_applies_only_where_it_can():
     lin = _gptq_layer(4, False, seed=5)
     lin.zeros[0, 0] = 300.0
     assert not lin.use_fragment_layout() and lin.qweight is not None and lin.fragment is None
-    # the kernel itself takes ≤ 64 fp16 rows (`frag_run` cuts more into 64-row launches), warps dividing the steps
+    # the kernel itself takes ≤ 64 fp16 rows (`frag_run` cuts more into 64-row launches), warps a power of two
     fp = uf.repack_frag(_layer(64, 512, 4, 128, seed=6)[0])
     out = torch.empty(65, 64).half()
     for x, warps in ((torch.randn(65, 512).half(), 4), (torch.randn(2, 512), 4), (torch.randn(2, 512).half(), 3)):
@@ -328,8 +331,8 @@ def test_uniform_int4_fragment_kernel_matches_reference_gpu(group, perm, shape):
     m, n = shape
     p, _ = _layer(m, n, 4, group, perm=perm, device="cuda", seed=m + group)
     bias = torch.randn(m, device="cuda").half()
-    wide = 8 if (n // (16 * uf.tiles_a_step(group))) % 8 == 0 else 4  # warps divide the steps (11008, g128: 172)
-    for batch, (rt, nw, pf) in ((1, (1, 4, 2)), (3, (2, 4, 2)), (16, (1, wide, 3)), (64, (1, 4, 2))):
+    # 8 and 16 warps leave a tail of steps at 11008 inputs, group 128 (172 steps)
+    for batch, (rt, nw, pf) in ((1, (1, 4, 2)), (1, (1, 16, 2)), (3, (2, 4, 2)), (16, (1, 8, 3)), (64, (1, 4, 2))):
         x = torch.randn(batch, n, device="cuda").half()
         _check(x, p, bias if batch != 3 else None, uq.UQConfig("frag", row_tiles=rt, num_warps=nw, prefetch=pf), 3e-3)
 
@@ -438,3 +441,13 @@ def test_repack_gguf_matches_spec(kind):
     data = torch.tensor(rows, dtype=torch.uint8)
     p = uq.repack_gguf(data, kind)
     assert torch.allclose(uq.uniform_packed_dequant_reference(p), want, rtol=1e-6, atol=1e-6)
+
+
+def test_int4_fragment_candidates_offer_warps_with_a_short_tail():
+    """The tuner's launches: warps dividing the steps, plus 8 / 16 warps where they leave at most
+    1/16 of the steps idle in the last round (4096×11008 at group 128: 172 steps)."""
+    def launches(n, group, batch=1):
+        return uf.frag_candidates(uf.UniformFrag(n, 16, group, uf.tiles_a_step(group), None, None), batch)
+    assert launches(11008, 128) == [(1, 4, 2), (2, 4, 2), (1, 8, 2), (1, 16, 2)]
+    assert launches(4096, 128, 32) == [(1, 4, 1), (1, 8, 1), (2, 4, 1), (1, 16, 1)]
+    assert launches(448, 64) == [(1, 1, 2)]  # 7 steps: a tail would idle more than 1/16

@@ -202,10 +202,11 @@ if triton is not None:
         return (a0, a1, a2, a3)
 
     @triton.jit
-    def _step_loads(cp, xp, szp, ok, xrows, RS, RT: tl.constexpr, KT: tl.constexpr, NB: tl.constexpr):
+    def _step_loads(cp, xp, szp, ok, live, xrows, RS, RT: tl.constexpr, KT: tl.constexpr, NB: tl.constexpr):
         """One step's loads: the code words of each row tile's KT tiles (row tiles RS words
         apart; ok None: every row tile exists, no masks), the x B fragments of each tile and
-        n-block (xrows: the n-blocks' row offsets), each row tile's scale/zero word."""
+        n-block (xrows: the n-blocks' row offsets; live None: the step exists, else x reads as 0
+        where it does not), each row tile's scale/zero word."""
         words = ()
         sz = ()
         for r in tl.static_range(RT):
@@ -224,7 +225,10 @@ if triton is not None:
         for k in tl.static_range(KT):
             xk = ()
             for b in tl.static_range(NB):
-                v = tl.load(xp + xrows[b] + k)  # both B registers (`_step_columns`)
+                if live is None:
+                    v = tl.load(xp + xrows[b] + k)  # both B registers (`_step_columns`)
+                else:
+                    v = tl.load(xp + xrows[b] + k, mask=live, other=0)
                 xk = xk + ((v.to(tl.int32), (v >> 32).to(tl.int32)),)
             xs = xs + (xk,)
         return words, xs, sz
@@ -254,16 +258,32 @@ if triton is not None:
             new = new + (row,)
         return new
 
+    @triton.jit
+    def _loads_of(s, cb, xb, szp0, ok, xrows, wid, TM, TS: tl.constexpr, RS, RT: tl.constexpr, KT: tl.constexpr,
+                  NB: tl.constexpr, NW: tl.constexpr, SPG: tl.constexpr, TAIL: tl.constexpr):
+        """`_step_loads` of the warp's s-th step (step wid + s·NW of the row tile). TAIL (the warps
+        do not divide the steps): a step past the last reads the last step's codes and scales (in
+        bounds) and x as zeros, so its products are zero."""
+        st = wid + s * NW
+        live = None
+        if TAIL:
+            live = st < TS
+            st = tl.minimum(st, TS - 1)
+        return _step_loads(cb + st * (KT * 32), xb + st * (4 * KT), szp0 + (st // SPG) * (TM * 8), ok, live, xrows,
+                           RS, RT, KT, NB)
+
     @triton.jit(do_not_specialize=["TM", "B"])
     def _uq_frag_kernel(
         x_ptr, codes_ptr, sz_ptr, y_ptr, scratch_ptr,
         TM, TS: tl.constexpr, B, stride_xb, stride_yb,
         KT: tl.constexpr, SPG: tl.constexpr, RT: tl.constexpr, NB: tl.constexpr, NW: tl.constexpr,
         REP: tl.constexpr, EMULATE: tl.constexpr, PDL: tl.constexpr, PF: tl.constexpr, EVEN: tl.constexpr,
+        TAIL: tl.constexpr,
     ):
         """y[:B, rows] = x[:B] · Wᵀ for the program's RT row tiles; the NW warps walk the steps
-        (warp w: steps w, w + NW, ..., TS / NW of them) with the next PF steps' loads in flight,
-        then sum their accumulators through shared memory (`_out_all`). Rows of x past B are read as row B − 1 (their products land in
+        (warp w: steps w, w + NW, ..., ⌈TS / NW⌉ of them, the last round's steps past TS zero, see
+        `_loads_of`) with the next PF steps' loads in flight, then sum their accumulators through
+        shared memory (`_out_all`). Rows of x past B are read as row B − 1 (their products land in
         columns the epilogue drops). SPG: steps a scale group. x is read as int64 words (4 halves,
         stride_xb in words): a lane's B registers of a tile are one word (`_step_columns`)."""
         col = tl.arange(0, 32 * NW)
@@ -278,15 +298,13 @@ if triton is not None:
                 ok = ok + (col * 0 + ib + r < TM,)  # tensors: the interpreter wants tensor masks
         if not EMULATE:
             _reserve_shared(codes_ptr, scratch_ptr, col, TM, REP)  # the epilogue's warp sums
-        n = TS // NW
-        cp = codes_ptr + ((ib * TS + wid) * KT) * 32 + lane
-        CS = NW * KT * 32  # words between a warp's steps
+        n = (TS + NW - 1) // NW
+        cb = codes_ptr + (ib * TS * KT) * 32 + lane
         RS = TS * KT * 32  # words between row tiles
         xrows = ()
         for b in tl.static_range(NB):
             xrows = xrows + (tl.minimum(8 * b + (lane >> 2), B - 1) * stride_xb,)
-        xp = x_ptr + (lane & 3) * KT + wid * (4 * KT)  # int64 words of 4 halves
-        XSTEP = NW * 4 * KT
+        xb = x_ptr + (lane & 3) * KT  # int64 words of 4 halves
         szp0 = sz_ptr + ib * 8 + (lane >> 2)  # + group · TM · 8
         acc = _zero_acc(RT, NB, NW)
         wait_prior(PDL)
@@ -294,13 +312,11 @@ if triton is not None:
         # its last step (in bounds, unused) instead of taking masks.
         ring = ()
         for d in tl.static_range(PF):
-            sd = tl.minimum(d, n - 1)
-            ring = ring + (_step_loads(cp + sd * CS, xp + sd * XSTEP, szp0 + ((wid + sd * NW) // SPG) * (TM * 8), ok,
-                                       xrows, RS, RT, KT, NB),)
+            ring = ring + (_loads_of(tl.minimum(d, n - 1), cb, xb, szp0, ok, xrows, wid, TM, TS, RS, RT, KT, NB, NW,
+                                     SPG, TAIL),)
         for s in tl.range(0, n, loop_unroll_factor=PF):
-            sn = tl.minimum(s + PF, n - 1)
-            new = _step_loads(cp + sn * CS, xp + sn * XSTEP, szp0 + ((wid + sn * NW) // SPG) * (TM * 8), ok, xrows,
-                              RS, RT, KT, NB)
+            new = _loads_of(tl.minimum(s + PF, n - 1), cb, xb, szp0, ok, xrows, wid, TM, TS, RS, RT, KT, NB, NW, SPG,
+                            TAIL)
             words, xs, sz = ring[0]
             acc = _step(acc, words, xs, sz, RT, KT, NB, NW, EMULATE)
             rr = ()
@@ -365,14 +381,17 @@ def frag_dequantize_t(fp: UniformFrag, dtype=torch.float16, out: torch.Tensor | 
 
 
 def frag_candidates(fp: UniformFrag, batch: int) -> list[tuple[int, int, int]]:
-    """(row tiles, warps, prefetch) launches for the tuner (`frag_configs`); the warps must divide
-    the steps. Past 16 rows a step's x alone is 16 registers an n-block, so the ring holds one step
-    (sm_90 compiles of `benchmarks.sass uniform-frag`: 56–88 registers at 1–16 rows with two steps
-    in flight, 253 at 64 rows)."""
+    """(row tiles, warps, prefetch) launches for the tuner (`frag_configs`). Warps that do not
+    divide the steps are offered where the last round wastes at most 1/16 of them: 4096×11008 at
+    group 128 has 172 = 4 · 43 steps, which held it to 4 warps (60% of the roofline, RESULTS.md,
+    seventeenth session). Past 16 rows a step's x alone is 16 registers an n-block, so the ring
+    holds one step (sm_90 compiles of `benchmarks.sass uniform-frag`: 56–88 registers at 1–16 rows
+    with two steps in flight, 253 at 64 rows)."""
     ts = fp.in_features // (16 * tiles_a_step(fp.group_size))
     pf = 2 if batch <= 16 else 1
     fits = [(rt, nw, pf) for rt, nw in ((1, 4), (1, 8), (2, 4), (1, 16)) if ts % nw == 0]
-    return fits or [(1, 2 if ts % 2 == 0 else 1, pf)]  # odd step counts: fewer warps still divide them
+    tails = [(1, nw, pf) for nw in (8, 16) if ts % nw and 16 * (-ts % nw) <= ts]
+    return (fits + tails) or [(1, 2 if ts % 2 == 0 else 1, pf)]  # odd step counts: fewer warps still divide them
 
 
 def uq_frag_matmul(x2: torch.Tensor, fp: UniformFrag, out: torch.Tensor, row_tiles: int = 1, num_warps: int = 4,
@@ -383,8 +402,8 @@ def uq_frag_matmul(x2: torch.Tensor, fp: UniformFrag, out: torch.Tensor, row_til
     if B > MAX_BATCH or x2.dtype != torch.float16 or n != fp.in_features:
         raise ValueError(f"int4 fragment kernel takes ≤ {MAX_BATCH} fp16 rows of {fp.in_features}, "
                          f"got {tuple(x2.shape)} {x2.dtype}")
-    if ts % num_warps or prefetch < 1:
-        raise ValueError(f"int4 fragment kernel: {num_warps} warps must divide the {ts} steps, prefetch ≥ 1")
+    if num_warps < 1 or num_warps & (num_warps - 1) or prefetch < 1:
+        raise ValueError(f"int4 fragment kernel: warps a power of two and prefetch ≥ 1, got {num_warps}, {prefetch}")
     if fp.perm is not None:
         x2 = x2.index_select(1, fp.perm.long())
     x2 = x2.contiguous()
@@ -394,7 +413,8 @@ def uq_frag_matmul(x2: torch.Tensor, fp: UniformFrag, out: torch.Tensor, row_til
     scratch = torch.empty(512 * COPIES, dtype=torch.float32, device=out.device) if interpreting() else out
     args = (x2.view(torch.int64), fp.codes, fp.sz, out, scratch, tm, ts, B, x2.stride(0) // 4, out.stride(0))
     _launch(_uq_frag_kernel, (triton.cdiv(tm, row_tiles),), args, "int4 frag kernel", row_tiles, num_warps, COPIES,
-            B, KT=fp.kt, SPG=fp.group_size // (16 * fp.kt), NB=n_blocks(B), PF=prefetch, EVEN=tm % row_tiles == 0)
+            B, KT=fp.kt, SPG=fp.group_size // (16 * fp.kt), NB=n_blocks(B), PF=prefetch, EVEN=tm % row_tiles == 0,
+            TAIL=ts % num_warps != 0)
     return out
 
 
