@@ -187,14 +187,26 @@ def layer_launches(step: list, layer: int) -> list:
 
 
 def print_layer_timeline(step: list, layer: int) -> None:
+    """The layer's launches with their share of the critical path: how far each moves the latest
+    end seen so far (the previous layer's last launch included), so overlapping PDL launches add
+    up to the layer's period, printed last (the next layer's attention start)."""
     launches = layer_launches(step, layer)
+    first = step.index(launches[0])
     t0 = launches[0].time_range.start
-    print(f"layer {layer} from its attention launch to the next layer's: {len(launches)} launches")
-    print("| # | start us | us | kernel |")
-    print("|---|---|---|---|")
+    latest = step[first - 1].time_range.end if first else t0
+    print(f"layer {layer} from its attention launch to the next layer's: {len(launches)} launches; "
+          f"the launch before it ends at {latest - t0:.1f} us")
+    print("| # | start us | us | end us | critical-path share us | kernel |")
+    print("|---|---|---|---|---|---|")
     for i, e in enumerate(launches):
-        print(f"| {i} | {e.time_range.start - t0:.1f} | {e.time_range.end - e.time_range.start:.1f} | {e.name[:60]} |")
-
+        end = e.time_range.end
+        share = max(0.0, end - latest)
+        latest = max(latest, end)
+        print(f"| {i} | {e.time_range.start - t0:.1f} | {end - e.time_range.start:.1f} | {end - t0:.1f} | {share:.1f} "
+              f"| {e.name[:60]} |")
+    nxt = first + len(launches)
+    if nxt < len(step):
+        print(f"next layer's attention starts at {step[nxt].time_range.start - t0:.1f} us")
 
 if __name__ == "__main__":
     raise SystemExit(main())

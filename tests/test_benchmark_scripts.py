@@ -145,6 +145,26 @@ def test_replay_timeline_cuts_one_layer_at_its_attention_launches():
         replay_profile.layer_launches(step, 2)
 
 
+def test_replay_timeline_shares_add_up_to_the_critical_path(capsys):
+    """Overlapping launches: each launch's share is how far it moves the latest end (the previous
+    layer's last launch counted), so the shares sum to the last end minus that launch's end."""
+    from types import SimpleNamespace
+
+    from benchmarks import replay_profile
+
+    def ev(name, start, end):
+        return SimpleNamespace(name=name, time_range=SimpleNamespace(start=start, end=end))
+
+    step = [ev("qkv", 90.0, 104.0), ev("_paged_decode_kernel", 100.0, 110.0), ev("merge", 105.0, 112.0),
+            ev("gemv", 108.0, 111.0), ev("_paged_decode_kernel", 180.0, 190.0)]
+    replay_profile.print_layer_timeline(step, 0)
+    out = capsys.readouterr().out
+    assert "the launch before it ends at 4.0 us" in out
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [float(r[4]) for r in rows] == [6.0, 2.0, 0.0]
+    assert "next layer's attention starts at 80.0 us" in out
+
+
 def test_kernel_benchmark_int4_rows_time_the_tensor_core_kernel_on_its_own_layout(monkeypatch):
     """The kernel matrix's int4 rows (and `uniform_frag_ab`) time the tensor-core kernel on the
     layer's fragment layout beside the packed layer's CUDA-core kernels: both give the layer's
