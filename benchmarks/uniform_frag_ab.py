@@ -57,6 +57,8 @@ def main(argv=None) -> int:
                 err = float((out.double() - ref).norm() / ref.norm())
                 us = uv.graph_us([lambda q=q, cfg=cfg, x=x, out=out: uv.run_uniform(x, q, None, cfg, out) for q in copies])
                 row[fam] = dict(kind=cfg.kind, config=str(cfg), cold_us=round(cold, 2), us=round(us, 2), rel_err=err)
+            row["frag_launches"] = {f"{c.row_tiles},{c.num_warps},{c.prefetch}": round(t, 2)
+                                    for c, t, e in timings if c.kind == "frag" and not e}
             rows.append(row)
             print(json.dumps(row), flush=True)
         del copies, case, p, w
@@ -69,6 +71,9 @@ def main(argv=None) -> int:
         if g and f:
             print(f"| {r['m']}×{r['n']} | {r['batch']} | {r['fp16_us']} | {g['us']} ({g['kind']}) | {f['us']} ({f['kind']}) | "
                   f"{r['fp16_us'] / g['us']:.2f} | {r['fp16_us'] / f['us']:.2f} | {100 * r['roofline_us'] / f['us']:.0f}% |")
+    print("\nEvery fragment-kernel launch the tuner timed (row tiles, warps, prefetch: cold µs):")
+    for r in rows:
+        print(f"{r['m']}×{r['n']} batch {r['batch']}: " + ", ".join(f"{k}: {v}" for k, v in r["frag_launches"].items()))
     return 0
 
 

@@ -116,6 +116,7 @@ FRAG_CPU_CASES = [
     # warps that do not divide the steps: 7 steps, 4 warps (warp 3's second step is past the end); 11 steps, 2 warps
     (64, False, True, 2, (1, 4, 2), 32, 448),
     (64, True, False, 5, (2, 2, 3), 48, 704),
+    (64, False, False, 1, (1, 4, 4), 32, 448),  # four steps in flight, more than a warp has
 ]
 
 
