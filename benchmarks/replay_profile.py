@@ -3,6 +3,7 @@
     python -m benchmarks.replay_profile [--shape llama-2-7b] [--format qtip2] [--context 128] [--steps 5] [--batch 1]
     python -m benchmarks.replay_profile --ablate hadamard,frag,attention
     python -m benchmarks.replay_profile --batch 64 --timeline 2
+    python -m benchmarks.replay_profile --knob LOWBIT_ATTENTION_EARLY --context 1000 --capacity 4096
 
 
 Captures the engine's decode graph of one batch bucket (default 1) (`CudaGraphDecoder`) for a random-weight model, replays it
@@ -20,12 +21,17 @@ profiler's per-kernel sums cannot: with PDL the kernels overlap, and the profile
 launches): it captures the graph again with one class of launches left out (its outputs are then
 stale or garbage, which changes no kernel's time) and times plain replays, no profiler, against
 the whole graph's.
+
+`--knob VAR` captures the graph twice, with the environment variable VAR at 0 and at 1 (a switch
+read when the launches are recorded, such as LOWBIT_ATTENTION_EARLY or LOWBIT_PDL), then times the
+two graphs' replays in alternation, so both settings see the same weights, GPU state and clocks.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 from collections import defaultdict
 from unittest import mock
 
@@ -113,6 +119,26 @@ def ablate(model, context: int, names: list[str], steps: int = 200, batch: int =
     return 0
 
 
+def knob_ab(model, context: int, var: str, steps: int = 200, batch: int = 1, capacity: int = 0,
+            rounds: int = 3) -> int:
+    """Replay time of the graph captured with VAR=0 against VAR=1, timed in alternation."""
+    graphs = {}
+    for setting in ("0", "1"):
+        with mock.patch.dict(os.environ, {var: setting}):
+            graphs[setting] = _decoder(model, context, batch, capacity)
+    times = {"0": [], "1": []}
+    for _ in range(rounds):
+        for setting in ("0", "1"):
+            times[setting].append(_replay_ms(graphs[setting][1], steps))
+    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    print(f"| {var} | replay ms/step (median of {rounds}) | each round |")
+    print("|---|---|---|")
+    for setting in ("0", "1"):
+        print(f"| {setting} | {med[setting]:.3f} | {', '.join(f'{t:.3f}' for t in times[setting])} |")
+    print(f"{var}=1 / {var}=0: {med['1'] / med['0']:.3f} of the time")
+    return 0
+
+
 def _count_kernels(graph) -> int:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         graph.replay()
@@ -137,6 +163,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=1, help="sequences a step (the graph bucket)")
     ap.add_argument("--timeline", type=int, default=-1, help="list the launches of this decoder layer in order")
     ap.add_argument("--ablate", default="", help=f"comma list of {sorted(ABLATIONS)}: time the graph without them")
+    ap.add_argument("--knob", default="", help="an environment switch: time the graph captured with it at 0 and at 1")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("error: replay_profile needs a CUDA GPU")
@@ -150,6 +177,9 @@ def main(argv=None) -> int:
             return 2
         print(_header(args))
         return ablate(model, args.context, names, batch=args.batch, capacity=args.capacity)
+    if args.knob:
+        print(_header(args))
+        return knob_ab(model, args.context, args.knob, batch=args.batch, capacity=args.capacity)
     _dec, graph = _decoder(model, args.context, args.batch, args.capacity)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(args.steps):

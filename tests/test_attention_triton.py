@@ -88,6 +88,22 @@ def test_paged_decode_zero_context_gives_zeros_cpu():
         assert (out[1].float() - ref[1].float()).norm() / ref[1].float().norm() < 3e-3
 
 
+def test_early_tile_only_under_pdl_with_int32_tables(monkeypatch):
+    """The first tile is read before the PDL wait only in PDL launches whose lengths and page table are
+    already int32 (a conversion would be a launch writing them just before), and not with
+    LOWBIT_ATTENTION_EARLY=0 (the A/B switch)."""
+    from lowbit.kernels.attention import takes_early_tile
+
+    i32, i64 = torch.zeros(2, 3, dtype=torch.int32), torch.zeros(2, 3, dtype=torch.int64)
+    pdl, plain = {"PDL": True, "launch_pdl": True}, {"PDL": False}
+    monkeypatch.delenv("LOWBIT_ATTENTION_EARLY", raising=False)
+    assert takes_early_tile(pdl, i32, i32[:, 0])
+    assert not takes_early_tile(plain, i32, i32[:, 0])
+    assert not takes_early_tile(pdl, i64, i32[:, 0]) and not takes_early_tile(pdl, i32, i64[:, 0])
+    monkeypatch.setenv("LOWBIT_ATTENTION_EARLY", "0")
+    assert not takes_early_tile(pdl, i32, i32[:, 0])
+
+
 GPU_CASES = [
     # Llama-2-7B (MHA), Llama-3-8B (GQA 4), Llama-2-70B per-GPU (GQA 8), SmolLM2 (GQA 3, D 64)
     (1, 32, 32, 128, 16, [1]),

@@ -165,6 +165,33 @@ def test_replay_timeline_shares_add_up_to_the_critical_path(capsys):
     assert "next layer's attention starts at 80.0 us" in out
 
 
+def test_replay_knob_captures_each_setting_and_times_them_in_turn(monkeypatch, capsys):
+    """`--knob VAR`: each graph is captured with VAR set to its setting (read while the launches are
+    recorded), the two are timed alternately, and the table gives each setting's median."""
+    import os
+
+    from benchmarks import replay_profile
+
+    captured, order = [], []
+    monkeypatch.delenv("LOWBIT_X", raising=False)
+
+    def fake_decoder(model, context, batch, capacity):
+        captured.append((os.environ.get("LOWBIT_X"), context, capacity))
+        return object(), os.environ["LOWBIT_X"]
+
+    def fake_replay(graph, steps):
+        order.append(graph)
+        return {"0": 2.0, "1": 1.5}[graph] + 0.01 * len(order)
+
+    monkeypatch.setattr(replay_profile, "_decoder", fake_decoder)
+    monkeypatch.setattr(replay_profile, "_replay_ms", fake_replay)
+    assert replay_profile.knob_ab(None, 1000, "LOWBIT_X", capacity=4096, rounds=3) == 0
+    assert captured == [("0", 1000, 4096), ("1", 1000, 4096)] and "LOWBIT_X" not in os.environ
+    assert order == ["0", "1"] * 3
+    out = capsys.readouterr().out
+    assert "| 0 | 2.030 |" in out and "| 1 | 1.540 |" in out  # medians: the second round of each
+
+
 def test_kernel_benchmark_int4_rows_time_the_tensor_core_kernel_on_its_own_layout(monkeypatch):
     """The kernel matrix's int4 rows (and `uniform_frag_ab`) time the tensor-core kernel on the
     layer's fragment layout beside the packed layer's CUDA-core kernels: both give the layer's

@@ -30,6 +30,7 @@ in the pages before the call). The host lists the (chunk, first query) tiles onc
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -334,6 +335,19 @@ def _plan(B: int, Hkv: int, max_tokens: int, block_n: int, num_sms: int) -> int:
     return max(1, min(want, most, 64))
 
 
+def takes_early_tile(launch: dict, block_tables: torch.Tensor, context_lens: torch.Tensor) -> bool:
+    """Whether a decode launch reads its first K/V tile before the PDL wait.
+
+    Reading the lengths and the table before the wait is safe only where no launch right before
+    this one produced them (a dtype conversion is a launch of its own), and it can pay only under
+    PDL: the preloaded tile costs registers (178 against 96 a thread, sm_90), which would halve the
+    programs an SM holds at many rows, where PDL is off anyway. At one page-table split it measured
+    no gain (RESULTS.md, twenty-second session); LOWBIT_ATTENTION_EARLY=0 turns it off for the A/B
+    at the engine's page-table width."""
+    return (launch["PDL"] and os.environ.get("LOWBIT_ATTENTION_EARLY", "1") != "0"
+            and block_tables.dtype == torch.int32 and context_lens.dtype == torch.int32)
+
+
 def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, *, out=None,
                            block_n=None, num_warps=None, splits=None, early=None):
     """Triton paged decode attention (see module docstring); same result as the reference.
@@ -348,11 +362,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
     G = Hq // Hkv
     launch = launch_options(q, B)
     if early is None:
-        # Reading the lengths and the table before the PDL wait is safe only where no launch right
-        # before this one produced them (a dtype conversion is a launch of its own); and it pays only
-        # under PDL: the preloaded tile costs registers (178 against 96 a thread, sm_90), which
-        # would halve the programs an SM holds at many rows, where PDL is off anyway.
-        early = launch["PDL"] and block_tables.dtype == torch.int32 and context_lens.dtype == torch.int32
+        early = takes_early_tile(launch, block_tables, context_lens)
     block_tables = block_tables.to(torch.int32)
     context_lens = context_lens.to(torch.int32)
     max_tokens = block_tables.shape[1] * page
