@@ -385,9 +385,10 @@ def frag_candidates(fp: UniformFrag, batch: int) -> list[tuple[int, int, int]]:
     divide the steps are offered where the last round wastes at most 1/16 of them: 4096×11008 at
     group 128 has 172 = 4 · 43 steps, which held it to 4 warps (60% of the roofline, RESULTS.md,
     seventeenth session; 95% with 16 warps, twenty-second). Past 16 rows a step's x alone is 16
-    registers an n-block, so the ring holds one step (sm_90 compiles of `benchmarks.sass uniform-frag`: 56–88 registers at 1–16 rows
-    with two steps in flight, 253 at 64 rows). Four steps in flight at one row take 140 registers, a
-    third of the warps an SM holds with two, so fewer bytes in flight, not more: not offered."""
+    registers an n-block, so the ring holds one step (sm_90 compiles of `benchmarks.sass
+    uniform-frag`: 56–88 registers at 1–16 rows with two steps in flight, 253 at 64 rows). Four
+    steps in flight at one row take 140 registers, a third of the warps an SM holds with two, so
+    fewer bytes in flight, not more: not offered."""
     ts = fp.in_features // (16 * tiles_a_step(fp.group_size))
     pf = 2 if batch <= 16 else 1
     fits = [(rt, nw, pf) for rt, nw in ((1, 4), (1, 8), (2, 4), (1, 16)) if ts % nw == 0]
