@@ -108,6 +108,19 @@ def _instructions(sass: str) -> list[tuple[str, str, str, str]]:
     return re.findall(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);", sass)
 
 
+def main_loop_span(sass: str, pick: str = "longest") -> tuple[int, int] | None:
+    """(target, source) addresses of the longest backward branch (pick "first": the first one in
+    the code), None where the kernel has no loop (a walk the compiler unrolled whole)."""
+    best = None
+    for addr, _, op, rest in _instructions(sass):
+        target = re.search(r"0x([0-9a-f]+)", rest)
+        if op == "BRA" and target and int(target.group(1), 16) < int(addr, 16):
+            span = (int(target.group(1), 16), int(addr, 16))
+            if best is None or (span[0] < best[0] if pick == "first" else span[1] - span[0] > best[1] - best[0]):
+                best = span
+    return best
+
+
 def main_loop_counts(sass: str, pick: str = "longest") -> Counter:
     """Instruction classes between the target and the source of the longest backward branch (the
     kernel's main loop), with pick "first" of the first one in the code (where a split-K epilogue's
@@ -115,13 +128,7 @@ def main_loop_counts(sass: str, pick: str = "longest") -> Counter:
     kernel: the opcode up to its first dot, memory instructions whole (LDG.E.128 and LDG.E.U16
     apart). Static counts: code on a path not taken (a slow path) counts too."""
     rows = _instructions(sass)
-    best = None
-    for addr, _, op, rest in rows:
-        target = re.search(r"0x([0-9a-f]+)", rest)
-        if op == "BRA" and target and int(target.group(1), 16) < int(addr, 16):
-            span = (int(target.group(1), 16), int(addr, 16))
-            if best is None or (span[0] < best[0] if pick == "first" else span[1] - span[0] > best[1] - best[0]):
-                best = span
+    best = main_loop_span(sass, pick)
     lo, hi = best if best is not None and pick != "whole" else (0, 1 << 62)
     return Counter(op.split(".")[0] if not op.startswith(("LDG", "STG", "LDS", "STS")) else op
                    for addr, _, op, _ in rows if lo <= int(addr, 16) <= hi)
@@ -269,7 +276,9 @@ def main(argv=None) -> int:
         loop = main_loop_counts(out["sass"], pick)
         ranked = loop.most_common()
         shown = ranked[:16] + [(k, v) for k, v in ranked[16:] if k.startswith(("LD", "ST"))]  # every load / store
-        print(f"  {'whole kernel' if pick == 'whole' else 'main loop'}: "
+        where = ("whole kernel" if pick == "whole" else "main loop" if main_loop_span(out["sass"], pick)
+                 else "whole kernel (no loop)")
+        print(f"  {where}: "
               + ", ".join(f"{k} {v}" for k, v in shown)
               + f" ({sum(loop.values())} instructions)")
         if args.sass:

@@ -72,8 +72,29 @@ def _sass(scenario: str, shape: str, config: str, *extra: str) -> tuple[str, dic
                          capture_output=True, text=True, env=env, timeout=300,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert run.returncode == 0, run.stderr[-2000:]
-    counts = re.split(r"(?:main loop|whole kernel):", run.stdout)[-1]
+    counts = re.split(r"(?:main loop|whole kernel(?: \(no loop\))?):", run.stdout)[-1]
     return run.stdout, {k: int(v) for k, v in re.findall(r"([A-Z][A-Z0-9_.]*) (\d+)", counts)}
+
+
+def test_sass_main_loop_is_the_longest_backward_branch_or_none():
+    """The counted loop lies between the longest backward branch's target and source; a kernel the
+    compiler unrolled whole has none, and then the whole kernel is counted (and said so)."""
+    from benchmarks import sass
+
+    code = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   LDG.E R2, desc[UR4][R4.64] ;
+        /*0020*/                   FFMA R3, R2, R2, R3 ;
+        /*0030*/              @P0 BRA 0x10 ;
+        /*0040*/                   HMMA.16816.F32 R8, R4, R6, R8 ;
+        /*0050*/                   BRA 0x40 ;
+        /*0060*/                   EXIT ;
+    """
+    assert sass.main_loop_span(code) == (0x10, 0x30)
+    assert sass.main_loop_span(code, "first") == (0x10, 0x30)
+    assert sass.main_loop_counts(code) == {"LDG.E": 1, "FFMA": 1, "BRA": 1}
+    flat = code.replace("@P0 BRA 0x10", "NOP").replace("BRA 0x40", "NOP")
+    assert sass.main_loop_span(flat) is None and sum(sass.main_loop_counts(flat).values()) == 7
 
 
 def test_sass_report_compiles_a_recorded_launch_for_sm90_without_a_gpu():
