@@ -41,6 +41,7 @@ import torch
 
 from .pdl import launch_options, wait_prior
 from .tuning import as_rows, batch_bucket, choose, interpreting, time_candidates
+from .workspace import split_workspace
 
 try:
     import triton
@@ -654,18 +655,7 @@ class UQConfig:
     prefetch: int = 2  # "frag": steps of loads in flight
 
 
-_WS: dict = {}
 _MAGIC = 0x4B000000  # float32 bits of 2^23
-
-
-def _workspace(device, numel: int, counters: int):
-    key = str(device)
-    ws, cnt = _WS.get(key, (None, None))
-    if ws is None or ws.numel() < numel or cnt.numel() < counters:
-        ws = torch.empty(max(numel, 1 << 16), dtype=torch.float32, device=device)
-        cnt = torch.zeros(max(counters, 4096), dtype=torch.int32, device=device)
-        _WS[key] = (ws, cnt)
-    return ws, cnt
 
 
 def _strides(p: UniformPacked):
@@ -689,7 +679,7 @@ def _launch_fused(x2, p: UniformPacked, bias, cfg: UQConfig, out):
         units = N // bk
     per = triton.cdiv(units, max(1, min(cfg.split_k, units)))
     split = triton.cdiv(units, per)  # no empty splits
-    ws, cnt = _workspace(x2.device, split * B * M, grid_m * grid_b)  # always: one kernel signature
+    ws, cnt = split_workspace(x2.device, split * B * M, grid_m * grid_b)  # always: one kernel signature
     qh, s_qw, s_qh = _strides(p)
     perm = p.perm if p.perm is not None else p.qweight
     bias_t = bias if bias is not None else out

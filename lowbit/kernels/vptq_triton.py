@@ -34,6 +34,7 @@ import torch
 
 from .pdl import launch_options, wait_prior
 from .tuning import as_rows, batch_bucket, choose, interpreting, time_candidates
+from .workspace import split_workspace
 
 try:
     import triton
@@ -520,19 +521,6 @@ class VQConfig:
     num_stages: int = 1
 
 
-_WS: dict = {}
-
-
-def _workspace(device, numel: int, counters: int):
-    key = str(device)
-    ws, cnt = _WS.get(key, (None, None))
-    if ws is None or ws.numel() < numel or cnt.numel() < counters:
-        ws = torch.empty(max(numel, 1 << 16), dtype=torch.float32, device=device)
-        cnt = torch.zeros(max(counters, 4096), dtype=torch.int32, device=device)
-        _WS[key] = (ws, cnt)
-    return ws, cnt
-
-
 def _common(p: VptqPacked):
     fb = p.field_bits
     idx = p.indices.view(torch.int16) if fb == 16 else p.indices
@@ -562,7 +550,7 @@ def _launch_gemv(x2, p: VptqPacked, bias, cfg: VQConfig, out):
     B, M = x2.shape[0], p.out_features
     split, iters = _split(c["NMAIN"], cfg.bc, cfg.split_k)
     grid = (B, triton.cdiv(c["NV"], cfg.br), split)
-    ws, cnt = _workspace(x2.device, split * B * M, grid[0] * grid[1])  # always: one kernel signature
+    ws, cnt = split_workspace(x2.device, split * B * M, grid[0] * grid[1])  # always: one kernel signature
     _vq_gemv_kernel[grid](
         x2, c["idx"], p.centroids, c["rcb"], c["oidx"], c["ocb"], c["perm"], c["ws"], c["wb"],
         bias if bias is not None else out, out, ws, cnt,
@@ -583,7 +571,7 @@ def _launch_mma(x2, p: VptqPacked, bias, cfg: VQConfig, out):
     B, M = x2.shape[0], p.out_features
     split, iters = _split(c["NMAIN"], cfg.bc, cfg.split_k)
     grid = (triton.cdiv(B, cfg.bb), triton.cdiv(c["NV"], cfg.br), split)
-    ws, cnt = _workspace(x2.device, split * B * M, grid[0] * grid[1])
+    ws, cnt = split_workspace(x2.device, split * B * M, grid[0] * grid[1])
     extra = p.outlier_size > 0 or p.weight_bias is not None
     _vq_mma_kernel[grid](
         x2, c["idx"], p.centroids, c["rcb"], c["perm"], c["ws"],
