@@ -88,6 +88,29 @@ def test_paged_decode_zero_context_gives_zeros_cpu():
         assert (out[1].float() - ref[1].float()).norm() / ref[1].float().norm() < 3e-3
 
 
+@pytest.mark.parametrize("B,Hq,Hkv,D,page,lens,splits", [c for c in CPU_CASES if c[-1] and c[-1] > 1])
+def test_paged_decode_fused_merge_matches_reference_cpu(B, Hq, Hkv, D, page, lens, splits):
+    """The last split to arrive merges (LOWBIT_ATTENTION_FUSED_MERGE's path), in both kernel variants,
+    twice over the same counters with fresh inputs: a counter left set by the first call would keep
+    the second's outputs unwritten (NaN)."""
+    if torch.cuda.is_available():
+        pytest.skip("CPU interpreter test")
+    for call in range(2):
+        q, k, v, bt, cl = _make_case(B, Hq, Hkv, D, page, lens, "cpu", torch.float16, seed=B * 7 + call)
+        _check(q, k, v, bt, cl, 1 / math.sqrt(D), 3e-3, block_n=16, splits=splits, early=call == 1, fuse_merge=True)
+    q, k, v, bt, cl = _make_case(2, 4, 2, 16, 16, [0, 20], "cpu", torch.float16)
+    out = torch.full_like(q, float("nan"))
+    paged_decode_attention(q, k, v, bt, cl, 0.25, out=out, block_n=16, splits=3, fuse_merge=True)
+    assert torch.equal(out[0], torch.zeros_like(out[0]))  # an empty context merges to zeros, not NaN
+
+
+def test_fused_merge_is_opt_in(monkeypatch):
+    monkeypatch.delenv("LOWBIT_ATTENTION_FUSED_MERGE", raising=False)
+    assert not _att.fuses_merge()
+    monkeypatch.setenv("LOWBIT_ATTENTION_FUSED_MERGE", "1")
+    assert _att.fuses_merge()
+
+
 def test_early_tile_only_under_pdl_with_int32_tables(monkeypatch):
     """The first tile is read before the PDL wait only in PDL launches whose lengths and page table are
     already int32 (a conversion would be a launch writing them just before), and not with
@@ -128,6 +151,8 @@ def test_paged_decode_matches_reference_gpu(B, Hq, Hkv, D, page, lens, dtype):
     for splits in (1, 5):
         _check(q, k, v, bt, cl, 1 / math.sqrt(D), tol, splits=splits)
         _check(q, k, v, bt, cl, 1 / math.sqrt(D), tol, splits=splits, early=True)
+    for _ in range(3):  # the last split merges; every launch must leave the counters at 0 for the next
+        _check(q, k, v, bt, cl, 1 / math.sqrt(D), tol, splits=5, fuse_merge=True)
 
 
 # ---- paged prefill attention: every prompt chunk of a step in one launch ----------------------------

@@ -14,7 +14,8 @@ padded to 16 rows so the two products run on tensor cores with `tl.dot` (no dot 
 
 Long contexts with few (sequence, kv head) pairs would leave most SMs idle, so the context is cut
 into SPLITS ranges (flash-decoding); each program writes its unnormalised partial (running max m,
-sum l, accumulator) and a second small kernel merges them. The number of splits depends only on
+sum l, accumulator) and a second small kernel merges them (with LOWBIT_ATTENTION_FUSED_MERGE=1 the
+last split of a sequence and kv head to arrive merges them instead, counted with an atomic). The number of splits depends only on
 shapes known on the host (B, Hkv, max_blocks), never on context_lens, so a call can be captured in
 a CUDA graph and replayed with other lengths; each program cuts its row's actual length into that
 many whole-tile ranges. Under PDL a program fetches its first tile's cached K/V rows before its
@@ -36,6 +37,7 @@ import torch
 
 from .pdl import launch_options, wait_prior
 from .tuning import interpreting
+from .workspace import split_workspace
 
 try:  # Triton is absent on some CPU-only installs; the reference still works there.
     import triton
@@ -120,8 +122,34 @@ if triton is not None:
         return _softmax_tile(q, k, v, tok, n_mask, m_i, l_i, acc, qk_scale, qpos, CAUSAL)
 
     @triton.jit
+    def _merge_splits(part_acc_ptr, part_ml_ptr, out_ptr, row0, heads, g_mask, d_mask, offs_d, out_off, s_oh,
+                      SPLITS: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
+        """out[heads] from the SPLITS partials (m, l, acc) at rows row0 + s, merged as the online
+        softmax merges tiles. Loaded past L1 (.cg): the other splits' programs wrote them, and L1
+        may still hold this buffer's lines from an earlier launch."""
+        m_t = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        l_t = tl.zeros([BLOCK_G], tl.float32)
+        o_t = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+        for s in tl.static_range(SPLITS):  # unrolled: the splits' loads independent, in flight together
+            r = row0 + s
+            m_s = tl.load(part_ml_ptr + r * 2, mask=g_mask, other=float("-inf"), cache_modifier=".cg")
+            l_s = tl.load(part_ml_ptr + r * 2 + 1, mask=g_mask, other=0.0, cache_modifier=".cg")
+            a_s = tl.load(part_acc_ptr + r[:, None] * D + offs_d[None, :], mask=g_mask[:, None] & d_mask[None, :],
+                          other=0.0, cache_modifier=".cg")
+            m_new = tl.maximum(m_t, m_s)
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key in any split so far: weights 0
+            alpha = tl.exp2(m_t - m_use)
+            beta = tl.exp2(m_s - m_use)
+            l_t = l_t * alpha + l_s * beta
+            o_t = o_t * alpha[:, None] + a_s * beta[:, None]
+            m_t = m_new
+        o = o_t / tl.where(l_t > 0, l_t, 1.0)[:, None]
+        tl.store(out_ptr + out_off + heads[:, None] * s_oh + offs_d[None, :], o.to(out_ptr.dtype.element_ty),
+                 mask=g_mask[:, None] & d_mask[None, :])
+
+    @triton.jit
     def _paged_decode_kernel(
-        q_ptr, k_ptr, v_ptr, bt_ptr, len_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
+        q_ptr, k_ptr, v_ptr, bt_ptr, len_ptr, out_ptr, part_acc_ptr, part_ml_ptr, cnt_ptr,
         qk_scale,  # softmax scale · log2(e): the kernel works in base 2
         s_qb, s_qh,
         s_kb, s_kt, s_kh,
@@ -132,7 +160,7 @@ if triton is not None:
         G: tl.constexpr, BLOCK_G: tl.constexpr,
         D: tl.constexpr, BLOCK_D: tl.constexpr,
         PAGE: tl.constexpr, BLOCK_N: tl.constexpr, LOOP_WHILE: tl.constexpr, EARLY: tl.constexpr,
-        PDL: tl.constexpr,
+        FUSE: tl.constexpr, PDL: tl.constexpr,
     ):
         if not EARLY:
             wait_prior(PDL)
@@ -209,6 +237,15 @@ if triton is not None:
             )
             tl.store(part_ml_ptr + row * 2, m_i, mask=g_mask)
             tl.store(part_ml_ptr + row * 2 + 1, l_i, mask=g_mask)
+            if FUSE:
+                # the last split of (b, hkv) to arrive merges them all (its counter then back to 0)
+                tl.debug_barrier()  # every thread's partial stores before the count
+                cidx = b * tl.num_programs(1) + hkv
+                arrived = tl.atomic_add(cnt_ptr + cidx, 1, sem="acq_rel", scope="gpu")
+                if arrived == SPLITS - 1:
+                    _merge_splits(part_acc_ptr, part_ml_ptr, out_ptr, row - split, heads, g_mask, d_mask, offs_d,
+                                  b * s_ob, s_oh, SPLITS, D, BLOCK_G, BLOCK_D)
+                    tl.atomic_xchg(cnt_ptr + cidx, 0, sem="relaxed")  # read by the next launch, after this grid
 
     @triton.jit
     def _paged_decode_merge_kernel(
@@ -348,13 +385,22 @@ def takes_early_tile(launch: dict, block_tables: torch.Tensor, context_lens: tor
             and block_tables.dtype == torch.int32 and context_lens.dtype == torch.int32)
 
 
+def fuses_merge() -> bool:
+    """Whether split launches merge their splits themselves (the last split of each sequence and kv
+    head to arrive, through an arrival counter) instead of in a second launch: LOWBIT_ATTENTION_FUSED_MERGE=1.
+    Off by default until measured: at batch 1 the merge launch holds 1.4–1.7 µs of a layer's critical
+    path (RESULTS.md, twenty-second session), mostly the edge between two launches. The counters are
+    the device's split-K ones, so one stream at a time launches on a device (as the engine does)."""
+    return os.environ.get("LOWBIT_ATTENTION_FUSED_MERGE", "0") == "1"
+
+
 def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, *, out=None,
-                           block_n=None, num_warps=None, splits=None, early=None):
+                           block_n=None, num_warps=None, splits=None, early=None, fuse_merge=None):
     """Triton paged decode attention (see module docstring); same result as the reference.
 
-    `out` is an optional preallocated [B, Hq, D] result; `block_n`, `num_warps`, `splits` and
-    `early` (the first tile read before the PDL wait) override the heuristics (for benchmarks and
-    tests).
+    `out` is an optional preallocated [B, Hq, D] result; `block_n`, `num_warps`, `splits`,
+    `early` (the first tile read before the PDL wait) and `fuse_merge` (`fuses_merge`) override
+    the heuristics (for benchmarks and tests).
     """
     B, Hq, D = q.shape
     _, page, Hkv, _ = k_cache.shape
@@ -374,6 +420,8 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
         num_warps = 4
     if out is None:
         out = torch.empty_like(q)
+    fuse = splits > 1 and (fuses_merge() if fuse_merge is None else fuse_merge)
+    cnt = split_workspace(q.device, 0, B * Hkv)[1] if fuse else out  # out: unused
     if splits > 1:
         part_acc = torch.empty(B * Hq * splits * D, dtype=torch.float32, device=q.device)
         part_ml = torch.empty(B * Hq * splits * 2, dtype=torch.float32, device=q.device)
@@ -382,14 +430,14 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
     BLOCK_G = max(16, triton.next_power_of_2(G))
     BLOCK_D = triton.next_power_of_2(D)
     _paged_decode_kernel[(B, Hkv, splits)](
-        q, k_cache, v_cache, block_tables, context_lens, out, part_acc, part_ml,
+        q, k_cache, v_cache, block_tables, context_lens, out, part_acc, part_ml, cnt,
         float(scale) * math.log2(math.e),
         *_strides(q, k_cache, v_cache, block_tables, out),
         SPLITS=splits, G=G, BLOCK_G=BLOCK_G, D=D, BLOCK_D=BLOCK_D, PAGE=page, BLOCK_N=block_n,
-        LOOP_WHILE=interpreting(), EARLY=bool(early),
+        LOOP_WHILE=interpreting(), EARLY=bool(early), FUSE=fuse,
         num_warps=num_warps, **launch,
     )
-    if splits > 1:
+    if splits > 1 and not fuse:
         _paged_decode_merge_kernel[(B, Hq)](
             part_acc, part_ml, out, out.stride(0), out.stride(1), Hq,
             SPLITS=splits, BLOCK_S=max(2, triton.next_power_of_2(splits)), D=D, BLOCK_D=BLOCK_D,
