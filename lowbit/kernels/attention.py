@@ -15,10 +15,10 @@ padded to 16 rows so the two products run on tensor cores with `tl.dot` (no dot 
 Long contexts with few (sequence, kv head) pairs would leave most SMs idle, so the context is cut
 into SPLITS ranges (flash-decoding); each program writes its unnormalised partial (running max m,
 sum l, accumulator) and a second small kernel merges them (with LOWBIT_ATTENTION_FUSED_MERGE=1 the
-last split of a sequence and kv head to arrive merges them instead, counted with an atomic). The number of splits depends only on
-shapes known on the host (B, Hkv, max_blocks), never on context_lens, so a call can be captured in
-a CUDA graph and replayed with other lengths; each program cuts its row's actual length into that
-many whole-tile ranges. Under PDL a program fetches its first tile's cached K/V rows before its
+last split of a sequence and kv head to arrive merges them instead, counted with an atomic). The
+number of splits depends only on shapes known on the host (B, Hkv, max_blocks), never on
+context_lens, so a call can be captured in a CUDA graph and replayed with other lengths; each
+program cuts its row's actual length into that many whole-tile ranges. Under PDL a program fetches its first tile's cached K/V rows before its
 wait, all but the newest token's (which the launch before it writes).
 
 Paged prefill attention (`paged_prefill_attention`): the prompt chunks of an engine step, any
