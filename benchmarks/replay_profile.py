@@ -238,5 +238,6 @@ def print_layer_timeline(step: list, layer: int) -> None:
     if nxt < len(step):
         print(f"next layer's attention starts at {step[nxt].time_range.start - t0:.1f} us")
 
+
 if __name__ == "__main__":
     raise SystemExit(main())

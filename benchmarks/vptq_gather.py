@@ -18,6 +18,7 @@ A v8-k65536 layer (2 bits a weight) reads 2 bytes of index per 8 weights from DR
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import torch
 
@@ -74,7 +75,7 @@ def sweep_configs(p: vq.VptqPacked, dev) -> list:
     out = list(base)
     for c in base:
         for st, w in ((2, 4), (3, 4), (1, 8), (3, 8)):
-            out.append(vq.VQConfig(c.kind, br=c.br, bc=c.bc, bb=c.bb, split_k=c.split_k, num_warps=w, num_stages=st))
+            out.append(dataclasses.replace(c, num_warps=w, num_stages=st))
     return out
 
 

@@ -18,8 +18,9 @@ sum l, accumulator) and a second small kernel merges them (with LOWBIT_ATTENTION
 last split of a sequence and kv head to arrive merges them instead, counted with an atomic). The
 number of splits depends only on shapes known on the host (B, Hkv, max_blocks), never on
 context_lens, so a call can be captured in a CUDA graph and replayed with other lengths; each
-program cuts its row's actual length into that many whole-tile ranges. Under PDL a program fetches its first tile's cached K/V rows before its
-wait, all but the newest token's (which the launch before it writes).
+program cuts its row's actual length into that many whole-tile ranges. Under PDL a program fetches
+its first tile's cached K/V rows before its wait, all but the newest token's (which the launch
+before it writes).
 
 Paged prefill attention (`paged_prefill_attention`): the prompt chunks of an engine step, any
 number of them of any lengths, in one launch. A program owns BLOCK_M queries of one chunk and one
@@ -122,30 +123,28 @@ if triton is not None:
         return _softmax_tile(q, k, v, tok, n_mask, m_i, l_i, acc, qk_scale, qpos, CAUSAL)
 
     @triton.jit
-    def _merge_splits(part_acc_ptr, part_ml_ptr, out_ptr, row0, heads, g_mask, d_mask, offs_d, out_off, s_oh,
-                      SPLITS: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
-        """out[heads] from the SPLITS partials (m, l, acc) at rows row0 + s, merged as the online
-        softmax merges tiles. Loaded past L1 (.cg): the other splits' programs wrote them, and L1
-        may still hold this buffer's lines from an earlier launch."""
-        m_t = tl.full([BLOCK_G], float("-inf"), tl.float32)
-        l_t = tl.zeros([BLOCK_G], tl.float32)
-        o_t = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-        for s in tl.static_range(SPLITS):  # unrolled: the splits' loads independent, in flight together
-            r = row0 + s
-            m_s = tl.load(part_ml_ptr + r * 2, mask=g_mask, other=float("-inf"), cache_modifier=".cg")
-            l_s = tl.load(part_ml_ptr + r * 2 + 1, mask=g_mask, other=0.0, cache_modifier=".cg")
-            a_s = tl.load(part_acc_ptr + r[:, None] * D + offs_d[None, :], mask=g_mask[:, None] & d_mask[None, :],
-                          other=0.0, cache_modifier=".cg")
-            m_new = tl.maximum(m_t, m_s)
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key in any split so far: weights 0
-            alpha = tl.exp2(m_t - m_use)
-            beta = tl.exp2(m_s - m_use)
-            l_t = l_t * alpha + l_s * beta
-            o_t = o_t * alpha[:, None] + a_s * beta[:, None]
-            m_t = m_new
-        o = o_t / tl.where(l_t > 0, l_t, 1.0)[:, None]
-        tl.store(out_ptr + out_off + heads[:, None] * s_oh + offs_d[None, :], o.to(out_ptr.dtype.element_ty),
-                 mask=g_mask[:, None] & d_mask[None, :])
+    def _merge_head(part_acc_ptr, part_ml_ptr, out_ptr, row0, out_off,
+                    SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr):
+        """One head's output (D values at out_off) from its SPLITS partials (m, l, acc) at rows
+        row0 .. row0 + SPLITS − 1: the merge launch's and the fused merge's one computation. Read
+        past L1 (.cg): in the fused merge other programs wrote them, and L1 may still hold this
+        buffer's lines from an earlier launch."""
+        offs_s = tl.arange(0, BLOCK_S)
+        offs_d = tl.arange(0, BLOCK_D)
+        s_mask = offs_s < SPLITS
+        d_mask = offs_d < D
+        row = row0 + offs_s
+        m = tl.load(part_ml_ptr + row * 2, mask=s_mask, other=float("-inf"), cache_modifier=".cg")
+        lsum = tl.load(part_ml_ptr + row * 2 + 1, mask=s_mask, other=0.0, cache_modifier=".cg")
+        m_max = tl.max(m, axis=0)
+        m_ref = tl.where(m_max == float("-inf"), 0.0, m_max)  # all splits empty: context length 0
+        w = tl.exp2(m - m_ref)  # empty splits have m = -inf -> weight 0
+        acc = tl.load(part_acc_ptr + row[:, None] * D + offs_d[None, :], mask=s_mask[:, None] & d_mask[None, :],
+                      other=0.0, cache_modifier=".cg")
+        num = tl.sum(acc * w[:, None], axis=0)
+        den = tl.sum(lsum * w, axis=0)
+        den = tl.where(den > 0, den, 1.0)
+        tl.store(out_ptr + out_off + offs_d, (num / den).to(out_ptr.dtype.element_ty), mask=d_mask)
 
     @triton.jit
     def _paged_decode_kernel(
@@ -160,7 +159,7 @@ if triton is not None:
         G: tl.constexpr, BLOCK_G: tl.constexpr,
         D: tl.constexpr, BLOCK_D: tl.constexpr,
         PAGE: tl.constexpr, BLOCK_N: tl.constexpr, LOOP_WHILE: tl.constexpr, EARLY: tl.constexpr,
-        FUSE: tl.constexpr, PDL: tl.constexpr,
+        FUSE: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr,
     ):
         if not EARLY:
             wait_prior(PDL)
@@ -243,8 +242,10 @@ if triton is not None:
                 cidx = b * tl.num_programs(1) + hkv
                 arrived = tl.atomic_add(cnt_ptr + cidx, 1, sem="acq_rel", scope="gpu")
                 if arrived == SPLITS - 1:
-                    _merge_splits(part_acc_ptr, part_ml_ptr, out_ptr, row - split, heads, g_mask, d_mask, offs_d,
-                                  b * s_ob, s_oh, SPLITS, D, BLOCK_G, BLOCK_D)
+                    for g in tl.static_range(G):
+                        head = hkv * G + g
+                        _merge_head(part_acc_ptr, part_ml_ptr, out_ptr, (b * (tl.num_programs(1) * G) + head) * SPLITS,
+                                    b * s_ob + head * s_oh, SPLITS, BLOCK_S, D, BLOCK_D)
                     tl.atomic_xchg(cnt_ptr + cidx, 0, sem="relaxed")  # read by the next launch, after this grid
 
     @triton.jit
@@ -255,26 +256,8 @@ if triton is not None:
         wait_prior(PDL)
         b = tl.program_id(0)
         h = tl.program_id(1)
-        offs_s = tl.arange(0, BLOCK_S)
-        offs_d = tl.arange(0, BLOCK_D)
-        s_mask = offs_s < SPLITS
-        d_mask = offs_d < D
-        row = (b * Hq + h) * SPLITS + offs_s
-        m = tl.load(part_ml_ptr + row * 2, mask=s_mask, other=float("-inf"))
-        lsum = tl.load(part_ml_ptr + row * 2 + 1, mask=s_mask, other=0.0)
-        m_max = tl.max(m, axis=0)
-        m_ref = tl.where(m_max == float("-inf"), 0.0, m_max)  # all splits empty: context length 0
-        w = tl.exp2(m - m_ref)  # empty splits have m = -inf -> weight 0
-        acc = tl.load(
-            part_acc_ptr + row[:, None] * D + offs_d[None, :],
-            mask=s_mask[:, None] & d_mask[None, :], other=0.0,
-        )
-        num = tl.sum(acc * w[:, None], axis=0)
-        den = tl.sum(lsum * w, axis=0)
-        den = tl.where(den > 0, den, 1.0)
-        tl.store(
-            out_ptr + b * s_ob + h * s_oh + offs_d, (num / den).to(out_ptr.dtype.element_ty), mask=d_mask
-        )
+        _merge_head(part_acc_ptr, part_ml_ptr, out_ptr, (b * Hq + h) * SPLITS, b * s_ob + h * s_oh,
+                    SPLITS, BLOCK_S, D, BLOCK_D)
 
     @triton.jit
     def _paged_prefill_kernel(
@@ -429,19 +412,20 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
         part_acc = part_ml = out  # unused
     BLOCK_G = max(16, triton.next_power_of_2(G))
     BLOCK_D = triton.next_power_of_2(D)
+    BLOCK_S = max(2, triton.next_power_of_2(splits))  # the merge's tile of partials
     _paged_decode_kernel[(B, Hkv, splits)](
         q, k_cache, v_cache, block_tables, context_lens, out, part_acc, part_ml, cnt,
         float(scale) * math.log2(math.e),
         *_strides(q, k_cache, v_cache, block_tables, out),
         SPLITS=splits, G=G, BLOCK_G=BLOCK_G, D=D, BLOCK_D=BLOCK_D, PAGE=page, BLOCK_N=block_n,
-        LOOP_WHILE=interpreting(), EARLY=bool(early), FUSE=fuse,
+        LOOP_WHILE=interpreting(), EARLY=bool(early), FUSE=fuse, BLOCK_S=BLOCK_S,
         num_warps=num_warps, **launch,
     )
     if splits > 1 and not fuse:
         _paged_decode_merge_kernel[(B, Hq)](
             part_acc, part_ml, out, out.stride(0), out.stride(1), Hq,
-            SPLITS=splits, BLOCK_S=max(2, triton.next_power_of_2(splits)), D=D, BLOCK_D=BLOCK_D,
-            num_warps=4, **launch_options(q, B),
+            SPLITS=splits, BLOCK_S=BLOCK_S, D=D, BLOCK_D=BLOCK_D,
+            num_warps=4, **launch,
         )
     return out
 
