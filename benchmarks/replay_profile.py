@@ -163,7 +163,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=1, help="sequences a step (the graph bucket)")
     ap.add_argument("--timeline", type=int, default=-1, help="list the launches of this decoder layer in order")
     ap.add_argument("--ablate", default="", help=f"comma list of {sorted(ABLATIONS)}: time the graph without them")
-    ap.add_argument("--knob", default="", help="an environment switch: time the graph captured with it at 0 and at 1")
+    ap.add_argument("--knob", default="", help="an environment switch (or a comma list of them, one after another): "
+                    "time the graph captured with it at 0 and at 1")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("error: replay_profile needs a CUDA GPU")
@@ -179,7 +180,9 @@ def main(argv=None) -> int:
         return ablate(model, args.context, names, batch=args.batch, capacity=args.capacity)
     if args.knob:
         print(_header(args))
-        return knob_ab(model, args.context, args.knob, batch=args.batch, capacity=args.capacity)
+        for var in args.knob.split(","):  # one model built, each switch's A/B in turn
+            knob_ab(model, args.context, var, batch=args.batch, capacity=args.capacity)
+        return 0
     _dec, graph = _decoder(model, args.context, args.batch, args.capacity)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(args.steps):
