@@ -32,6 +32,59 @@ def test_logits_match_transformers(tmp_path, arch, fused):
     assert hasattr(layer.mlp, "gate_up_proj") == fused
 
 
+def test_mlp_hands_the_gate_on_activated_where_the_layers_ask(tmp_path, monkeypatch):
+    """Where the gate|up projection can apply SiLU in its own launch and the down projection would
+    otherwise compute it per program (`activates_in_launch` / `takes_activated`), the MLP asks for
+    the gate half activated and the down projection only multiplies: the logits stay bit for bit
+    those of the plain path (here through the base class's `activate` / `activated`)."""
+    from lowbit.quantized_models.linear import QuantLinear
+
+    hf = make_hf_model("llama2")
+    save_checkpoint(hf, tmp_path, fused=True)
+    model = lowbit.load_model(tmp_path, device="cpu", dtype=torch.float16)
+    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(2))
+    plain = model.logits(ids)
+    calls = []
+    real_gated = QuantLinear.forward_gated
+
+    def spy(self, gate, up, pending=False, activated=False):
+        calls.append(activated)
+        return real_gated(self, gate, up, pending, activated)
+
+    monkeypatch.setattr(QuantLinear, "activates_in_launch", lambda self, like: True)
+    monkeypatch.setattr(QuantLinear, "takes_activated", lambda self, like: True)
+    monkeypatch.setattr(QuantLinear, "forward_gated", spy)
+    assert torch.equal(model.logits(ids), plain)
+    assert calls and all(calls)
+    monkeypatch.setattr(QuantLinear, "takes_activated", lambda self, like: False)
+    calls.clear()
+    assert torch.equal(model.logits(ids), plain)
+    assert calls and not any(calls)
+
+
+def test_activate_and_activated_of_the_base_projection():
+    """`forward_normed(activate=k)` gives SiLU on the first k output columns; `forward_gated(activated=True)`
+    takes silu(gate) and multiplies; activate with rotary is refused."""
+    from lowbit.kernels.fused import QKVRotary, silu_mul_reference
+    from lowbit.quantized_models.linear import linear_from_checkpoint
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(8, 6, generator=g).half()
+    lin = linear_from_checkpoint("dense", None, {"weight": w}, 6, 8)
+    x, r = torch.randn(2, 6, generator=g).half(), torch.randn(2, 6, generator=g).half()
+    nw = torch.ones(6).half()
+    y, _ = lin.forward_normed(x, nw, 1e-5, r, activate=3)
+    plain, _ = lin.forward_normed(x, nw, 1e-5, r)
+    assert torch.equal(y[:, 3:], plain[:, 3:]) and torch.equal(y[:, :3], torch.nn.functional.silu(plain[:, :3]))
+    assert not torch.equal(y, plain)
+    gate, up = torch.randn(2, 6, generator=g).half(), torch.randn(2, 6, generator=g).half()
+    assert torch.equal(lin.forward_gated(torch.nn.functional.silu(gate), up, activated=True),
+                       lin(silu_mul_reference(gate, up)))
+    rot = QKVRotary(torch.zeros(2, dtype=torch.long), torch.ones(1), 1, 1, 2)
+    with pytest.raises(ValueError, match="do not go together"):
+        lin.forward_normed(x, nw, 1e-5, r, rotary=rot, activate=3)
+
+
 def test_long_positions_use_llama3_rope_scaling(tmp_path):
     # Positions far past original_max_position_embeddings exercise the scaled frequency bands.
     hf = make_hf_model("llama3")

@@ -332,8 +332,54 @@ def test_hadamard_transform_takes_silu_mul(n, rows, launch, dtype):
                               pre_signs=True, up=up, launch=launch)
     ref = hadamard_reference(silu_mul_reference(gate, up).double() * signs.double(), transpose=True) / 32
     assert (y.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+    # up_activated: x holds silu(gate) already rounded (the gate|up output launch's act_n), only multiplied
+    act = torch.nn.functional.silu(gate)
+    y_act = ht.hadamard_transform(act, transpose=True, pre=signs, alpha=1 / 32, out_dtype=torch.float32,
+                                  pre_signs=True, up=up, up_activated=True, launch=launch)
+    assert (y_act.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
     with pytest.raises(ValueError, match="differ"):
         ht.hadamard_transform(gate, up=up[:, :-1])
+    with pytest.raises(ValueError, match="needs up="):
+        ht.hadamard_transform(gate, up_activated=True)
+
+
+def test_qtip_layers_ask_for_the_gate_activated_where_their_launches_take_it(monkeypatch):
+    """The MLP's two questions (`activates_in_launch`, `takes_activated`) on the fused-launch path:
+    yes for the gate|up output unless LOWBIT_SILU_IN_OUTPUT=0; the down projection only where its
+    input launch takes SiLU·mul (`takes_gate`); no without the fused launches (a CPU tensor)."""
+    gate_up, down = layer(hyb_params(2), 2 * 172 * 16, 64), layer(hyb_params(2), 64, 172 * 16)
+    like = torch.zeros(3, 64).half()
+    assert not gate_up.activates_in_launch(like) and not down.takes_activated(like)
+    monkeypatch.setattr(type(gate_up), "_fusing_kernels", lambda self, x: qt)
+    assert gate_up.activates_in_launch(like) and down.takes_activated(like)
+    assert not down.takes_activated(torch.zeros(ht.PREFILL_ROWS, 64).half())
+    monkeypatch.setenv("LOWBIT_SILU_IN_OUTPUT", "0")
+    assert not gate_up.activates_in_launch(like)
+
+
+# n, rows, SiLU'd columns: the butterfly kernel on a power of two and with A_172 (a block of the
+# gate half ends inside a program's rows of A's output), the product kernel
+ACT_CASES = [(512, 3, 200), (172 * 16, 1, 172 * 8), (172 * 16, 2, 100), (172 * 64, ht.DOT_ROWS, 172 * 32)]
+
+
+@pytest.mark.parametrize("n,rows,act", ACT_CASES)
+def test_hadamard_output_takes_the_silu_of_a_gate_half(n, rows, act):
+    """act_n=: the output transform of a gate|up projection with SiLU on the first act_n columns of
+    each row, after their rounding to the output dtype (as F.silu of the stored fp16 output); the
+    rest exactly as without it; the output NaN-poisoned first."""
+    g = torch.Generator().manual_seed(n + rows)
+    y_raw = torch.randn(rows, n, generator=g)
+    post = torch.rand(n, generator=g) + 0.5
+    plain = ht.hadamard_transform(y_raw, post=post, alpha=32.0, out_dtype=torch.float16)
+    out = torch.full((rows, n), float("nan")).half()
+    got = ht.hadamard_transform(y_raw, post=post, alpha=32.0, out=out, act_n=act)
+    assert not torch.isnan(got).any()
+    assert torch.equal(got[:, act:], plain[:, act:])
+    want = torch.nn.functional.silu(plain[:, :act])
+    assert torch.allclose(got[:, :act].float(), want.float(), rtol=1e-3, atol=1e-6)
+    assert not torch.allclose(got[:, :act].float(), plain[:, :act].float(), rtol=1e-2)
+    with pytest.raises(ValueError, match="must lie in"):
+        ht.hadamard_transform(y_raw, act_n=n + 1)
 
 
 # heads (q, kv), head_dim, rows: the butterfly kernel on a power of two (a program's rows are
@@ -400,9 +446,14 @@ def test_qtip_layer_takes_the_norm_and_the_activation(batch, cfg, monkeypatch):
     assert rel_err(y, reference(lin, v)) < 2e-3
     y0, res0 = qt.qtip_forward_normed(lin, x, w, 1e-5, None)
     assert res0 is x and rel_err(y0, reference(lin, exact_norm_input(x, w, 1e-5, None)[0])) < 2e-3
+    ya, res_a = qt.qtip_forward_normed(lin, x, w, 1e-5, r, activate=20)  # a gate half of 20 columns
+    assert torch.equal(res_a, s) and rel_err(ya[:, 20:], y[:, 20:]) < 1e-3
+    assert rel_err(ya[:, :20], torch.nn.functional.silu(y[:, :20])) < 2e-3
     gate_up = torch.randn(batch, 512, generator=g).half()
     gate, up = gate_up.chunk(2, dim=-1)
     y = qt.qtip_forward_gated(lin, gate, up)
+    assert rel_err(y, reference(lin, silu_mul_reference(gate, up))) < 2e-3
+    y = qt.qtip_forward_gated(lin, torch.nn.functional.silu(gate), up, activated=True)
     assert rel_err(y, reference(lin, silu_mul_reference(gate, up))) < 2e-3
 
 
@@ -776,6 +827,8 @@ def test_qtip_linear_fused_norm_and_activation_gpu(m, n, batch):
     gate_up = torch.randn(batch, 2 * n, device="cuda").half()
     gate, up = gate_up.chunk(2, dim=-1)
     assert rel_err(lin.forward_gated(gate, up), reference(lin, silu_mul_reference(gate, up))) < 3e-3
+    act = torch.nn.functional.silu(gate)
+    assert rel_err(lin.forward_gated(act, up, activated=True), reference(lin, silu_mul_reference(gate, up))) < 3e-3
     if m == 12288:  # Llama-2-7B's q|k|v: 96 heads of 128, the rotary step and the KV write in the output launch
         from lowbit.kernels.fused import QKVRotary, rotary_qkv_
 
@@ -788,6 +841,23 @@ def test_qtip_linear_fused_norm_and_activation_gpu(m, n, batch):
         assert rel_err(y, want.double()) < 3e-3
         assert torch.equal(caches[0][slots], y[:, 4096:8192].reshape(batch, 32, 128))
         assert torch.equal(caches[1][slots], y[:, 8192:].reshape(batch, 32, 128))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch", [1, 4, 16, 300])
+def test_qtip_gate_up_output_takes_the_silu_gpu(batch):
+    """Llama-2-7B's gate|up (22016 = 172·128 outputs) with `activate=11008`: the gate half SiLU'd in
+    the output launch (both Hadamard kernels by row count), the up half as without it."""
+    if CPU:
+        pytest.skip("needs CUDA")
+    lin = gpu_layer(2, 22016, 4096, seed=batch)
+    x, r = (torch.randn(batch, 4096, device="cuda").half() for _ in range(2))
+    w = (1 + 0.2 * torch.randn(4096, device="cuda")).half()
+    plain, _ = lin.forward_normed(x, w, 1e-5, r)
+    y, _ = lin.forward_normed(x, w, 1e-5, r, activate=11008)
+    assert lin.activates_in_launch(r)
+    assert rel_err(y[:, 11008:], plain[:, 11008:].double()) < 1e-3
+    assert rel_err(y[:, :11008], torch.nn.functional.silu(plain[:, :11008]).double()) < 2e-3
 
 
 @pytest.mark.gpu

@@ -89,23 +89,38 @@ if triton is not None:
         return 1.0 - 2.0 * (v & 1).to(tl.float32)
 
     @triton.jit
-    def _gated(gate, up):
-        """silu(gate)·up with `silu_mul_reference`'s roundings (SiLU, then the product, to gate's dtype)."""
-        g = gate.to(tl.float32)
-        act = (g / (1.0 + tl.exp(-g))).to(gate.dtype).to(tl.float32)
-        return (act * up.to(tl.float32)).to(gate.dtype)
+    def _silu_rounded(g):
+        """silu(g) for g in the activations' dtype, rounded back to it (`silu_mul_reference`'s first
+        rounding)."""
+        v = g.to(tl.float32)
+        return (v / (1.0 + tl.exp(-v))).to(g.dtype)
+
+    @triton.jit
+    def _gated(gate, up, ACTIVATED: tl.constexpr):
+        """silu(gate)·up with `silu_mul_reference`'s roundings (SiLU, then the product, to gate's
+        dtype); ACTIVATED: `gate` already holds silu(gate) so rounded (`act_n=` of the layer before)."""
+        act = gate if ACTIVATED else _silu_rounded(gate)
+        return (act.to(tl.float32) * up.to(tl.float32)).to(gate.dtype)
+
+    @triton.jit
+    def _activated(y, pos, act_n, ACT: tl.constexpr):
+        """y rounded to the output dtype, with SiLU applied (`_silu_rounded`) at positions < act_n of
+        the row where ACT: a gate|up projection hands its gate half on already activated."""
+        if ACT:
+            y = tl.where(pos < act_n, _silu_rounded(y), y)
+        return y
 
     @triton.jit
     def _input(x_ptr, aux_ptr, w_ptr, pre_ptr, xoff, aoff, pos, msk,
                MODE: tl.constexpr, HAS_AUX: tl.constexpr, HAS_PRE: tl.constexpr):
         """(pre ⊙ v, s², s) at columns pos of some rows, v float32 the transform's input: MODE 0 x;
         MODE 1 silu(x)·aux (x the gate, aux the up rows; rounded to x's dtype as
-        `silu_mul_reference` rounds); MODE 2 weight ⊙ s with s = x + aux (the residual, the sum
+        `silu_mul_reference` rounds); MODE 4 the same with x already silu(gate); MODE 2 weight ⊙ s with s = x + aux (the residual, the sum
         rounded to x's dtype) — the RMS scale is applied after the transform, which is linear,
         from the sum of the s² returned here."""
         x = tl.load(x_ptr + xoff + pos, mask=msk, other=0.0)
-        if MODE == 1:
-            x = _gated(x, tl.load(aux_ptr + aoff + pos, mask=msk, other=0.0))
+        if MODE == 1 or MODE == 4:
+            x = _gated(x, tl.load(aux_ptr + aoff + pos, mask=msk, other=0.0), MODE == 4)
         if MODE == 2 and HAS_AUX:
             r = tl.load(aux_ptr + aoff + pos, mask=msk, other=0.0)
             x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
@@ -248,12 +263,12 @@ if triton is not None:
         x_ptr, aux_ptr, w_ptr, ro_ptr, pre_ptr, post_ptr, bias_ptr, a_ptr, y_ptr, zero_ptr,
         pos_ptr, f_ptr, kc_ptr, vc_ptr, slot_ptr, lpost_ptr, lbias_ptr,
         B, stride_xb, stride_ab, stride_rb, stride_yb, alpha, eps, zero_per_prog, zero_numel, sc_s, sc_h, HQ, HKV,
-        lalpha,
+        lalpha, act_n,
         KS: tl.constexpr, KP: tl.constexpr, P: tl.constexpr, P1: tl.constexpr, PP2: tl.constexpr,
         LOGP2: tl.constexpr, BR: tl.constexpr, IB: tl.constexpr, MODE: tl.constexpr, HAS_AUX: tl.constexpr,
         HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, HAS_BIAS: tl.constexpr, ZERO: tl.constexpr,
         ROT: tl.constexpr, KV: tl.constexpr, HALF: tl.constexpr, PDL: tl.constexpr, XF: tl.constexpr,
-        HAS_LPOST: tl.constexpr, HAS_LBIAS: tl.constexpr, LOGP: tl.constexpr,
+        HAS_LPOST: tl.constexpr, HAS_LBIAS: tl.constexpr, LOGP: tl.constexpr, ACT: tl.constexpr,
     ):
         """Program (rows block, chunk, block of 16 rows of A_k's output, column block c1) writes
         output columns c1·P2 .. c1·P2 + P2 of its rows, P2 = P / P1. Every program reads its rows'
@@ -288,7 +303,7 @@ if triton is not None:
                                       r2 * stride_rb, base, rmask[:, None], cols[None, :], cmask[None, :], c1, True,
                                       P1, P2, MODE, HAS_AUX, HAS_PRE)
             z = _fwht_rows(z, BR, PP2, LOGP2)
-            if MODE >= 2:
+            if MODE == 2 or MODE == 3:
                 z = z * tl.rsqrt(tl.sum(q, 1) / CH + eps)[:, None]  # the RMS scale: H is linear
             yoff = _y_offsets(rows[:, None], pos2, stride_yb, XF)
             R: tl.constexpr = BR
@@ -323,7 +338,7 @@ if triton is not None:
         if ROT:
             _store_rotary(y_ptr, y, yoff, msk, head, cs, kc_ptr, vc_ptr, sc_s, sc_h, HQ, HKV, R, HALF, KV)
         else:
-            tl.store(y_ptr + yoff, y.to(dt), mask=msk)
+            tl.store(y_ptr + yoff, _activated(y.to(dt), pos2, act_n, ACT), mask=msk)
         if ZERO:
             _zero_share(zero_ptr, zero_per_prog, zero_numel)
 
@@ -349,12 +364,12 @@ if triton is not None:
     def _hadamard_dot_kernel(
         x_ptr, aux_ptr, pre_ptr, post_ptr, bias_ptr, l_ptr, r_ptr, y_ptr, zero_ptr,
         pos_ptr, f_ptr, kc_ptr, vc_ptr, slot_ptr,
-        B, stride_xb, stride_ab, stride_yb, alpha, zero_per_prog, zero_numel, sc_s, sc_h, HQ, HKV,
+        B, stride_xb, stride_ab, stride_yb, alpha, zero_per_prog, zero_numel, sc_s, sc_h, HQ, HKV, act_n,
         M: tl.constexpr, MP: tl.constexpr, Q: tl.constexpr, LOGQ: tl.constexpr, IB: tl.constexpr,
         BK: tl.constexpr, BR: tl.constexpr, R_DOT: tl.constexpr, EXACT16: tl.constexpr, MODE: tl.constexpr,
         ROT: tl.constexpr, KV: tl.constexpr, HALF: tl.constexpr,
         HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, HAS_BIAS: tl.constexpr, ZERO: tl.constexpr,
-        PDL: tl.constexpr, XF: tl.constexpr,
+        PDL: tl.constexpr, XF: tl.constexpr, ACT: tl.constexpr,
     ):
         """Program (block of BR rows of x and block of IB rows of L, the latter varying fastest so
         that the programs reading a row's chunk run together and all but the first find it in L2;
@@ -391,8 +406,8 @@ if triton is not None:
             pos = j[:, None] * Q + c[None, :]
             lt = tl.load(l_ptr + r_out[:, None] * MP + j[None, :])
             u = tl.load(x_ptr + xrow + pos, mask=msk, other=0.0)
-            if MODE == 1:
-                u = _gated(u, tl.load(aux_ptr + arow + pos, mask=msk, other=0.0))
+            if MODE == 1 or MODE == 4:
+                u = _gated(u, tl.load(aux_ptr + arow + pos, mask=msk, other=0.0), MODE == 4)
             if EXACT16:  # fp16/bf16 x times ±1: exact in x's dtype, one half-precision product
                 if HAS_PRE:
                     u = u * tl.load(pre_ptr + base + pos, mask=msk, other=0.0).to(u.dtype)
@@ -417,9 +432,11 @@ if triton is not None:
             _store_rotary(y_ptr, y, b0 * stride_yb + pos2, omask, r_out[:, None], cs, kc_ptr, vc_ptr, sc_s, sc_h,
                           HQ, HKV, IB, HALF, KV)
         elif XF > 0:
-            tl.store(y_ptr + _y_offsets(b0, pos2, stride_yb, XF), y.to(y_ptr.dtype.element_ty), mask=omask)
+            tl.store(y_ptr + _y_offsets(b0, pos2, stride_yb, XF),
+                     _activated(y.to(y_ptr.dtype.element_ty), pos2, act_n, ACT), mask=omask)
         else:
-            tl.store(y_ptr + brow[None, :].to(tl.int64) * stride_yb + pos2, y.to(y_ptr.dtype.element_ty), mask=omask)
+            tl.store(y_ptr + brow[None, :].to(tl.int64) * stride_yb + pos2,
+                     _activated(y.to(y_ptr.dtype.element_ty), pos2, act_n, ACT), mask=omask)
         if ZERO:
             _zero_share(zero_ptr, zero_per_prog, zero_numel)
 
@@ -590,7 +607,8 @@ def hadamard_transform(x: torch.Tensor, transpose: bool = False, chunks: int = 1
                        out: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
                        zero: torch.Tensor | None = None, launch: dict | None = None,
                        pre_signs: bool = False, up: torch.Tensor | None = None, norm: tuple | None = None,
-                       rotary=None, frag_nb: int = 0, before: tuple | None = None) -> torch.Tensor:
+                       rotary=None, frag_nb: int = 0, before: tuple | None = None, up_activated: bool = False,
+                       act_n: int = 0) -> torch.Tensor:
     """y = post ⊙ (alpha · H(pre ⊙ x)) + bias over the last dim of x [..., N], per chunk of N/chunks
     (H^T with `transpose`), orthonormal H as in `hadamard_reference`; computed in float32 and
     written in `out` (or a new tensor of out_dtype, default x's dtype). `zero`, if given, is a
@@ -599,7 +617,8 @@ def hadamard_transform(x: torch.Tensor, transpose: bool = False, chunks: int = 1
     kernel multiply fp16/bf16 x exactly in its own dtype.
 
     The input can be what a decoder layer computes just before a projection, saving its launch:
-    `up` [..., N]: x is a gate and the transform takes silu(x)·up (`fused.silu_mul`'s roundings);
+    `up` [..., N]: x is a gate and the transform takes silu(x)·up (`fused.silu_mul`'s roundings), or
+    with `up_activated` x·up, x holding silu(gate) already rounded (the layer before's `act_n`);
     `norm` = (weight [N], eps, residual or None, residual_out or None): it takes weight ⊙ RMSNorm(s)
     with s = x + residual (rounded to x's dtype, written to residual_out), as `fused.rmsnorm` gives
     it but unrounded; only where `takes_norm`. With `before` = (post', bias' or None, alpha') as well,
@@ -609,6 +628,10 @@ def hadamard_transform(x: torch.Tensor, transpose: bool = False, chunks: int = 1
     And the output can be that of a fused q|k|v projection: `rotary` (a `fused.QKVRotary`) rotates
     its q and k heads as `fused.rotary_qkv_` does, in the same launch, and writes k and v to the
     caches it names (one chunk; the launch of `rotary_plan`, which must exist).
+
+    `act_n` > 0 applies SiLU to the first act_n columns of each output row after rounding them
+    (`fused.silu_mul`'s first rounding): a gate|up projection's output transform activating its
+    gate half, so that the down projection's input transform (`up_activated`) only multiplies.
 
     `frag_nb` > 0 writes y for the QTIP fragment kernel instead: a new [8·frag_nb, N] buffer in its x
     order (`qtip_frag_triton.frag_x_order`), rows past x's left unwritten."""
@@ -645,10 +668,16 @@ def hadamard_transform(x: torch.Tensor, transpose: bool = False, chunks: int = 1
     else:
         rot_args, rot_ints, rot_flags = (y2,) * 5, (0, 0, 0, 0), dict(ROT=False, KV=False, HALF=1)
     mode, aux, w, eps, rout = 0, y2, y2, 0.0, y2
+    if act_n < 0 or act_n > n:
+        raise ValueError(f"act_n = {act_n} must lie in 0..{n}, the output row's length")
+    if act_n and rotary is not None:
+        raise ValueError("act_n (SiLU on a gate half) and rotary (a q|k|v output) do not go together")
+    if up_activated and up is None:
+        raise ValueError("up_activated needs up= (x holds silu(gate))")
     if up is not None:
         if up.shape != x.shape:
             raise ValueError(f"gate {tuple(x.shape)} and up {tuple(up.shape)} differ")
-        mode, aux = 1, as_rows(up)[0]
+        mode, aux = 4 if up_activated else 1, as_rows(up)[0]
     if norm is not None:
         if up is not None or kind != "butterfly" or chunks != 1:
             raise ValueError("the RMSNorm rides only on the butterfly kernel, one chunk a row, no gate (takes_norm)")
@@ -682,18 +711,18 @@ def hadamard_transform(x: torch.Tensor, transpose: bool = False, chunks: int = 1
         zn, zper, zt = 0, 0, y2
     ptrs = (pre if pre is not None else y2, post if post is not None else y2, bias if bias is not None else y2)
     flags = dict(HAS_PRE=pre is not None, HAS_POST=post is not None, HAS_BIAS=bias is not None, ZERO=zero is not None,
-                 MODE=mode, XF=frag_nb, **launch_options(x2, B))
+                 MODE=mode, XF=frag_nb, ACT=act_n > 0, **launch_options(x2, B))
     scale = float(alpha) / math.sqrt(ch)
     if kind == "dot":
         exact16 = x2.dtype in (torch.float16, torch.bfloat16) and (pre is None or pre_signs)
         _hadamard_dot_kernel[grid](x2, aux, *ptrs, lmat, rmat, y2, zt, *rot_args, B, x2.stride(0), aux.stride(0),
-                                   y2.stride(0), scale, zper, zn, *rot_ints, EXACT16=exact16, **flags, **rot_flags,
+                                   y2.stride(0), scale, zper, zn, *rot_ints, act_n, EXACT16=exact16, **flags, **rot_flags,
                                    **pl)
     else:
         _hadamard_kernel[grid](x2, aux, w, rout, *ptrs, lmat, y2, zt, *rot_args,
                                lpost if lpost is not None else y2, lbias if lbias is not None else y2, B,
                                x2.stride(0), aux.stride(0), rout.stride(0), y2.stride(0), scale, eps, zper, zn,
-                               *rot_ints, lalpha, HAS_AUX=aux is not y2, HAS_LPOST=lpost is not None,
+                               *rot_ints, lalpha, act_n, HAS_AUX=aux is not y2, HAS_LPOST=lpost is not None,
                                HAS_LBIAS=lbias is not None, LOGP=int(math.log2(pl["P"])) if k == 1 else 0,
                                **flags, **rot_flags, **pl)
     return out if frag_nb else out.view(*lead, n)

@@ -746,13 +746,14 @@ def xh_dtype(cfg: QTIPConfig) -> torch.dtype:
 
 
 def run_config(layer, x2: torch.Tensor, cfg: QTIPConfig, out: torch.Tensor | None = None, rotary=None,
-               pending: bool = False, **prologue):
+               pending: bool = False, act_n: int = 0, **prologue):
     """y = layer(x2) for x2 [B, n]: input transform, decode kernel(s), output transform. `prologue`
     (`up=`, `norm=`, `before=` of `hadamard_transform`) makes the input transform take the SiLU·mul or
     the RMSNorm that comes before the layer (and the output transform of the layer before that),
     `rotary` (`fused.QKVRotary`, where `takes_rotary`) the output transform the rotary step after a
-    fused q|k|v projection. `pending` (where `takes_pending`) returns a `PendingOutput` instead of
-    running the output transform."""
+    fused q|k|v projection, `act_n` SiLU on the output's first act_n columns (a gate|up projection's
+    gate half). `pending` (where `takes_pending`) returns a `PendingOutput` instead of running the
+    output transform."""
     m = layer.out_features
     B = x2.shape[0]
     into = dict(transpose=True, chunks=_chunks(layer, 1), pre=layer.SU, alpha=1 / 32, out_dtype=xh_dtype(cfg),
@@ -772,8 +773,10 @@ def run_config(layer, x2: torch.Tensor, cfg: QTIPConfig, out: torch.Tensor | Non
     def finish() -> torch.Tensor:
         y = out if out is not None else torch.empty(B, m, dtype=dtype, device=x2.device)
         return hadamard_transform(y_raw, transpose=False, chunks=_chunks(layer, 2), post=layer.SV, alpha=32.0,
-                                  bias=layer.bias, out=y, rotary=rotary)
+                                  bias=layer.bias, out=y, rotary=rotary, act_n=act_n)
 
+    if pending and act_n:
+        raise ValueError("a pending output leaves its transform to the next layer: no SiLU on it (act_n)")
     return PendingOutput(layer, y_raw, finish) if pending else finish()
 
 
@@ -965,12 +968,15 @@ def _chained(x, layer, residual: torch.Tensor | None) -> tuple | None:
 
 
 def qtip_forward_normed(layer, x, weight: torch.Tensor, eps: float, residual: torch.Tensor | None,
-                        rotary=None) -> tuple[torch.Tensor, torch.Tensor]:
+                        rotary=None, activate: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(layer(weight ⊙ RMSNorm(x + residual)), x + residual) for x [B, n] (or the `PendingOutput` of
     the layer before), and with `rotary` (`fused.QKVRotary`) the output's q/k heads rotated and k/v
     stored: the norm and the residual add (and a pending output's transform, where `takes_chain`) in
     the input transform's launch where `takes_norm`, the rotary step in the output transform's where
-    `takes_rotary`, each else in its own launch."""
+    `takes_rotary`, each else in its own launch. `activate` > 0: SiLU on the output's first
+    `activate` columns, in the output transform's launch (a gate|up projection's gate half)."""
+    if activate and rotary is not None:
+        raise ValueError("activate (a gate|up output) and rotary (a q|k|v output) do not go together")
     before = _chained(x, layer, residual) if isinstance(x, PendingOutput) else None
     if before is not None:  # one launch: the last layer's output transform, the residual add, the norm
         B = x.raw.shape[0]
@@ -990,14 +996,16 @@ def qtip_forward_normed(layer, x, weight: torch.Tensor, eps: float, residual: to
             x_in, residual = fused.rmsnorm(x, weight, eps, residual)
             prologue = {}
     rot_here = rotary is not None and takes_rotary(layer, B, rotary.head_dim)
-    y = run_config(layer, x_in, cfg, rotary=rotary if rot_here else None, **prologue)
+    y = run_config(layer, x_in, cfg, rotary=rotary if rot_here else None, act_n=activate, **prologue)
     if rotary is not None and not rot_here:
         fused.rotary_qkv_(y, rotary)
     return y, residual
 
 
-def qtip_forward_gated(layer, gate: torch.Tensor, up: torch.Tensor, pending: bool = False):
+def qtip_forward_gated(layer, gate: torch.Tensor, up: torch.Tensor, pending: bool = False,
+                       activated: bool = False):
     """layer(silu(gate) · up) for gate, up [B, n] with the activation in the input transform's launch
-    (where `takes_gate`); `pending` as in `qtip_forward_pending`."""
+    (where `takes_gate`); `activated`: gate holds silu(gate) already (the gate|up projection's
+    `activate`), so that launch only multiplies; `pending` as in `qtip_forward_pending`."""
     cfg = choose_config(layer, gate)
-    return run_config(layer, gate, cfg, up=up, pending=pending and takes_pending(layer))
+    return run_config(layer, gate, cfg, up=up, up_activated=activated, pending=pending and takes_pending(layer))

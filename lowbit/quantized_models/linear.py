@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import fused
@@ -129,21 +130,38 @@ class QuantLinear(nn.Module):
         return self(x)
 
     def forward_normed(self, x: "torch.Tensor | PendingOutput", norm_weight: torch.Tensor, eps: float,
-                       residual: torch.Tensor | None = None,
-                       rotary: fused.QKVRotary | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       residual: torch.Tensor | None = None, rotary: fused.QKVRotary | None = None,
+                       activate: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """(self(weight ⊙ RMSNorm(x + residual)), x + residual): the norm in front of a projection,
-        and for a fused q|k|v projection the rotary step after it (`fused.rotary_qkv_`). Formats whose
-        transforms can take them in their own launches override this."""
+        and for a fused q|k|v projection the rotary step after it (`fused.rotary_qkv_`); `activate`
+        > 0 applies SiLU to the output's first `activate` columns (a fused gate|up projection's gate
+        half, for `forward_gated(activated=True)`). Formats whose transforms can take these in their
+        own launches override this."""
+        if activate and rotary is not None:
+            raise ValueError("activate (a gate|up output) and rotary (a q|k|v output) do not go together")
         h, residual = fused.rmsnorm(finished(x), norm_weight, eps, residual)
         y = self(h)
+        if activate:
+            F.silu(y[..., :activate], inplace=True)
         return (y if rotary is None else fused.rotary_qkv_(y, rotary)), residual
 
-    def forward_gated(self, gate: torch.Tensor, up: torch.Tensor,
-                      pending: bool = False) -> "torch.Tensor | PendingOutput":
+    def forward_gated(self, gate: torch.Tensor, up: torch.Tensor, pending: bool = False,
+                      activated: bool = False) -> "torch.Tensor | PendingOutput":
         """self(silu(gate) · up): the MLP's activation in front of the down projection (overridden
-        like `forward_normed`); `pending` as in `forward_pending`."""
-        h = fused.silu_mul(gate, up)
+        like `forward_normed`); `activated`: gate holds silu(gate) already (`forward_normed`'s
+        `activate`); `pending` as in `forward_pending`."""
+        h = gate * up if activated else fused.silu_mul(gate, up)
         return self.forward_pending(h) if pending else self(h)
+
+    def activates_in_launch(self, like: torch.Tensor) -> bool:
+        """Whether `forward_normed(activate=)` applies SiLU inside this layer's own launches for
+        activations like `like` [B, ·] (its device, dtype and rows), where elsewhere it costs one more."""
+        return False
+
+    def takes_activated(self, like: torch.Tensor) -> bool:
+        """Whether `forward_gated(activated=True)` saves work here for activations like `like`: the
+        gate's SiLU would otherwise run inside this layer's input launch, once per program."""
+        return False
 
     @property
     def storage_bytes(self) -> int:

@@ -116,13 +116,19 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
         """(MLP output, residual), the norm in front and SiLU·mul handed to the projections."""
+        activated = False
         if self.fused:
-            gate_up, residual = self.gate_up_proj.forward_normed(x, norm.weight, norm.eps, residual)
+            # The gate's SiLU in the gate|up output launch, once per element, where the down
+            # projection's input launch would compute it in each of its programs.
+            activated = (residual is not None and self.gate_up_proj.activates_in_launch(residual)
+                         and self.down_proj.takes_activated(residual))
+            gate_up, residual = self.gate_up_proj.forward_normed(
+                x, norm.weight, norm.eps, residual, activate=self.down_proj.in_features if activated else 0)
             gate, up = gate_up.chunk(2, dim=-1)
         else:
             h, residual = norm(x, residual)
             gate, up = self.gate_proj(h), self.up_proj(h)
-        return self.down_proj.forward_gated(gate, up, pending=True), residual  # a norm follows
+        return self.down_proj.forward_gated(gate, up, pending=True, activated=activated), residual  # a norm follows
 
 
 class DecoderLayer(nn.Module):

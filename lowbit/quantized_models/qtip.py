@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import os
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -232,18 +233,29 @@ class QTIPLinear(QuantLinear):
             return kernels.qtip_forward_pending(self, x)
         return self(x)
 
-    def forward_normed(self, x, norm_weight, eps, residual=None, rotary=None):
+    def forward_normed(self, x, norm_weight, eps, residual=None, rotary=None, activate=0):
         kernels = self._fusing_kernels(x.raw if isinstance(x, PendingOutput) else x)
         if kernels is not None and (residual is None or residual.stride(-1) == 1):
-            return kernels.qtip_forward_normed(self, x, norm_weight, eps, residual, rotary)
-        return super().forward_normed(x, norm_weight, eps, residual, rotary)
+            return kernels.qtip_forward_normed(self, x, norm_weight, eps, residual, rotary, activate)
+        return super().forward_normed(x, norm_weight, eps, residual, rotary, activate)
 
-    def forward_gated(self, gate, up, pending=False):
+    def forward_gated(self, gate, up, pending=False, activated=False):
         kernels = self._fusing_kernels(gate)
         if kernels is not None and up.shape == gate.shape and up.stride(-1) == 1 and \
                 kernels.takes_gate(gate.shape[-1], gate.shape[0]):
-            return kernels.qtip_forward_gated(self, gate, up, pending)
-        return super().forward_gated(gate, up, pending)
+            return kernels.qtip_forward_gated(self, gate, up, pending, activated)
+        return super().forward_gated(gate, up, pending, activated)
+
+    def activates_in_launch(self, like):
+        """The output transform takes the SiLU (`act_n`); LOWBIT_SILU_IN_OUTPUT=0 leaves it to the
+        down projection's input launch (A/B: `benchmarks.replay_profile --knob LOWBIT_SILU_IN_OUTPUT`)."""
+        return os.environ.get("LOWBIT_SILU_IN_OUTPUT", "1") != "0" and self._fusing_kernels(like) is not None
+
+    def takes_activated(self, like):
+        """The input transform takes SiLU·mul (`takes_gate`): each of its programs computes the
+        SiLU over the whole row (22 programs at 11008 and one row), which `activated` leaves out."""
+        kernels = self._fusing_kernels(like)
+        return kernels is not None and kernels.takes_gate(self.in_features, like.shape[0])
 
     def describe(self) -> dict[str, Any]:
         p = self.params
