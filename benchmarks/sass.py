@@ -198,17 +198,19 @@ def _hadamard(m: int, n: int, batch: int, config: list[int]) -> None:
     0 an output transform (float32 product in, SV, fp16 out), 1 the same with the rotary step and KV
     write of a fused q|k|v output (heads of 128, 32 q heads), 2 an input transform taking SiLU·mul
     (fp16 gate and up, SU's signs, zeroing the split-K output as the decode launch asks), 3 an input
-    transform taking the residual add and RMSNorm."""
+    transform taking the residual add and RMSNorm, 4 kind 2 with the gate already SiLU'd
+    (`up_activated`), 5 kind 0 with SiLU on the first half (`act_n`: a gate|up output)."""
     from lowbit.kernels import fused
     from lowbit.kernels import hadamard_triton as ht
 
     g = torch.Generator().manual_seed(0)
     kind = config[0]
     signs = (torch.randint(0, 2, (m,), generator=g) * 2 - 1).half()
-    if kind >= 2:
+    if kind in (2, 3, 4):
         x = torch.randn(batch, m, generator=g).half()
-        extra = (dict(up=torch.randn(batch, m, generator=g).half(), zero=torch.empty(batch, 4096))
-                 if kind == 2 else dict(norm=(torch.rand(m, generator=g).half(), 1e-5, x.clone(), torch.empty_like(x))))
+        extra = (dict(up=torch.randn(batch, m, generator=g).half(), zero=torch.empty(batch, 4096),
+                      up_activated=kind == 4)
+                 if kind != 3 else dict(norm=(torch.rand(m, generator=g).half(), 1e-5, x.clone(), torch.empty_like(x))))
         ht.hadamard_transform(x, transpose=True, pre=signs, pre_signs=True, alpha=1 / 32, **extra)
         return
     rotary = None
@@ -218,7 +220,7 @@ def _hadamard(m: int, n: int, batch: int, config: list[int]) -> None:
         rotary = fused.QKVRotary(torch.arange(batch), torch.rand(64, generator=g), 32, hkv, 128,
                                  (cache, cache.clone(), torch.arange(batch)))
     ht.hadamard_transform(torch.randn(batch, m, generator=g), post=signs, alpha=32.0, out_dtype=torch.float16,
-                          rotary=rotary)
+                          rotary=rotary, act_n=m // 2 if kind == 5 else 0)
 
 
 def _attention(m: int, n: int, batch: int, config: list[int]) -> None:
