@@ -99,7 +99,10 @@ if triton is not None:
     def _gated(gate, up, ACTIVATED: tl.constexpr):
         """silu(gate)·up with `silu_mul_reference`'s roundings (SiLU, then the product, to gate's
         dtype); ACTIVATED: `gate` already holds silu(gate) so rounded (`act_n=` of the layer before)."""
-        act = gate if ACTIVATED else _silu_rounded(gate)
+        if ACTIVATED:
+            act = gate
+        else:
+            act = _silu_rounded(gate)
         return (act.to(tl.float32) * up.to(tl.float32)).to(gate.dtype)
 
     @triton.jit
