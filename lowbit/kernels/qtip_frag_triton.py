@@ -495,7 +495,7 @@ if triton is not None:
             # and no zeroed targets in the loop (about 25 of its 245 instructions a trip at 2 row
             # tiles, RESULTS.md). The last PF steps come from the ring after it; where n < PF the
             # ring's steps past n hold x masked to zero and add nothing.
-            for s in tl.range(0, n - PF, loop_unroll_factor=PF):
+            for _s in tl.range(0, n - PF, loop_unroll_factor=PF):
                 w_new = _step_words(cp, RS, delta, None, None, lane, K, RT)
                 x_new = _step_x(xp, XS, None, None, NB, XF)
                 cp += WC * TW
