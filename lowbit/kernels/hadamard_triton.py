@@ -118,9 +118,9 @@ if triton is not None:
                MODE: tl.constexpr, HAS_AUX: tl.constexpr, HAS_PRE: tl.constexpr):
         """(pre ⊙ v, s², s) at columns pos of some rows, v float32 the transform's input: MODE 0 x;
         MODE 1 silu(x)·aux (x the gate, aux the up rows; rounded to x's dtype as
-        `silu_mul_reference` rounds); MODE 4 the same with x already silu(gate); MODE 2 weight ⊙ s with s = x + aux (the residual, the sum
-        rounded to x's dtype) — the RMS scale is applied after the transform, which is linear,
-        from the sum of the s² returned here."""
+        `silu_mul_reference` rounds); MODE 4 the same with x already silu(gate); MODE 2 weight ⊙ s
+        with s = x + aux (the residual, the sum rounded to x's dtype) — the RMS scale is applied
+        after the transform, which is linear, from the sum of the s² returned here."""
         x = tl.load(x_ptr + xoff + pos, mask=msk, other=0.0)
         if MODE == 1 or MODE == 4:
             x = _gated(x, tl.load(aux_ptr + aoff + pos, mask=msk, other=0.0), MODE == 4)

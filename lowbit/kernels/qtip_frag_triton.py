@@ -189,8 +189,8 @@ if triton is not None:
     @triton.jit
     def _step_x(xp, XS, jm, xok, NB: tl.constexpr, XF: tl.constexpr):
         """B fragments (two int32 fp16 pairs) of one step, one per n-block of 8 batch rows (xok
-        None: every row of every n-block is readable; jm None as well: every load is valid). XF: x in the fragment order, both
-        registers in one 8-byte word (xp points at int64)."""
+        None: every row of every n-block is readable; jm None as well: every load is valid). XF: x
+        in the fragment order, both registers in one 8-byte word (xp points at int64)."""
         xs = ()
         for b in tl.static_range(NB):
             if XF:
