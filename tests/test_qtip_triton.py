@@ -943,8 +943,11 @@ def test_qtip_model_through_the_fused_launches_on_the_interpreter(shape, dot_epi
     chained = []
     transform = qt.hadamard_transform
 
+    activated = []
+
     def counting(*args, **kwargs):
         chained.append(kwargs.get("before") is not None)
+        activated.append(kwargs.get("act_n", 0) > 0 or kwargs.get("up_activated", False))
         return transform(*args, **kwargs)
 
     monkeypatch.setattr(qtip_linear.QTIPLinear, "_fusing_kernels", fusing)
@@ -954,3 +957,6 @@ def test_qtip_model_through_the_fused_launches_on_the_interpreter(shape, dot_epi
     assert calls and float((got - want).norm() / want.norm()) < 1e-2
     # o → gate|up in every layer, down → the next layer's qkv (the last down feeds the final norm)
     assert sum(chained) == 2 * model.config.num_layers - 1
+    # where the down input launch takes SiLU·mul, the gate|up output launch applies the SiLU (act_n) and
+    # the down input launch only multiplies (up_activated): two launches a layer
+    assert sum(activated) == (2 * model.config.num_layers if fused_here else 0)
