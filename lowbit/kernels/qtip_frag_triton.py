@@ -200,7 +200,7 @@ if triton is not None:
                 xs = xs + ((_ld(xp + b * XS, jm), _ld(xp + b * XS + 4, jm)),)
             else:
                 m = jm & xok[b]
-                xs = xs + ((tl.load(xp + b * XS, mask=m, other=0), tl.load(xp + b * XS + 4, mask=m, other=0)),)
+                xs = xs + ((_ld(xp + b * XS, m), _ld(xp + b * XS + 4, m)),)
         return xs
 
     @triton.jit

@@ -39,6 +39,7 @@ from .qtip_frag_triton import (
     _f16,
     _lane_ids,
     _launch,
+    _ld,
     _mma,
     _out_all,
     _reserve_shared,
@@ -210,25 +211,19 @@ if triton is not None:
         words = ()
         sz = ()
         for r in tl.static_range(RT):
+            present = None
+            if ok is not None:
+                present = ok[r]
             wr = ()
             for k in tl.static_range(KT):
-                if ok is None:
-                    wr = wr + (tl.load(cp + r * RS + k * 32),)
-                else:
-                    wr = wr + (tl.load(cp + r * RS + k * 32, mask=ok[r], other=0),)
+                wr = wr + (_ld(cp + r * RS + k * 32, present),)
             words = words + (wr,)
-            if ok is None:
-                sz = sz + (tl.load(szp + r * 8),)
-            else:
-                sz = sz + (tl.load(szp + r * 8, mask=ok[r], other=0),)
+            sz = sz + (_ld(szp + r * 8, present),)
         xs = ()
         for k in tl.static_range(KT):
             xk = ()
             for b in tl.static_range(NB):
-                if live is None:
-                    v = tl.load(xp + xrows[b] + k)  # both B registers (`_step_columns`)
-                else:
-                    v = tl.load(xp + xrows[b] + k, mask=live, other=0)
+                v = _ld(xp + xrows[b] + k, live)  # both B registers (`_step_columns`)
                 xk = xk + ((v.to(tl.int32), (v >> 32).to(tl.int32)),)
             xs = xs + (xk,)
         return words, xs, sz
