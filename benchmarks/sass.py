@@ -101,7 +101,7 @@ def compile_launch(kernel, args, kwargs, capability: int = 90) -> dict:
         sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
     found = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage))
     return dict(name=kernel.__name__, registers=int(found.get("REG", 0)), local=int(found.get("LOCAL", 0)),
-                shared=int(found.get("SHARED", 0)), sass=sass)
+                shared=int(found.get("SHARED", 0)), dynamic=int(getattr(compiled.metadata, "shared", 0)), sass=sass)
 
 
 def _instructions(sass: str) -> list[tuple[str, str, str, str]]:
@@ -275,7 +275,7 @@ def main(argv=None) -> int:
         out = compile_launch(kernel, a, kw)
         early = loads_before_wait(out["sass"]) if args.pdl else None
         print(f"{out['name']} grid {tuple(grid)}: {out['registers']} registers, {out['local']} B local (spills), "
-              f"{out['shared']} B static shared" + ("" if early is None else f", {early} global loads before the wait"))
+              f"{out['shared']} B static shared, {out['dynamic']} B dynamic" + ("" if early is None else f", {early} global loads before the wait"))
         pick = LOOP_PICK.get(args.scenario, "longest")
         loop = main_loop_counts(out["sass"], pick)
         ranked = loop.most_common()
