@@ -3,7 +3,6 @@
     python -m benchmarks.sass uniform-gemv --shape 4096x4096 --config 16,32,4
     python -m benchmarks.sass qtip-frag --shape 22016x4096 --batch 1 --config 4,4,16,2
     python -m benchmarks.sass qtip-frag --shape 4096x4096 --batch 1 --config 2,8,128,4,16 --sass /tmp/frag.sass
-    python -m benchmarks.sass qtip-frag --shape 22016x4096 --batch 1 --config 2,8,256,4,16,1   # sign-folded table
     python -m benchmarks.sass vptq-gemv --shape 4096x4096 --config 8,64,16,4,2
     python -m benchmarks.sass hadamard --shape 12288x1 --batch 1 --config 1     # the q|k|v output transform with rotary
     python -m benchmarks.sass attention --shape 4096x128 --config 1 --pdl      # decode attention, first tile early
@@ -170,16 +169,15 @@ def _uniform_frag(m: int, n: int, batch: int, config: list[int]) -> None:
 
 def _qtip_frag(m: int, n: int, batch: int, config: list[int]) -> None:
     """QTIP 2-bit fragment kernel (`_hyb_frag_kernel`): config row tiles, warps, tiles a split, prefetch[,
-    table copies (32)[, 1: the sign-folded table]]."""
+    table copies (32)]."""
     from lowbit.kernels import qtip_frag_triton as qf
 
-    rt, warps, per, pf, *more = config
-    copies, fold = (more + [32, 0][len(more):])[:2]
+    rt, warps, per, pf, *copies = config
     g = torch.Generator().manual_seed(0)
     codes = torch.randint(-(2**15), 2**15, (m // 16, n // 16, 32), generator=g, dtype=torch.int32).to(torch.int16)
     lut = torch.randint(-(2**31), 2**31 - 1, (512,), generator=g, dtype=torch.int64).to(torch.int32)
     qf.frag_matmul(codes, lut, 2, torch.randn(batch, n, generator=g).half(), torch.zeros(batch, m), rt, warps,
-                   per, atomic=per < n // 16, prefetch=pf, copies=copies, folded=bool(fold))
+                   per, atomic=per < n // 16, prefetch=pf, copies=copies[0] if copies else 32)
 
 
 def _vptq_gemv(m: int, n: int, batch: int, config: list[int]) -> None:

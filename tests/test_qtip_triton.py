@@ -583,9 +583,6 @@ HYB_CASES = [
     (2, 64, 64, 1, qt.QTIPConfig("frag", 32, 32, 8, 1, 4, frag_x=True)),  # even: one n-block
     # masked (6 row tiles by 4), 64 rows, the epilogue in 2 rounds of 32 registers (8 table copies)
     (2, 96, 128, 64, qt.QTIPConfig("frag", 64, 32, 8, 2, 4, table_copies=8, frag_x=True)),
-    # the sign-folded table (1,024 entries): even with 4 steps ahead, masked with 5 n-blocks
-    (3, 96, 160, 2, qt.QTIPConfig("frag", 32, 32, 8, 1, 2, prefetch=4, folded=True)),
-    (2, 96, 64, 37, qt.QTIPConfig("frag", 64, 64, 8, 1, 4, table_copies=16, folded=True)),
     (2, 64, 256, 1, qt.QTIPConfig("flat", 16, 64, 1, 2)),
     (3, 96, 160, 1, qt.QTIPConfig("flat", 32, 64, 1, 1)),
     (4, 64, 96, 1, qt.QTIPConfig("flat", 16, 32, 1, 3, lut_smem=False)),
@@ -612,7 +609,7 @@ def test_frag_cases_cover_the_even_and_the_masked_loop():
             per = -(-steps // cfg.split_k) * wc
             kinds.append(even_launch(m // 16, n // 16, batch, rt, cfg.num_warps, per, wc, cfg.frag_x))
     assert kinds == [True, True, False, True, True, True, True, True, True, True, True, False, False, False, True, False,
-                     True, False, True, False, True, False, True, False]
+                     True, False, True, False, True, False]
 
 
 @pytest.mark.skipif(not CPU, reason="CPU interpreter test")
@@ -661,7 +658,6 @@ def test_dequantize_codes_is_exact_cpu(cfg_dict):
     (2, 96, 160, dict(row_tiles=4, num_warps=2, steps=2, copies=16)),  # ragged row group and split
     (3, 32, 96, dict(row_tiles=2, num_warps=4, steps=2, copies=32)),
     (4, 64, 64, dict(row_tiles=1, num_warps=2, steps=1, copies=16)),
-    (2, 64, 96, dict(row_tiles=2, num_warps=2, steps=2, copies=8, folded=True)),
 ])
 def test_frag_dequant_is_exact_for_any_launch_cpu(K, m, n, launch):
     lin = layer(hyb_params(K), m, n, seed=K)
@@ -740,10 +736,6 @@ GPU_RUNS = [
     (qt.QTIPConfig("frag", 128, 64, 8, 4, 8, table_copies=16, frag_x=True, prefetch=4), 16),
     (qt.QTIPConfig("frag", 64, 32, 8, 2, 4, table_copies=16, frag_x=True, prefetch=1), 50),
     (qt.QTIPConfig("frag", 64, 16, 8, 8, 4, table_copies=16), 32),  # row-major x, 4 groups of one column
-    # the sign-folded table at 16, 32 and 8 copies (64, 128 and 32 KiB)
-    (qt.QTIPConfig("frag", 32, 128, 8, 2, 8, table_copies=16, prefetch=4, folded=True), 1),
-    (qt.QTIPConfig("frag", 32, 64, 8, 1, 4, folded=True), 3),
-    (qt.QTIPConfig("frag", 64, 64, 8, 2, 4, table_copies=8, frag_x=True, folded=True), 16),
     (qt.QTIPConfig("flat", 16, 512, 1, 2), 1),
     (qt.QTIPConfig("flat", 32, 512, 2, 1), 2),
     (qt.QTIPConfig("gemv", 16, 256, 1, 1), 1),

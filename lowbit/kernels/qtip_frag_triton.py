@@ -8,8 +8,7 @@ without moving data between lanes, and one mma multiplies it by up to 8 rows of 
 batch rows are the mma's n axis), accumulating in float32; past 8 rows the same decoded tile meets
 each 8-row block of x (NB ≤ 8 mmas). The prefill path's dequantization (`frag_dequant`) is the same
 decode with the A registers stored to Ŵ instead of multiplied. Per weight pair a lane spends one shift,
-one IMAD (h = s·s + s), one LOP3 (the table address), one shared load and one LOP3 (the sign; none
-with the 1,024-entry table that has the sign applied, `folded`, at twice the shared memory);
+one IMAD (h = s·s + s), one LOP3 (the table address), one shared load and one LOP3 (the sign);
 the FMAs are the tensor core's. The CUDA-core kernels (`qtip_triton._hyb_flat_kernel`) also spend
 two fp16→fp32 conversions and two FFMAs per pair, and their one-copy table costs ~3.3-way bank
 conflicts.
@@ -60,32 +59,28 @@ except ImportError:  # pragma: no cover
 COPIES = (8, 16, 32)  # table copies the kernel can keep: 32 is conflict-free, 16 and 8 take less memory
 
 
-def _lookup_asm(copies: int, folded: bool = False) -> str:
+def _lookup_asm(copies: int) -> str:
     """PTX of one table lookup ($1 = state s, $2 = this lane's copy offset 4·(lane % copies), $3 =
     the table's shared address): h = s·s + s; the entry (bits 6..14 of h) times 4·copies bytes, i.e.
     h & 0x7FC0 (shifted left once for 32 copies, right once for 8), OR the copy offset (its bits
     2..6 are free); a shared load at that plus the table address (ptxas folds a uniform base into
-    the load); the sign XOR. `folded`: the table has 1,024 entries, the sign (bit 15 of h) already
-    applied in its upper half (`_folded_entry`), so the entry is bits 6..15 of h and the XOR goes.
-    Hand-written because Triton's own arithmetic spends extra instructions here."""
-    mask = 65472 if folded else 32704  # bits 6..15 or 6..14 of h
-    entry = {8: f"and.b32 a, h, {mask};\n\tshr.b32 a, a, 1;\n\t", 16: f"and.b32 a, h, {mask};\n\t",
-             32: f"shl.b32 a, h, 1;\n\tand.b32 a, a, {2 * mask};\n\t"}[copies]
-    load = "ld.shared.b32 $0, [a]; }" if folded else \
-        "ld.shared.b32 v, [a];\n\tand.b32 h, h, 32768;\n\txor.b32 $0, v, h; }"
+    the load); the sign XOR. Hand-written because Triton's own arithmetic spends extra
+    instructions here."""
+    entry = {8: "and.b32 a, h, 32704;\n\tshr.b32 a, a, 1;\n\t", 16: "and.b32 a, h, 32704;\n\t",
+             32: "shl.b32 a, h, 1;\n\tand.b32 a, a, 65408;\n\t"}[copies]
     return ("{ .reg .b32 h, a, v;\n\t"
             "mad.lo.u32 h, $1, $1, $1;\n\t" + entry
             + "or.b32 a, a, $2;\n\t"
-            "add.u32 a, a, $3;\n\t" + load)
+            "add.u32 a, a, $3;\n\t"
+            "ld.shared.b32 v, [a];\n\t"
+            "and.b32 h, h, 32768;\n\t"
+            "xor.b32 $0, v, h; }")
 
 
 if triton is not None:
     _LOOKUP_ASM_16 = tl.constexpr(_lookup_asm(16))
     _LOOKUP_ASM_32 = tl.constexpr(_lookup_asm(32))
     _LOOKUP_ASM_8 = tl.constexpr(_lookup_asm(8))
-    _FOLDED_ASM_16 = tl.constexpr(_lookup_asm(16, True))
-    _FOLDED_ASM_32 = tl.constexpr(_lookup_asm(32, True))
-    _FOLDED_ASM_8 = tl.constexpr(_lookup_asm(8, True))
 
     @triton.jit
     def _lane_ids(col, EMULATE: tl.constexpr):
@@ -104,47 +99,36 @@ if triton is not None:
                                          is_pure=True, pack=1)
 
     @triton.jit
-    def _folded_entry(lut_ptr, e):
-        """Entry e (0..1023) of the sign-folded table: the word of entry e mod 512 with its first
-        value's sign flipped where e ≥ 512, so that bits 6..15 of h index it (the flip is bit 15 of
-        h, `_lookup`)."""
-        return tl.load(lut_ptr + (e & 511)) ^ ((e >> 9) << 15)
-
-    @triton.jit
-    def _write_table(lut_ptr, REP: tl.constexpr, FOLD: tl.constexpr):
+    def _write_table(lut_ptr, REP: tl.constexpr):
         """Table at global_smem with REP copies of each entry (entry e, copy c at word REP·e + c):
         16-byte stores of 4 copies each. One 1-D tensor, so consecutive lanes store consecutive
         slots (conflict-free; a 2-D shape let Triton 3.6 lay lanes down a column: 32-way
         conflicts, ~2 µs a program), and all loads are issued before the first store (a store
-        asm orders later loads after it). FOLD: the 1,024-entry sign-folded table."""
-        if FOLD:
-            q = tl.arange(0, 256 * REP)
-            v = _folded_entry(lut_ptr, q // (REP // 4))
-        else:
-            q = tl.arange(0, 128 * REP)  # 16-byte slot: entry q // (REP / 4)
-            v = tl.load(lut_ptr + q // (REP // 4))
+        asm orders later loads after it)."""
+        q = tl.arange(0, 128 * REP)  # 16-byte slot: entry q // (REP / 4)
+        v = tl.load(lut_ptr + q // (REP // 4))
         tl.inline_asm_elementwise("st.shared.v4.b32 [$1], {$2, $2, $2, $2};\n\tmov.u32 $0, 0;", "=r,r,r",
                                   [_smem_base(q) + q * 16, v], dtype=tl.int32, is_pure=False, pack=1)
         tl.debug_barrier()
 
     @triton.jit
-    def _reserve_shared(src_ptr, scratch_ptr, col, TM, WORDS: tl.constexpr):
-        """Make Triton reserve 4·WORDS bytes of dynamic shared memory (from `global_smem`) for the
-        hand-written shared accesses: a gather over a WORDS-entry int32 tensor inside a branch
+    def _reserve_shared(src_ptr, scratch_ptr, col, TM, REP: tl.constexpr):
+        """Make Triton reserve 2 KiB · REP of dynamic shared memory (from `global_smem`) for the
+        hand-written shared accesses: a gather over a 512·REP-entry int32 tensor inside a branch
         that never runs (TM < 0; `_launch` checks the reservation after compiling)."""
         if TM < 0:
-            big = tl.load(src_ptr + tl.arange(0, WORDS) // WORDS)
+            big = tl.load(src_ptr + tl.arange(0, 512 * REP) // REP)
             tl.store(scratch_ptr + col, tl.gather(big, col, 0))
 
     @triton.jit
-    def _table(lut_ptr, scratch_ptr, col, lane, TM, REP: tl.constexpr, FOLD: tl.constexpr, EMULATE: tl.constexpr):
-        """Write the replicated table (FOLD: sign-folded, twice the entries); return (this lane's
-        copy offset in bytes, the table's shared address) for `_lookup` (unused in the emulation,
-        which reads the table from global memory). The `TM < 0` branch never runs: its gather over
-        a 512·REP-entry tensor (1,024·REP folded) only makes Triton reserve that much shared memory."""
+    def _table(lut_ptr, scratch_ptr, col, lane, TM, REP: tl.constexpr, EMULATE: tl.constexpr):
+        """Write the replicated table; return (this lane's copy offset in bytes, the table's shared
+        address) for `_lookup` (unused in the emulation, which reads the table from global memory).
+        The `TM < 0` branch never runs: its gather over a 512·REP-entry tensor only makes Triton
+        reserve that much shared memory."""
         if not EMULATE:
-            _reserve_shared(lut_ptr, scratch_ptr, col, TM, 512 * REP * (1 + FOLD))
-            _write_table(lut_ptr, REP, FOLD)
+            _reserve_shared(lut_ptr, scratch_ptr, col, TM, REP)
+            _write_table(lut_ptr, REP)
             lane_addr = ((lane % REP) * 4, _smem_base(col))
         else:
             lane_addr = (lane * 4, lane * 0)
@@ -266,22 +250,19 @@ if triton is not None:
         return s
 
     @triton.jit
-    def _lookup(s, lut_ptr, lane_addr, REP: tl.constexpr, FOLD: tl.constexpr, EMULATE: tl.constexpr):
+    def _lookup(s, lut_ptr, lane_addr, REP: tl.constexpr, EMULATE: tl.constexpr):
         """Table word of state s, bit 15 of h = s·(s+1) flipping the first value's sign (on the GPU
-        one asm block, `_lookup_asm`; FOLD: the flip is in the table)."""
+        one asm block, `_lookup_asm`)."""
         if EMULATE:
             h = s * s + s
-            if FOLD:
-                pk = _folded_entry(lut_ptr, ((h >> 6) & 1023).to(tl.int32))
-            else:
-                pk = tl.load(lut_ptr + ((h >> 6) & 511).to(tl.int32)) ^ (h & 0x8000).to(tl.int32)
+            pk = tl.load(lut_ptr + ((h >> 6) & 511).to(tl.int32)) ^ (h & 0x8000).to(tl.int32)
         else:
             if REP == 16:
-                asm: tl.constexpr = _FOLDED_ASM_16 if FOLD else _LOOKUP_ASM_16
+                asm: tl.constexpr = _LOOKUP_ASM_16
             elif REP == 8:
-                asm: tl.constexpr = _FOLDED_ASM_8 if FOLD else _LOOKUP_ASM_8
+                asm: tl.constexpr = _LOOKUP_ASM_8
             else:
-                asm: tl.constexpr = _FOLDED_ASM_32 if FOLD else _LOOKUP_ASM_32
+                asm: tl.constexpr = _LOOKUP_ASM_32
             pk = tl.inline_asm_elementwise(asm, "=r,r,r,r", [s, lane_addr[0], lane_addr[1]], dtype=tl.int32,
                                            is_pure=True, pack=1)
         return pk
@@ -329,15 +310,14 @@ if triton is not None:
         return (d0, d1, d2, d3)
 
     @triton.jit
-    def _decode_a(u, v, lane, sel, lut_ptr, lane_addr, K: tl.constexpr, REP: tl.constexpr, FOLD: tl.constexpr,
-                  EMULATE: tl.constexpr):
+    def _decode_a(u, v, lane, sel, lut_ptr, lane_addr, K: tl.constexpr, REP: tl.constexpr, EMULATE: tl.constexpr):
         """A registers of one 16×16 tile from the lanes' raw code words: lane (g, q) gets
         Ŵ[g, 2q..2q+1], Ŵ[g+8, 2q..], Ŵ[g, 8+2q..], Ŵ[g+8, 8+2q..] as fp16 pairs."""
         hi, lo = _window(u, v, lane, sel, K, EMULATE)
-        a0 = _lookup(_state(hi, lo, 0, K), lut_ptr, lane_addr, REP, FOLD, EMULATE)
-        a1 = _lookup(_state(hi, lo, 1, K), lut_ptr, lane_addr, REP, FOLD, EMULATE)
-        a2 = _lookup(_state(hi, lo, 2, K), lut_ptr, lane_addr, REP, FOLD, EMULATE)
-        a3 = _lookup(_state(hi, lo, 3, K), lut_ptr, lane_addr, REP, FOLD, EMULATE)
+        a0 = _lookup(_state(hi, lo, 0, K), lut_ptr, lane_addr, REP, EMULATE)
+        a1 = _lookup(_state(hi, lo, 1, K), lut_ptr, lane_addr, REP, EMULATE)
+        a2 = _lookup(_state(hi, lo, 2, K), lut_ptr, lane_addr, REP, EMULATE)
+        a3 = _lookup(_state(hi, lo, 3, K), lut_ptr, lane_addr, REP, EMULATE)
         return (a0, a1, a2, a3)
 
     @triton.jit
@@ -440,11 +420,11 @@ if triton is not None:
 
     @triton.jit
     def _frag_step(acc, words, xs, lane, sel, lut_ptr, lane_addr, K: tl.constexpr, RT: tl.constexpr, NB: tl.constexpr,
-                   NW: tl.constexpr, REP: tl.constexpr, FOLD: tl.constexpr, EMULATE: tl.constexpr):
+                   NW: tl.constexpr, REP: tl.constexpr, EMULATE: tl.constexpr):
         """One step: decode each row tile's 16×16 tile and multiply it by every n-block of x."""
         new = ()
         for r in tl.static_range(RT):
-            a = _decode_a(words[r][0], words[r][1], lane, sel, lut_ptr, lane_addr, K, REP, FOLD, EMULATE)
+            a = _decode_a(words[r][0], words[r][1], lane, sel, lut_ptr, lane_addr, K, REP, EMULATE)
             row = ()
             for b in tl.static_range(NB):
                 row = row + (_mma(a, xs[b], acc[r][b], NW, EMULATE),)
@@ -457,7 +437,7 @@ if triton is not None:
         TM, TN: tl.constexpr, B, stride_xb, stride_yb, tiles_per_split,
         K: tl.constexpr, RT: tl.constexpr, NB: tl.constexpr, NW: tl.constexpr, WC: tl.constexpr,
         REP: tl.constexpr, ATOMIC: tl.constexpr, EMULATE: tl.constexpr, PDL: tl.constexpr, EVEN: tl.constexpr,
-        PF: tl.constexpr, XF: tl.constexpr, FOLD: tl.constexpr,
+        PF: tl.constexpr, XF: tl.constexpr,
     ):
         """y[:B, rows] (+)= xh[:B] · Ŵ[rows]ᵀ for the program's (NW / WC)·RT row tiles (program
         axis 0), B ≤ 8·NB rows of x in NB n-blocks, and the tile columns of split program_id(1);
@@ -504,7 +484,7 @@ if triton is not None:
             ring_w = ()
             for d in tl.static_range(PF):
                 ring_w = ring_w + (_step_words(cp + d * WC * TW, RS, delta, col * 0 + d < n, None, lane, K, RT),)
-            lane_addr = _table(lut_ptr, y_ptr, col, lane, TM, REP, FOLD, EMULATE)
+            lane_addr = _table(lut_ptr, y_ptr, col, lane, TM, REP, EMULATE)
             wait_prior(PDL)  # the table and the first code words came before: weights, not activations
             ring_x = ()
             for d in tl.static_range(PF):
@@ -521,7 +501,7 @@ if triton is not None:
                 cp += WC * TW
                 xp += XSTEP
                 acc = _frag_step(acc, ring_w[0], ring_x[0], lane, sel, lut_ptr, lane_addr, K, RT, NB, NW, REP,
-                                 FOLD, EMULATE)
+                                 EMULATE)
                 rw = ()
                 rx = ()
                 for d in tl.static_range(1, PF):
@@ -531,12 +511,12 @@ if triton is not None:
                 ring_x = rx + (x_new,)
             for d in tl.static_range(PF):
                 acc = _frag_step(acc, ring_w[d], ring_x[d], lane, sel, lut_ptr, lane_addr, K, RT, NB, NW, REP,
-                                 FOLD, EMULATE)
+                                 EMULATE)
         else:
             xp = xp0
             jm = j < t1
             words = _step_words(cp, RS, delta, jm, ok, lane, K, RT)
-            lane_addr = _table(lut_ptr, y_ptr, col, lane, TM, REP, FOLD, EMULATE)
+            lane_addr = _table(lut_ptr, y_ptr, col, lane, TM, REP, EMULATE)
             wait_prior(PDL)
             xs = _step_x(xp, XS, jm, xok, NB, XF)
             for j0 in range(t0, t1, WC):
@@ -545,7 +525,7 @@ if triton is not None:
                 xp += XSTEP
                 xs_next = _step_x(xp, XS, nm, xok, NB, XF)
                 words_next = _step_words(cp, RS, delta, nm, ok, lane, K, RT)
-                acc = _frag_step(acc, words, xs, lane, sel, lut_ptr, lane_addr, K, RT, NB, NW, REP, FOLD, EMULATE)
+                acc = _frag_step(acc, words, xs, lane, sel, lut_ptr, lane_addr, K, RT, NB, NW, REP, EMULATE)
                 xs = xs_next
                 words = words_next
         tl.debug_barrier()  # every warp is done with the table before the epilogue's reduction reuses it
@@ -553,9 +533,9 @@ if triton is not None:
 
     @triton.jit
     def _store_tile(wp, u, v, msk, stride_w, lane, sel, lut_ptr, lane_addr, K: tl.constexpr, REP: tl.constexpr,
-                    FOLD: tl.constexpr, EMULATE: tl.constexpr):
+                    EMULATE: tl.constexpr):
         """Decode one tile and store it: wp points at this lane's pair Ŵ[g, 2q..2q+1] (int32 view)."""
-        a0, a1, a2, a3 = _decode_a(u, v, lane, sel, lut_ptr, lane_addr, K, REP, FOLD, EMULATE)
+        a0, a1, a2, a3 = _decode_a(u, v, lane, sel, lut_ptr, lane_addr, K, REP, EMULATE)
         tl.store(wp, a0, mask=msk)
         tl.store(wp + 8 * stride_w, a1, mask=msk)
         tl.store(wp + 4, a2, mask=msk)
@@ -565,7 +545,7 @@ if triton is not None:
     def _hyb_frag_dequant_kernel(
         codes_ptr, lut_ptr, w_ptr, TM, TN, stride_w, tiles_per_split,
         K: tl.constexpr, RT: tl.constexpr, NW: tl.constexpr, REP: tl.constexpr, EMULATE: tl.constexpr,
-        PDL: tl.constexpr, FOLD: tl.constexpr,
+        PDL: tl.constexpr,
     ):
         """Ŵ [16·TM, 16·TN] as fp16 pairs (w_ptr int32, stride_w in pairs): the fragment kernel's
         decode with stores in place of the mma, for the prefill path (decode once, then cuBLAS).
@@ -579,7 +559,7 @@ if triton is not None:
         wp = w_ptr + (16 * i0 + (lane >> 2)) * stride_w + 8 * j + (lane & 3)
         jm = j < t1
         words = _step_words(cp, RS, delta, jm, ok, lane, K, RT)
-        lane_addr = _table(lut_ptr, w_ptr, col, lane, TM, REP, FOLD, EMULATE)
+        lane_addr = _table(lut_ptr, w_ptr, col, lane, TM, REP, EMULATE)
         wait_prior(PDL)  # Ŵ's buffer may be one an earlier kernel still reads
         for j0 in range(t0, t1, NW):
             nm = j0 + wid + NW < t1
@@ -587,7 +567,7 @@ if triton is not None:
             words_next = _step_words(cp, RS, delta, nm, ok, lane, K, RT)
             for r in tl.static_range(RT):
                 _store_tile(wp + r * WS, words[r][0], words[r][1], jm & ok[r], stride_w, lane, sel, lut_ptr,
-                            lane_addr, K, REP, FOLD, EMULATE)
+                            lane_addr, K, REP, EMULATE)
             words = words_next
             wp += 8 * NW
             jm = nm
@@ -615,13 +595,12 @@ def n_blocks(batch: int) -> int:
 
 
 def _launch(kernel, grid, args, what: str, row_tiles: int, num_warps: int, copies: int, rows: int | None,
-            max_registers: int = 0, folded: bool = False, **consts):
+            max_registers: int = 0, **consts):
     """Both kernels' launch: the launch-shape check, the PTX emulation under the interpreter and,
     compiled, the shared-memory check (the reservation trick is Triton's allocator's doing:
     verified once per compiled variant). `rows`: the activation rows it serves, for `pdl.takes_rows`
     (None for the weight decode). `max_registers` > 0 caps the registers a thread may use
-    (Triton's `maxnreg`; more programs fit on an SM, ptxas may spill). `folded`: the sign-folded
-    table (`_lookup_asm`), twice the shared memory."""
+    (Triton's `maxnreg`; more programs fit on an SM, ptxas may spill)."""
     if not 1 <= row_tiles <= 4 or copies not in COPIES:
         raise ValueError(f"{what}: row tiles must be 1..4 and table copies one of {COPIES}, "
                          f"got {row_tiles} and {copies}")
@@ -631,14 +610,13 @@ def _launch(kernel, grid, args, what: str, row_tiles: int, num_warps: int, copie
     pdl = launch_options(args[1], rows)
     cap = {"maxnreg": max_registers} if max_registers and not emulate else {}
     kern = kernel[grid](*args, RT=row_tiles, NW=num_warps, REP=copies, EMULATE=emulate, num_warps=num_warps,
-                        num_stages=1, FOLD=folded, **consts, **pdl, **cap)
-    key = (what, row_tiles, num_warps, copies, folded, pdl["PDL"], max_registers, tuple(sorted(consts.items())))
-    need = 2048 * copies * (2 if folded else 1)
+                        num_stages=1, **consts, **pdl, **cap)
+    key = (what, row_tiles, num_warps, copies, pdl["PDL"], max_registers, tuple(sorted(consts.items())))
     if not emulate and key not in _CHECKED:
         shared = getattr(getattr(kern, "metadata", None), "shared", None)
-        if shared is not None and shared < need:
+        if shared is not None and shared < 2048 * copies:
             raise RuntimeError(f"Triton gave the QTIP {what} {shared} bytes of shared memory, "
-                               f"its table needs {need}")
+                               f"its table needs {2048 * copies}")
         _CHECKED.add(key)
 
 
@@ -655,7 +633,7 @@ def frag_x_order(x: torch.Tensor, nb: int) -> torch.Tensor:
 def frag_matmul(codes: torch.Tensor, lut32: torch.Tensor, K: int, xh: torch.Tensor, out: torch.Tensor,
                 row_tiles: int, num_warps: int, tiles_per_split: int, atomic: bool, copies: int = 32,
                 prefetch: int = 2, max_registers: int = 0, warp_cols: int | None = None,
-                x_frag: bool = False, folded: bool = False) -> torch.Tensor:
+                x_frag: bool = False) -> torch.Tensor:
     """out [B ≤ 64, m] (+)= xh [B, n] (fp16) @ Ŵᵀ from HYB codes [m/16, n/16, 16K] (int16, read as
     int32) and the table as 512 int32, kept in `copies` copies per program (32: lanes never share
     a bank; 16: 32 KiB instead of 64, twice the programs per SM, lanes l and l + 16 can collide;
@@ -665,8 +643,7 @@ def frag_matmul(codes: torch.Tensor, lut32: torch.Tensor, K: int, xh: torch.Tens
     `max_registers` caps the registers of a thread (0: the compiler's choice). The warps form
     num_warps / warp_cols row groups of `row_tiles` row tiles each (default: one group; more groups
     share each step's x through L1). With `x_frag`, xh is [8·n_blocks(B), n] in the fragment order
-    (`frag_x_order`; B is then out's rows). With `folded` the table in shared memory has 1,024
-    entries with the sign applied (twice the memory, one instruction less a lookup)."""
+    (`frag_x_order`; B is then out's rows)."""
     B = out.shape[0] if x_frag else xh.shape[0]
     n = xh.shape[1]
     m = out.shape[1]
@@ -687,13 +664,13 @@ def frag_matmul(codes: torch.Tensor, lut32: torch.Tensor, K: int, xh: torch.Tens
     if prefetch < 1:
         raise ValueError(f"frag kernel: prefetch depth must be ≥ 1, got {prefetch}")
     even = even_launch(tm, tn, B, row_tiles, num_warps, tiles_per_split, wc, x_frag)
-    _launch(_hyb_frag_kernel, grid, args, "frag kernel", row_tiles, num_warps, copies, B, max_registers, folded, K=K,
+    _launch(_hyb_frag_kernel, grid, args, "frag kernel", row_tiles, num_warps, copies, B, max_registers, K=K,
             NB=n_blocks(B), WC=wc, ATOMIC=atomic, EVEN=even, PF=prefetch if even else 1, XF=x_frag)
     return out
 
 
 def frag_dequant(codes: torch.Tensor, lut32: torch.Tensor, K: int, out: torch.Tensor, row_tiles: int = 2,
-                 num_warps: int = 4, steps: int = 16, copies: int = 32, folded: bool = False) -> torch.Tensor:
+                 num_warps: int = 4, steps: int = 16, copies: int = 32) -> torch.Tensor:
     """out [m, n] fp16 = Ŵ decoded from HYB codes [m/16, n/16, 16K]; each program takes
     `row_tiles` row tiles × `steps` steps of `num_warps` tile columns (defaults: the best of
     `benchmarks/qtip_dequant.py --sweep` on the H100 at the Llama-2-7B MLP shapes)."""
@@ -704,6 +681,5 @@ def frag_dequant(codes: torch.Tensor, lut32: torch.Tensor, K: int, out: torch.Te
     per = steps * num_warps
     grid = (triton.cdiv(tm, row_tiles), triton.cdiv(tn, per))
     args = (codes.view(torch.int32), lut32, out.view(torch.int32), tm, tn, out.stride(0) // 2, per)
-    _launch(_hyb_frag_dequant_kernel, grid, args, "frag dequant", row_tiles, num_warps, copies, None, folded=folded,
-            K=K)
+    _launch(_hyb_frag_dequant_kernel, grid, args, "frag dequant", row_tiles, num_warps, copies, None, K=K)
     return out

@@ -292,7 +292,7 @@ if triton is not None:
             for r in tl.static_range(RT):
                 ok = ok + (col * 0 + ib + r < TM,)  # tensors: the interpreter wants tensor masks
         if not EMULATE:
-            _reserve_shared(codes_ptr, scratch_ptr, col, TM, 512 * REP)  # the epilogue's warp sums
+            _reserve_shared(codes_ptr, scratch_ptr, col, TM, REP)  # the epilogue's warp sums
         n = (TS + NW - 1) // NW
         cb = codes_ptr + (ib * TS * KT) * 32 + lane
         RS = TS * KT * 32  # words between row tiles
