@@ -1,7 +1,7 @@
 """Sweep of the QTIP fragment kernel's launch shapes, kernel alone, against its own fixed cost:
 
     python -m benchmarks.qtip_frag_sweep [--batch 1] [--pf 1,2,4] [--regs 0,64] [--shapes 4096x4096,...]
-        [--launches "rt,warps,copies[,warp columns[,xf]];..."]
+        [--launches "rt,warps,copies[,warp columns[,xf[,peel (1; 0: the masked loop)]]];..."]
 
 For QTIP 2-bit at the `--shapes` (default: three Llama-2-7B projections): every (row tiles a warp, warps,
 table copies, warps along the columns (default all: one row group), x in the fragment order (xf = 1),
@@ -27,7 +27,7 @@ from lowbit.kernels.tuning import cold_us
 LAUNCHES = ((2, 8, 16), (4, 8, 16), (4, 4, 16), (1, 16, 16), (2, 16, 16), (4, 8, 32))
 
 
-def _launch(lin, xh, y, rt, nw, rep, split, empty=False, pf=1, regs=0, wc=0, xf=False):
+def _launch(lin, xh, y, rt, nw, rep, split, empty=False, pf=1, regs=0, wc=0, xf=False, peel=True):
     m, n = lin.out_features, lin.in_features
     wc = wc or nw
     tm, tn, b = m // 16, n // 16, xh.shape[0]
@@ -38,7 +38,7 @@ def _launch(lin, xh, y, rt, nw, rep, split, empty=False, pf=1, regs=0, wc=0, xf=
     return lambda: f._hyb_frag_kernel[grid](
         xv, lin.codes.view(torch.int32), qt._lut32(lin), y, y, tm, 0 if empty else tn, b, n // 2,
         m, per, K=2, RT=rt, NB=f.n_blocks(b), NW=nw, WC=wc, REP=rep, ATOMIC=True, EMULATE=False, PDL=False,
-        EVEN=even, PF=pf if even else 1, XF=xf, num_warps=nw, num_stages=1, **({"maxnreg": regs} if regs else {}))
+        EVEN=even, PF=pf if even else 1, XF=xf, PEEL=peel or not even, num_warps=nw, num_stages=1, **({"maxnreg": regs} if regs else {}))
 
 
 def _flat(lin, xf, y, split):
@@ -80,12 +80,13 @@ def main(argv=None) -> int:
         y = torch.zeros(args.batch, m, device=dev)
         runs = []
         for rt, nw, rep, *more in launches:
-            wc, xf = (list(more) + [0, 0])[:2]
+            wc, xf, peel = (list(more) + [0, 0, 1][len(more):])[:3]
             for split in splits:
                 for pf, regs in ((p, r) for p in depths for r in caps):
-                    us = cold_us(_launch(lin, xh, y, rt, nw, rep, split, pf=pf, regs=regs, wc=wc, xf=bool(xf)), dev)
-                    runs.append((round(us, 2), f"RT={rt} NW={nw} WC={wc or nw} xf={xf} copies={rep} split={split} "
-                                               f"pf={pf} regs={regs}"))
+                    us = cold_us(_launch(lin, xh, y, rt, nw, rep, split, pf=pf, regs=regs, wc=wc, xf=bool(xf),
+                                         peel=bool(peel)), dev)
+                    runs.append((round(us, 2), f"RT={rt} NW={nw} WC={wc or nw} xf={xf} copies={rep} peel={peel} "
+                                               f"split={split} pf={pf} regs={regs}"))
                     line = f"{m}x{n} {runs[-1][1]}: {us:.2f} us"
                     if m == n and args.batch == 1 and pf == depths[0] and regs == caps[0] and not more:
                         fixed = cold_us(_launch(lin, xh, y, rt, nw, rep, split, empty=True), dev)

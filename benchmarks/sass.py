@@ -169,15 +169,16 @@ def _uniform_frag(m: int, n: int, batch: int, config: list[int]) -> None:
 
 def _qtip_frag(m: int, n: int, batch: int, config: list[int]) -> None:
     """QTIP 2-bit fragment kernel (`_hyb_frag_kernel`): config row tiles, warps, tiles a split, prefetch[,
-    table copies (32)]."""
+    table copies (32)[, 0: the masked loop in place of the peeled one]]."""
     from lowbit.kernels import qtip_frag_triton as qf
 
-    rt, warps, per, pf, *copies = config
+    rt, warps, per, pf, *more = config
+    copies, peel = (more + [32, 1][len(more):])[:2]
     g = torch.Generator().manual_seed(0)
     codes = torch.randint(-(2**15), 2**15, (m // 16, n // 16, 32), generator=g, dtype=torch.int32).to(torch.int16)
     lut = torch.randint(-(2**31), 2**31 - 1, (512,), generator=g, dtype=torch.int64).to(torch.int32)
     qf.frag_matmul(codes, lut, 2, torch.randn(batch, n, generator=g).half(), torch.zeros(batch, m), rt, warps,
-                   per, atomic=per < n // 16, prefetch=pf, copies=copies[0] if copies else 32)
+                   per, atomic=per < n // 16, prefetch=pf, copies=copies, peel=bool(peel))
 
 
 def _vptq_gemv(m: int, n: int, batch: int, config: list[int]) -> None:

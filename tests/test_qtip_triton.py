@@ -583,6 +583,9 @@ HYB_CASES = [
     (2, 64, 64, 1, qt.QTIPConfig("frag", 32, 32, 8, 1, 4, frag_x=True)),  # even: one n-block
     # masked (6 row tiles by 4), 64 rows, the epilogue in 2 rounds of 32 registers (8 table copies)
     (2, 96, 128, 64, qt.QTIPConfig("frag", 64, 32, 8, 2, 4, table_copies=8, frag_x=True)),
+    # the masked loop in place of the peeled one: 5 steps 4 ahead, and one step 3 ahead
+    (3, 96, 160, 2, qt.QTIPConfig("frag", 32, 32, 8, 1, 2, prefetch=4, peel=False)),
+    (2, 32, 64, 1, qt.QTIPConfig("frag", 16, 64, 8, 1, 4, prefetch=3, peel=False)),
     (2, 64, 256, 1, qt.QTIPConfig("flat", 16, 64, 1, 2)),
     (3, 96, 160, 1, qt.QTIPConfig("flat", 32, 64, 1, 1)),
     (4, 64, 96, 1, qt.QTIPConfig("flat", 16, 32, 1, 3, lut_smem=False)),
@@ -609,7 +612,7 @@ def test_frag_cases_cover_the_even_and_the_masked_loop():
             per = -(-steps // cfg.split_k) * wc
             kinds.append(even_launch(m // 16, n // 16, batch, rt, cfg.num_warps, per, wc, cfg.frag_x))
     assert kinds == [True, True, False, True, True, True, True, True, True, True, True, False, False, False, True, False,
-                     True, False, True, False, True, False]
+                     True, False, True, False, True, False, True, True]
 
 
 @pytest.mark.skipif(not CPU, reason="CPU interpreter test")
@@ -736,6 +739,9 @@ GPU_RUNS = [
     (qt.QTIPConfig("frag", 128, 64, 8, 4, 8, table_copies=16, frag_x=True, prefetch=4), 16),
     (qt.QTIPConfig("frag", 64, 32, 8, 2, 4, table_copies=16, frag_x=True, prefetch=1), 50),
     (qt.QTIPConfig("frag", 64, 16, 8, 8, 4, table_copies=16), 32),  # row-major x, 4 groups of one column
+    # the masked loop in place of the peeled one
+    (qt.QTIPConfig("frag", 32, 128, 8, 2, 8, table_copies=16, prefetch=4, peel=False), 1),
+    (qt.QTIPConfig("frag", 128, 64, 8, 4, 8, table_copies=16, frag_x=True, prefetch=4, peel=False), 16),
     (qt.QTIPConfig("flat", 16, 512, 1, 2), 1),
     (qt.QTIPConfig("flat", 32, 512, 2, 1), 2),
     (qt.QTIPConfig("gemv", 16, 256, 1, 1), 1),

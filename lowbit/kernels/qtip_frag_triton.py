@@ -13,8 +13,9 @@ the FMAs are the tensor core's. The CUDA-core kernels (`qtip_triton._hyb_flat_ke
 two fp16→fp32 conversions and two FFMAs per pair, and their one-copy table costs ~3.3-way bank
 conflicts.
 
-Launches without ragged edges (`even_launch`) run an unmasked loop that keeps the code words and x
-of the next PF steps in a ring of registers (a warp asks for only 64 B of codes a row tile a step);
+Launches without ragged edges (`even_launch`) run a loop that keeps the code words and x of the next
+PF steps in a ring of registers (a warp asks for only 64 B of codes a row tile a step): peeled, so that
+no load needs a mask, or with masked loads ahead (`peel=False`; the tuner times both, RESULTS.md);
 the others a masked loop one step ahead. What bounds the loop now (Nsight Compute, RESULTS.md,
 sixth session) is the SM's L1/shared-memory unit (66–83% busy: table lookups, code and x loads) and
 per-instruction latency, with DRAM at 12–24% of its peak: requests into L2 far ahead, register caps
@@ -431,13 +432,26 @@ if triton is not None:
             new = new + (row,)
         return new
 
+    @triton.jit
+    def _ring_step(acc, ring_w, ring_x, w_new, x_new, lane, sel, lut_ptr, lane_addr, K: tl.constexpr,
+                   RT: tl.constexpr, NB: tl.constexpr, NW: tl.constexpr, REP: tl.constexpr, PF: tl.constexpr,
+                   EMULATE: tl.constexpr):
+        """One step of the unmasked loop: multiply the ring's oldest step, push the step just asked for."""
+        acc = _frag_step(acc, ring_w[0], ring_x[0], lane, sel, lut_ptr, lane_addr, K, RT, NB, NW, REP, EMULATE)
+        rw = ()
+        rx = ()
+        for d in tl.static_range(1, PF):
+            rw = rw + (ring_w[d],)
+            rx = rx + (ring_x[d],)
+        return acc, rw + (w_new,), rx + (x_new,)
+
     @triton.jit(do_not_specialize=["TM", "B", "tiles_per_split"])
     def _hyb_frag_kernel(
         x_ptr, codes_ptr, lut_ptr, y_ptr, scratch_ptr,
         TM, TN: tl.constexpr, B, stride_xb, stride_yb, tiles_per_split,
         K: tl.constexpr, RT: tl.constexpr, NB: tl.constexpr, NW: tl.constexpr, WC: tl.constexpr,
         REP: tl.constexpr, ATOMIC: tl.constexpr, EMULATE: tl.constexpr, PDL: tl.constexpr, EVEN: tl.constexpr,
-        PF: tl.constexpr, XF: tl.constexpr,
+        PF: tl.constexpr, XF: tl.constexpr, PEEL: tl.constexpr,
     ):
         """y[:B, rows] (+)= xh[:B] · Ŵ[rows]ᵀ for the program's (NW / WC)·RT row tiles (program
         axis 0), B ≤ 8·NB rows of x in NB n-blocks, and the tile columns of split program_id(1);
@@ -447,7 +461,9 @@ if triton is not None:
         unrolled at compile time (a tensor axis would let Triton pick layouts that break the
         lane ↔ fragment mapping). x is fp16 read as int32 pairs (stride_xb in pairs) or, with XF,
         in the fragment order (`frag_x_order`, read as int64: one 8-byte load a lane and n-block,
-        where row-major x costs a cache line per row of the n-block); y float32."""
+        where row-major x costs a cache line per row of the n-block); y float32. PEEL (unmasked launches):
+        the loop stops PF steps early and the ring's last steps are consumed after it, so no load
+        needs a mask; else every trip asks for step s + PF under a mask (`frag_matmul`'s `peel`)."""
         col, lane, sel, ib, i0, ok, t0, t1, j, cp, delta = _walk_start(codes_ptr, TM, TN, tiles_per_split, K, RT,
                                                                        NW, WC, EMULATE)
         wc = (col // 32) % WC
@@ -491,27 +507,33 @@ if triton is not None:
                 ring_x = ring_x + (_step_x(xp + d * XSTEP, XS, col * 0 + d < n, None, NB, XF),)
             cp += PF * WC * TW
             xp += PF * XSTEP
-            # Steps 0 .. n - PF - 1 each ask for step s + PF, which exists: no masks, so no predicates
-            # and no zeroed targets in the loop (about 25 of its 245 instructions a trip at 2 row
-            # tiles, RESULTS.md). The last PF steps come from the ring after it; where n < PF the
-            # ring's steps past n hold x masked to zero and add nothing.
-            for _s in tl.range(0, n - PF, loop_unroll_factor=PF):
-                w_new = _step_words(cp, RS, delta, None, None, lane, K, RT)
-                x_new = _step_x(xp, XS, None, None, NB, XF)
-                cp += WC * TW
-                xp += XSTEP
-                acc = _frag_step(acc, ring_w[0], ring_x[0], lane, sel, lut_ptr, lane_addr, K, RT, NB, NW, REP,
-                                 EMULATE)
-                rw = ()
-                rx = ()
-                for d in tl.static_range(1, PF):
-                    rw = rw + (ring_w[d],)
-                    rx = rx + (ring_x[d],)
-                ring_w = rw + (w_new,)
-                ring_x = rx + (x_new,)
-            for d in tl.static_range(PF):
-                acc = _frag_step(acc, ring_w[d], ring_x[d], lane, sel, lut_ptr, lane_addr, K, RT, NB, NW, REP,
-                                 EMULATE)
+            if PEEL:
+                # Steps 0 .. n - PF - 1 each ask for step s + PF, which exists: no masks, so no
+                # predicates and no zeroed targets in the loop (about 25 of its 245 instructions a
+                # trip at 2 row tiles, RESULTS.md). The last PF steps come from the ring after it;
+                # where n < PF the ring's steps past n hold x masked to zero and add nothing.
+                for _s in tl.range(0, n - PF, loop_unroll_factor=PF):
+                    w_new = _step_words(cp, RS, delta, None, None, lane, K, RT)
+                    x_new = _step_x(xp, XS, None, None, NB, XF)
+                    cp += WC * TW
+                    xp += XSTEP
+                    acc, ring_w, ring_x = _ring_step(acc, ring_w, ring_x, w_new, x_new, lane, sel, lut_ptr,
+                                                     lane_addr, K, RT, NB, NW, REP, PF, EMULATE)
+                for d in tl.static_range(PF):
+                    acc = _frag_step(acc, ring_w[d], ring_x[d], lane, sel, lut_ptr, lane_addr, K, RT, NB, NW, REP,
+                                     EMULATE)
+            else:
+                # Every trip asks for step s + PF under a mask (none past the warp's n steps). Slower
+                # than the peeled loop where an SM holds three programs, faster where it holds one
+                # (RESULTS.md, twenty-fourth session), so both are offered to the tuner.
+                for s in tl.range(0, n, loop_unroll_factor=PF):
+                    pm = col * 0 + s + PF < n
+                    w_new = _step_words(cp, RS, delta, pm, None, lane, K, RT)
+                    x_new = _step_x(xp, XS, pm, None, NB, XF)
+                    cp += WC * TW
+                    xp += XSTEP
+                    acc, ring_w, ring_x = _ring_step(acc, ring_w, ring_x, w_new, x_new, lane, sel, lut_ptr,
+                                                     lane_addr, K, RT, NB, NW, REP, PF, EMULATE)
         else:
             xp = xp0
             jm = j < t1
@@ -633,7 +655,7 @@ def frag_x_order(x: torch.Tensor, nb: int) -> torch.Tensor:
 def frag_matmul(codes: torch.Tensor, lut32: torch.Tensor, K: int, xh: torch.Tensor, out: torch.Tensor,
                 row_tiles: int, num_warps: int, tiles_per_split: int, atomic: bool, copies: int = 32,
                 prefetch: int = 2, max_registers: int = 0, warp_cols: int | None = None,
-                x_frag: bool = False) -> torch.Tensor:
+                x_frag: bool = False, peel: bool = True) -> torch.Tensor:
     """out [B ≤ 64, m] (+)= xh [B, n] (fp16) @ Ŵᵀ from HYB codes [m/16, n/16, 16K] (int16, read as
     int32) and the table as 512 int32, kept in `copies` copies per program (32: lanes never share
     a bank; 16: 32 KiB instead of 64, twice the programs per SM, lanes l and l + 16 can collide;
@@ -643,7 +665,8 @@ def frag_matmul(codes: torch.Tensor, lut32: torch.Tensor, K: int, xh: torch.Tens
     `max_registers` caps the registers of a thread (0: the compiler's choice). The warps form
     num_warps / warp_cols row groups of `row_tiles` row tiles each (default: one group; more groups
     share each step's x through L1). With `x_frag`, xh is [8·n_blocks(B), n] in the fragment order
-    (`frag_x_order`; B is then out's rows)."""
+    (`frag_x_order`; B is then out's rows). `peel` (unmasked launches): the loop without masks and
+    the last prefetched steps after it; False: the masked loop of the same depth."""
     B = out.shape[0] if x_frag else xh.shape[0]
     n = xh.shape[1]
     m = out.shape[1]
@@ -665,7 +688,8 @@ def frag_matmul(codes: torch.Tensor, lut32: torch.Tensor, K: int, xh: torch.Tens
         raise ValueError(f"frag kernel: prefetch depth must be ≥ 1, got {prefetch}")
     even = even_launch(tm, tn, B, row_tiles, num_warps, tiles_per_split, wc, x_frag)
     _launch(_hyb_frag_kernel, grid, args, "frag kernel", row_tiles, num_warps, copies, B, max_registers, K=K,
-            NB=n_blocks(B), WC=wc, ATOMIC=atomic, EVEN=even, PF=prefetch if even else 1, XF=x_frag)
+            NB=n_blocks(B), WC=wc, ATOMIC=atomic, EVEN=even, PF=prefetch if even else 1, XF=x_frag,
+            PEEL=peel or not even)
     return out
 
 

@@ -630,6 +630,7 @@ class QTIPConfig:
     prefetch: int = 2  # frag: steps the code words and x are loaded ahead (unmasked launches)
     max_registers: int = 0  # frag: register cap a thread (Triton's maxnreg; 0 = the compiler's choice)
     frag_x: bool = False  # frag: the input transform writes x in the kernel's fragment order
+    peel: bool = True  # frag, unmasked launches: the loop without masks (False: masked loads ahead)
 
     def frag_launch(self) -> tuple[int, int]:
         """frag: (row tiles a warp, warps along the tile columns). cols / 16 warps walk the tile
@@ -649,6 +650,8 @@ class QTIPConfig:
             lut += f" r{self.max_registers}"
         if self.kind == "frag" and self.frag_x:
             lut += " xf"
+        if self.kind == "frag" and not self.peel:
+            lut += " masked"
         return f"{self.kind} {self.rows}x{self.cols} bb={self.bb} s{self.split_k} w{self.num_warps}{lut}"
 
 
@@ -693,7 +696,7 @@ def decode_matmul(layer, xh: torch.Tensor, cfg: QTIPConfig, out: torch.Tensor) -
     if cfg.kind == "frag":
         rt, wc = cfg.frag_launch()
         frag_matmul(layer.codes, _lut32(layer), p.K, xh, out, rt, cfg.num_warps, per, atomic,
-                    cfg.table_copies, cfg.prefetch, cfg.max_registers, wc, cfg.frag_x)
+                    cfg.table_copies, cfg.prefetch, cfg.max_registers, wc, cfg.frag_x, cfg.peel)
     elif _hyb(p):
         bi, bj = cfg.rows // 16, cfg.cols // 16
         grid = (triton.cdiv(m // 16, bi), split, grid_b)
@@ -847,10 +850,13 @@ def candidate_configs(layer, batch: int, device) -> list[QTIPConfig]:
         # mostly at 16; past 16 rows every row tile holds 4 accumulators per n-block, so fewer row
         # tiles. Past 8 rows x in the fragment order (one 8-byte load a lane and n-block, where
         # row-major x cost a cache line per row) won every shape of the sweep, and row groups of
-        # warps (sharing each step's x through L1) most of them at 64 rows.
+        # warps (sharing each step's x through L1) most of them at 64 rows. A seventh entry False:
+        # the masked loop (`frag_matmul`'s peel), which was 12–19% faster than the peeled one at
+        # 4096×11008 with 8 warps, where an SM holds one or two programs (RESULTS.md, twenty-fourth).
         if batch <= 8:  # one row group: warps along the columns = warps
             launches = ((2, 8, 16, 4, 8, False), (4, 4, 16, 4, 4, False), (1, 16, 16, 4, 16, False),
-                        (2, 16, 16, 4, 16, False), (4, 8, 16, 2, 8, False), (2, 8, 16, 2, 8, False))
+                        (2, 16, 16, 4, 16, False), (4, 8, 16, 2, 8, False), (2, 8, 16, 2, 8, False),
+                        (2, 8, 16, 4, 8, False, False))
         elif batch <= 16:
             launches = ((4, 4, 16, 4, 4, True), (4, 4, 16, 2, 4, True), (2, 8, 16, 2, 4, True), (4, 8, 16, 2, 4, True))
         elif batch <= 32:
@@ -858,15 +864,15 @@ def candidate_configs(layer, batch: int, device) -> list[QTIPConfig]:
         else:
             launches = ((2, 8, 16, 2, 4, True), (2, 8, 16, 1, 4, True), (2, 8, 16, 2, 2, True), (2, 4, 16, 2, 1, True))
         seen = set()
-        for rt, warps, copies, depth, wc, xf in launches:
+        for rt, warps, copies, depth, wc, xf, *peel in launches:
             ctas = triton.cdiv(m // 16, rt * (warps // wc))
             steps = n // (16 * wc)
             for s in _splits_around(_split_for(ctas, steps, sms, want=2), steps, (0.5, 1, 2)):
                 cfg = QTIPConfig("frag", 16 * rt * (warps // wc), 16 * wc, 8, s, warps, table_copies=copies,
-                                 prefetch=depth, frag_x=xf)
+                                 prefetch=depth, frag_x=xf, peel=not peel or peel[0])
                 per, _ = _steps(layer, cfg)
                 if not even_launch(m // 16, n // 16, batch, rt, warps, per, wc, xf):  # masked loop: depths unused
-                    cfg = dataclasses.replace(cfg, prefetch=2)
+                    cfg = dataclasses.replace(cfg, prefetch=2, peel=True)
                 if cfg not in seen:
                     seen.add(cfg)
                     cands.append(cfg)
