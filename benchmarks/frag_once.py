@@ -3,8 +3,8 @@
     ncu --clock-control none -k regex:_hyb_frag_kernel python -m benchmarks.frag_once \
         --launch 22016x4096:4,4,16,1,4,0 --launch 22016x4096:4,4,16,1,4,80
 
-A launch is `OUTxIN:row_tiles,warps,copies,split,prefetch,max_registers` (QTIP 2-bit, random codes,
-batch `--batch`). Each runs `--reps` times after one warm-up; the script prints the mean time
+A launch is `OUTxIN:row_tiles,warps,copies,split,prefetch,max_registers[,peel]` (peel 0: the masked
+loop; QTIP 2-bit, random codes, batch `--batch`). Each runs `--reps` times after one warm-up; the script prints the mean time
 of the repeats (CUDA events, warm L2: the profiler's own timing is the one to read).
 """
 
@@ -21,14 +21,15 @@ from lowbit.kernels import qtip_triton as qt
 def parse_launch(text: str) -> tuple[int, int, qt.QTIPConfig]:
     shape, _, launch = text.partition(":")
     m, n = (int(v) for v in shape.split("x"))
-    rt, nw, copies, split, pf, regs = (int(v) for v in launch.split(","))
-    cfg = qt.QTIPConfig("frag", 16 * rt, 16 * nw, 8, split, nw, table_copies=copies, prefetch=pf, max_registers=regs)
+    rt, nw, copies, split, pf, regs, *peel = (int(v) for v in launch.split(","))
+    cfg = qt.QTIPConfig("frag", 16 * rt, 16 * nw, 8, split, nw, table_copies=copies, prefetch=pf, max_registers=regs,
+                        peel=not peel or bool(peel[0]))
     return m, n, cfg
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--launch", action="append", required=True, help="OUTxIN:rt,warps,copies,split,pf,max_registers")
+    ap.add_argument("--launch", action="append", required=True, help="OUTxIN:rt,warps,copies,split,pf,max_registers[,peel]")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--reps", type=int, default=3)
     args = ap.parse_args(argv)
