@@ -433,10 +433,13 @@ if triton is not None:
         return new
 
     @triton.jit
-    def _ring_step(acc, ring_w, ring_x, w_new, x_new, lane, sel, lut_ptr, lane_addr, K: tl.constexpr,
+    def _ring_step(acc, ring_w, ring_x, cp, xp, pm, RS, delta, XS, lane, sel, lut_ptr, lane_addr, K: tl.constexpr,
                    RT: tl.constexpr, NB: tl.constexpr, NW: tl.constexpr, REP: tl.constexpr, PF: tl.constexpr,
-                   EMULATE: tl.constexpr):
-        """One step of the unmasked loop: multiply the ring's oldest step, push the step just asked for."""
+                   XF: tl.constexpr, EMULATE: tl.constexpr):
+        """One step of the ring loop: ask for the step at (cp, xp) (pm None: without a mask), multiply
+        the ring's oldest step, push the one just asked for."""
+        w_new = _step_words(cp, RS, delta, pm, None, lane, K, RT)
+        x_new = _step_x(xp, XS, pm, None, NB, XF)
         acc = _frag_step(acc, ring_w[0], ring_x[0], lane, sel, lut_ptr, lane_addr, K, RT, NB, NW, REP, EMULATE)
         rw = ()
         rx = ()
@@ -513,12 +516,10 @@ if triton is not None:
                 # trip at 2 row tiles, RESULTS.md). The last PF steps come from the ring after it;
                 # where n < PF the ring's steps past n hold x masked to zero and add nothing.
                 for _s in tl.range(0, n - PF, loop_unroll_factor=PF):
-                    w_new = _step_words(cp, RS, delta, None, None, lane, K, RT)
-                    x_new = _step_x(xp, XS, None, None, NB, XF)
+                    acc, ring_w, ring_x = _ring_step(acc, ring_w, ring_x, cp, xp, None, RS, delta, XS, lane, sel,
+                                                     lut_ptr, lane_addr, K, RT, NB, NW, REP, PF, XF, EMULATE)
                     cp += WC * TW
                     xp += XSTEP
-                    acc, ring_w, ring_x = _ring_step(acc, ring_w, ring_x, w_new, x_new, lane, sel, lut_ptr,
-                                                     lane_addr, K, RT, NB, NW, REP, PF, EMULATE)
                 for d in tl.static_range(PF):
                     acc = _frag_step(acc, ring_w[d], ring_x[d], lane, sel, lut_ptr, lane_addr, K, RT, NB, NW, REP,
                                      EMULATE)
@@ -527,13 +528,11 @@ if triton is not None:
                 # than the peeled loop where an SM holds three programs, faster where it holds one
                 # (RESULTS.md, twenty-fourth session), so both are offered to the tuner.
                 for s in tl.range(0, n, loop_unroll_factor=PF):
-                    pm = col * 0 + s + PF < n
-                    w_new = _step_words(cp, RS, delta, pm, None, lane, K, RT)
-                    x_new = _step_x(xp, XS, pm, None, NB, XF)
+                    acc, ring_w, ring_x = _ring_step(acc, ring_w, ring_x, cp, xp, col * 0 + s + PF < n, RS, delta,
+                                                     XS, lane, sel, lut_ptr, lane_addr, K, RT, NB, NW, REP, PF, XF,
+                                                     EMULATE)
                     cp += WC * TW
                     xp += XSTEP
-                    acc, ring_w, ring_x = _ring_step(acc, ring_w, ring_x, w_new, x_new, lane, sel, lut_ptr,
-                                                     lane_addr, K, RT, NB, NW, REP, PF, EMULATE)
         else:
             xp = xp0
             jm = j < t1
