@@ -4,8 +4,9 @@
         --launch 22016x4096:4,4,16,1,4,0 --launch 22016x4096:4,4,16,1,4,80
 
 A launch is `OUTxIN:row_tiles,warps,copies,split,prefetch,max_registers[,peel]` (peel 0: the masked
-loop; QTIP 2-bit, random codes, batch `--batch`). Each runs `--reps` times after one warm-up; the script prints the mean time
-of the repeats (CUDA events, warm L2: the profiler's own timing is the one to read).
+loop; QTIP 2-bit, random codes, batch `--batch`). Each runs `--reps` times after one warm-up; the
+script prints the mean time of the repeats (CUDA events, warm L2: the profiler's own timing is the
+one to read).
 """
 
 from __future__ import annotations
